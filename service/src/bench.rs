@@ -1,0 +1,816 @@
+//! `sandtree bench` and `sandtree demo`: drive a private service instance through the API.
+//!
+//! The bench runs every trajectory of a suite under each policy in one run and measures:
+//! recovery correctness (fork at turn t, replay t+1.., compare every observation with the
+//! original run), checkpoint traffic (checkpoint_bytes of auto and full), fork and rewind latency
+//! (from the call to the first step being accepted), and in the same run the runc baseline
+//! (`runc checkpoint --leave-running` + `runc restore` of the same sandbox shape).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use sandtree_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+
+use crate::client::{connect, rpc_err, Client};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Directory of trajectory *.json files.
+    #[arg(long)]
+    suite: PathBuf,
+    /// btrfs (a private loop image), zfs (a private zfs-fuse file pool), zfs:POOL/DATASET, or dir.
+    #[arg(long, default_value = "btrfs")]
+    storage: String,
+    /// Policies to run, comma-separated.
+    #[arg(long, default_value = "none,full,auto")]
+    policies: String,
+    /// Fork points per trajectory for the correctness check (0: every turn).
+    #[arg(long, default_value_t = 0)]
+    fork_points: usize,
+    /// Seed for sampling fork points.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Think time between turns in ms (default: each trajectory's think_ms).
+    #[arg(long)]
+    think_ms: Option<u64>,
+    /// Only trajectories whose name contains this.
+    #[arg(long)]
+    filter: Option<String>,
+    /// runc checkpoint/restore iterations for the baseline (0 skips it).
+    #[arg(long, default_value_t = 10)]
+    runc_iterations: usize,
+    /// Write report.json and report.md here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Data dir of the private service (default: a fresh temporary dir, removed afterwards).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Trajectory {
+    pub name: String,
+    pub image: String,
+    #[serde(default)]
+    pub think_ms: u64,
+    #[serde(default)]
+    pub note: String,
+    pub turns: Vec<TurnSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct TurnSpec {
+    pub cmd: String,
+    pub effect: String,
+}
+
+pub fn load_suite(dir: &Path, filter: Option<&str>) -> Result<Vec<Trajectory>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("read suite {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let t: Trajectory = serde_json::from_slice(&std::fs::read(&f)?)
+            .with_context(|| format!("parse {}", f.display()))?;
+        if filter.is_none_or(|s| t.name.contains(s)) {
+            out.push(t);
+        }
+    }
+    if out.is_empty() {
+        bail!("no trajectories in {}", dir.display());
+    }
+    Ok(out)
+}
+
+/// A private `sandtree serve`, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Managed {
+    child: Child,
+    pub socket: PathBuf,
+    pub data_dir: PathBuf,
+    pool: Option<String>,
+    remove_data: bool,
+}
+
+impl Managed {
+    pub async fn start(data_dir: &Path, storage: &str, remove_data: bool) -> Result<Managed> {
+        std::fs::create_dir_all(data_dir)?;
+        let data_dir = data_dir.canonicalize()?;
+        let socket = data_dir.join("sandtree.sock");
+        let (spec, pool) = if storage == "zfs" {
+            let name = format!("stbench{}", std::process::id());
+            sandtree_storage::pool::create_file_pool(&name, &data_dir.join("zpool.img"), 8 << 30)
+                .context("create zfs-fuse pool")?;
+            (format!("zfs:{name}/sandtree"), Some(name))
+        } else {
+            (storage.to_string(), None)
+        };
+        let log = std::fs::File::create(data_dir.join("serve.log"))?;
+        let child = Command::new(std::env::current_exe()?)
+            .args(["serve", "--storage", &spec, "--socket"])
+            .arg(&socket)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let mut m = Managed {
+            child,
+            socket,
+            data_dir,
+            pool,
+            remove_data,
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if connect(&m.socket).await.is_ok() {
+                return Ok(m);
+            }
+            if let Some(st) = m.child.try_wait()? {
+                let log = std::fs::read_to_string(m.data_dir.join("serve.log")).unwrap_or_default();
+                bail!(
+                    "service exited ({st}): {}",
+                    log.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("service did not come up within 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn stop(&mut self) {
+        // SAFETY: kill(2) on our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(p) = self.pool.take() {
+            if let Err(e) = sandtree_storage::pool::destroy_file_pool(&p) {
+                eprintln!("warning: cannot destroy zfs pool {p}: {e}");
+            }
+        }
+        if self.remove_data {
+            let storage = self.data_dir.join("storage");
+            let _ = sandtree_storage::pool::unmount_btrfs_loop(&storage);
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
+    }
+}
+
+impl Drop for Managed {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub async fn ensure_image(c: &mut Client, name: &str) -> Result<()> {
+    let have = c
+        .list_images(pb::ListImagesRequest {})
+        .await
+        .map_err(rpc_err)?
+        .into_inner()
+        .images;
+    if have.iter().any(|i| i == name) {
+        return Ok(());
+    }
+    eprintln!("building image {name}");
+    let mut s = c
+        .build_image(pb::BuildImageRequest { name: name.into() })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    while let Some(m) = s.message().await.map_err(rpc_err)? {
+        if m.done {
+            break;
+        }
+        eprintln!("  {}", m.message);
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+struct Obs {
+    stdout: String,
+    stderr: String,
+    exit_code: i32,
+}
+
+async fn step(c: &mut Client, ep: &str, cmd: &str) -> Result<pb::StepResponse> {
+    c.step(pb::StepRequest {
+        episode: ep.into(),
+        command: cmd.into(),
+        timeout_ms: 60_000,
+    })
+    .await
+    .map_err(rpc_err)
+    .with_context(|| format!("step {ep}: {cmd}"))
+    .map(|r| r.into_inner())
+}
+
+fn obs(r: &pb::StepResponse) -> Obs {
+    Obs {
+        stdout: r.stdout.clone(),
+        stderr: r.stderr.clone(),
+        exit_code: r.exit_code,
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+struct PolicyResult {
+    policy: String,
+    fork_points: usize,
+    fork_points_correct: usize,
+    checkpoint_bytes: u64,
+    nodes_fs: u32,
+    nodes_full: u32,
+    turns_shared: u32,
+    step_ms: Vec<f64>,
+    step_wait_ms: Vec<f64>,
+    fork_ms: Vec<f64>,
+    rewind_ms: Vec<f64>,
+    checkpoint_ms_p50: f64,
+    checkpoint_ms_p99: f64,
+    mismatches: Vec<String>,
+    /// Verdict vs ground-truth label counts: label -> verdict -> n.
+    confusion: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u32>>,
+}
+
+fn lcg(seed: &mut u64) -> u64 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    *seed >> 33
+}
+
+fn sample_points(n: usize, k: usize, seed: &mut u64) -> Vec<usize> {
+    let mut all: Vec<usize> = (0..n).collect();
+    if k == 0 || k >= n {
+        return all;
+    }
+    for i in (1..all.len()).rev() {
+        let j = (lcg(seed) as usize) % (i + 1);
+        all.swap(i, j);
+    }
+    let mut s: Vec<usize> = all.into_iter().take(k).collect();
+    s.sort();
+    s
+}
+
+pub fn pct(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Runs one trajectory under one policy, then checks recovery at the sampled fork points.
+async fn run_one(
+    c: &mut Client,
+    t: &Trajectory,
+    policy: &str,
+    args: &BenchArgs,
+    seed: &mut u64,
+    res: &mut PolicyResult,
+) -> Result<()> {
+    let ep = c
+        .create_episode(pb::CreateEpisodeRequest {
+            image: t.image.clone(),
+            policy: policy.into(),
+        })
+        .await
+        .map_err(rpc_err)?
+        .into_inner()
+        .id;
+    let think = Duration::from_millis(args.think_ms.unwrap_or(t.think_ms));
+    let mut original = Vec::new();
+    for (i, turn) in t.turns.iter().enumerate() {
+        if i > 0 && !think.is_zero() {
+            tokio::time::sleep(think).await;
+        }
+        let s = Instant::now();
+        let r = step(c, &ep, &turn.cmd).await?;
+        res.step_ms.push(s.elapsed().as_secs_f64() * 1e3);
+        res.step_wait_ms.push(r.accepted_us as f64 / 1e3);
+        *res.confusion
+            .entry(turn.effect.clone())
+            .or_default()
+            .entry(r.verdict.clone())
+            .or_default() += 1;
+        original.push(obs(&r));
+    }
+    // Recovery correctness: fork at t, replay t+1.., compare.
+    for t0 in sample_points(t.turns.len(), args.fork_points, seed) {
+        let s = Instant::now();
+        let fork = c
+            .fork(pb::ForkRequest {
+                episode: ep.clone(),
+                turn: t0 as u32,
+                count: 1,
+            })
+            .await
+            .map_err(rpc_err)?
+            .into_inner()
+            .episodes;
+        let fork_rpc = s.elapsed().as_secs_f64() * 1e3;
+        let f = fork
+            .into_iter()
+            .next()
+            .context("fork returned no episode")?;
+        let mut ok = true;
+        for (i, turn) in t.turns.iter().enumerate().skip(t0) {
+            let r = step(c, &f, &turn.cmd).await?;
+            if i == t0 {
+                res.fork_ms.push(fork_rpc + r.accepted_us as f64 / 1e3);
+            }
+            let got = obs(&r);
+            if got != original[i] {
+                ok = false;
+                if res.mismatches.len() < 20 {
+                    res.mismatches.push(format!(
+                        "{} fork@{t0} turn {}: `{}` expected {:?} got {:?}",
+                        t.name,
+                        i + 1,
+                        turn.cmd,
+                        original[i],
+                        got
+                    ));
+                }
+                break;
+            }
+        }
+        res.fork_points += 1;
+        res.fork_points_correct += ok as usize;
+        c.delete_episode(pb::DeleteEpisodeRequest { episode: f })
+            .await
+            .map_err(rpc_err)?;
+    }
+    // Rewind latency: rewind the original to a few turns, latest first, and take one step.
+    let n = t.turns.len();
+    for t0 in [n.saturating_sub(2), n / 2, 1]
+        .into_iter()
+        .filter(|&x| x < n)
+    {
+        let s = Instant::now();
+        c.rewind(pb::RewindRequest {
+            episode: ep.clone(),
+            turn: t0 as u32,
+        })
+        .await
+        .map_err(rpc_err)?;
+        let rpc = s.elapsed().as_secs_f64() * 1e3;
+        let r = step(c, &ep, &t.turns[t0].cmd).await?;
+        res.rewind_ms.push(rpc + r.accepted_us as f64 / 1e3);
+        if obs(&r) != original[t0] {
+            res.mismatches
+                .push(format!("{} rewind@{t0}: turn {} differs", t.name, t0 + 1));
+        }
+    }
+    c.delete_episode(pb::DeleteEpisodeRequest { episode: ep })
+        .await
+        .map_err(rpc_err)?;
+    Ok(())
+}
+
+pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
+    let suite = load_suite(&args.suite, args.filter.as_deref())?;
+    let policies: Vec<String> = args
+        .policies
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let (data_dir, remove) = match &args.data_dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("sandtree-bench-{}", std::process::id())),
+            true,
+        ),
+    };
+    let started = Instant::now();
+    let mut svc = Managed::start(&data_dir, &args.storage, remove).await?;
+    let mut c = connect(&svc.socket).await?;
+    let mut images: Vec<&str> = suite.iter().map(|t| t.image.as_str()).collect();
+    images.sort();
+    images.dedup();
+    for i in images {
+        ensure_image(&mut c, i).await?;
+    }
+    let mut results = Vec::new();
+    for policy in &policies {
+        let mut res = PolicyResult {
+            policy: policy.clone(),
+            ..Default::default()
+        };
+        let mut seed = args.seed;
+        let before = c
+            .stats(pb::StatsRequest {})
+            .await
+            .map_err(rpc_err)?
+            .into_inner();
+        for t in &suite {
+            eprintln!(
+                "[{:>5.0}s] {policy:<4} {} ({} turns)",
+                started.elapsed().as_secs_f64(),
+                t.name,
+                t.turns.len()
+            );
+            run_one(&mut c, t, policy, &args, &mut seed, &mut res)
+                .await
+                .with_context(|| format!("{} under {policy}", t.name))?;
+        }
+        let after = c
+            .stats(pb::StatsRequest {})
+            .await
+            .map_err(rpc_err)?
+            .into_inner();
+        // Traffic of the original runs only: episodes of this policy that were not forked.
+        let originals = after
+            .per_episode
+            .iter()
+            .filter(|e| &e.policy == policy && !before.per_episode.iter().any(|b| b.id == e.id));
+        for e in originals {
+            res.checkpoint_bytes += e.checkpoint_bytes;
+            res.nodes_fs += e.nodes_fs;
+            res.nodes_full += e.nodes_full;
+            res.turns_shared += e.turns_shared;
+        }
+        res.checkpoint_ms_p50 = after.checkpoint_ms_p50;
+        res.checkpoint_ms_p99 = after.checkpoint_ms_p99;
+        results.push(res);
+    }
+    drop(c);
+    svc.stop();
+    let runc = if args.runc_iterations > 0 {
+        Some(runc_baseline(args.runc_iterations).context("runc baseline")?)
+    } else {
+        None
+    };
+    let report = report(&args, &suite, &results, runc.as_ref(), started.elapsed());
+    println!("{}", report.1);
+    if let Some(out) = &args.out {
+        std::fs::create_dir_all(out)?;
+        std::fs::write(
+            out.join("report.json"),
+            serde_json::to_string_pretty(&report.0)?,
+        )?;
+        std::fs::write(out.join("report.md"), &report.1)?;
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Serialize)]
+struct RuncResult {
+    checkpoint_ms: Vec<f64>,
+    restore_ms: Vec<f64>,
+    fork_ms: Vec<f64>,
+}
+
+fn report(
+    args: &BenchArgs,
+    suite: &[Trajectory],
+    results: &[PolicyResult],
+    runc: Option<&RuncResult>,
+    wall: Duration,
+) -> (serde_json::Value, String) {
+    let turns: usize = suite.iter().map(|t| t.turns.len()).sum();
+    let bytes = |p: &str| {
+        results
+            .iter()
+            .find(|r| r.policy == p)
+            .map(|r| r.checkpoint_bytes)
+    };
+    let ratio = match (bytes("auto"), bytes("full")) {
+        (Some(a), Some(f)) if f > 0 => Some(a as f64 / f as f64),
+        _ => None,
+    };
+    let mut md = format!(
+        "## sandtree bench: {} trajectories, {turns} turns, storage {}, fork points {}\n\n",
+        suite.len(),
+        args.storage,
+        if args.fork_points == 0 {
+            "all".to_string()
+        } else {
+            format!("{} per trajectory (seed {})", args.fork_points, args.seed)
+        }
+    );
+    md += "| policy | recovery correctness | checkpoint bytes | fs nodes | full nodes | shared turns | step p50 ms | step wait p99 ms | checkpoint p50/p99 ms | fork p50/p99 ms | rewind p50/p99 ms |\n";
+    md += "|---|---|---|---|---|---|---|---|---|---|---|\n";
+    for r in results {
+        md += &format!(
+            "| {} | {}/{} = {:.1}% | {} | {} | {} | {} | {:.1} | {:.1} | {:.0}/{:.0} | {:.0}/{:.0} | {:.0}/{:.0} |\n",
+            r.policy,
+            r.fork_points_correct,
+            r.fork_points,
+            100.0 * r.fork_points_correct as f64 / r.fork_points.max(1) as f64,
+            r.checkpoint_bytes,
+            r.nodes_fs,
+            r.nodes_full,
+            r.turns_shared,
+            pct(&r.step_ms, 0.5),
+            pct(&r.step_wait_ms, 0.99),
+            r.checkpoint_ms_p50,
+            r.checkpoint_ms_p99,
+            pct(&r.fork_ms, 0.5),
+            pct(&r.fork_ms, 0.99),
+            pct(&r.rewind_ms, 0.5),
+            pct(&r.rewind_ms, 0.99),
+        );
+    }
+    if let Some(x) = ratio {
+        md += &format!("\ncheckpoint traffic auto/full = {:.1}%\n", 100.0 * x);
+    }
+    if let Some(rc) = runc {
+        md += &format!(
+            "\nrunc baseline (same run, busybox sandbox): checkpoint --leave-running p50 {:.0} ms, restore p50 {:.0} ms, fork (checkpoint+restore) p50/p99 {:.0}/{:.0} ms\n",
+            pct(&rc.checkpoint_ms, 0.5),
+            pct(&rc.restore_ms, 0.5),
+            pct(&rc.fork_ms, 0.5),
+            pct(&rc.fork_ms, 0.99)
+        );
+        for r in results.iter().filter(|r| !r.fork_ms.is_empty()) {
+            md += &format!(
+                "- {}: fork p50 / runc fork p50 = {:.2}\n",
+                r.policy,
+                pct(&r.fork_ms, 0.5) / pct(&rc.fork_ms, 0.5).max(1e-9)
+            );
+        }
+    }
+    md += "\nverdicts vs labels (rows: label, columns: verdict)\n\n| policy | label | none | fs | proc |\n|---|---|---|---|---|\n";
+    for r in results {
+        for (label, m) in &r.confusion {
+            let g = |k: &str| m.get(k).copied().unwrap_or(0);
+            md += &format!(
+                "| {} | {} | {} | {} | {} |\n",
+                r.policy,
+                label,
+                g("none"),
+                g("fs"),
+                g("proc")
+            );
+        }
+    }
+    for r in results.iter().filter(|r| !r.mismatches.is_empty()) {
+        md += &format!("\nmismatches under {}:\n", r.policy);
+        for m in &r.mismatches {
+            md += &format!("- {m}\n");
+        }
+    }
+    md += &format!("\nwall time {:.0} s\n", wall.as_secs_f64());
+    let json = serde_json::json!({
+        "storage": args.storage, "trajectories": suite.len(), "turns": turns,
+        "fork_points_per_trajectory": args.fork_points, "seed": args.seed,
+        "policies": results.iter().map(|r| serde_json::json!({
+            "policy": r.policy, "fork_points": r.fork_points, "correct": r.fork_points_correct,
+            "correctness": r.fork_points_correct as f64 / r.fork_points.max(1) as f64,
+            "checkpoint_bytes": r.checkpoint_bytes, "nodes_fs": r.nodes_fs, "nodes_full": r.nodes_full,
+            "turns_shared": r.turns_shared, "step_ms_p50": pct(&r.step_ms, 0.5), "step_wait_ms_p99": pct(&r.step_wait_ms, 0.99),
+            "fork_ms_p50": pct(&r.fork_ms, 0.5), "fork_ms_p99": pct(&r.fork_ms, 0.99),
+            "rewind_ms_p50": pct(&r.rewind_ms, 0.5), "rewind_ms_p99": pct(&r.rewind_ms, 0.99),
+            "checkpoint_ms_p50": r.checkpoint_ms_p50, "checkpoint_ms_p99": r.checkpoint_ms_p99,
+            "confusion": r.confusion, "mismatches": r.mismatches,
+        })).collect::<Vec<_>>(),
+        "auto_over_full_bytes": ratio,
+        "runc": runc.map(|rc| serde_json::json!({"checkpoint_ms_p50": pct(&rc.checkpoint_ms, 0.5), "restore_ms_p50": pct(&rc.restore_ms, 0.5),
+            "fork_ms_p50": pct(&rc.fork_ms, 0.5), "fork_ms_p99": pct(&rc.fork_ms, 0.99)})),
+        "wall_s": wall.as_secs_f64(),
+    });
+    (json, md)
+}
+
+/// runc checkpoint --leave-running + runc restore of a busybox container, `n` times.
+fn runc_baseline(n: usize) -> Result<RuncResult> {
+    let dir = std::env::temp_dir().join(format!("sandtree-runc-{}", std::process::id()));
+    let _cleanup = scopeguard(dir.clone());
+    let run = |args: &[&str], cwd: &Path| -> Result<()> {
+        let out = Command::new("runc")
+            .args(args)
+            .current_dir(cwd)
+            .stdin(Stdio::null())
+            .output()
+            .context("run runc (apt-get install runc)")?;
+        if !out.status.success() {
+            bail!(
+                "runc {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    };
+    let mk_bundle = |name: &str| -> Result<PathBuf> {
+        let b = dir.join(name);
+        let rootfs = b.join("rootfs");
+        std::fs::create_dir_all(rootfs.join("bin"))?;
+        for d in ["proc", "dev", "tmp", "sys", "workspace"] {
+            std::fs::create_dir_all(rootfs.join(d))?;
+        }
+        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).context("copy /bin/busybox")?;
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh"))?;
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin/sleep"))?;
+        run(&["spec"], &b)?;
+        let mut spec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(b.join("config.json"))?)?;
+        spec["process"]["terminal"] = false.into();
+        spec["process"]["args"] = serde_json::json!([
+            "/bin/sh",
+            "-c",
+            "n=0; while true; do n=$((n+1)); sleep 1; done"
+        ]);
+        spec["root"]["readonly"] = false.into();
+        std::fs::write(b.join("config.json"), serde_json::to_vec_pretty(&spec)?)?;
+        Ok(b)
+    };
+    let src = mk_bundle("src")?;
+    let id = format!("st-bench-{}", std::process::id());
+    run(&["run", "-d", &id], &src)?;
+    let mut res = RuncResult {
+        checkpoint_ms: vec![],
+        restore_ms: vec![],
+        fork_ms: vec![],
+    };
+    let mut result = Ok(());
+    for i in 0..n {
+        let img = dir.join(format!("img{i}"));
+        let t = Instant::now();
+        if let Err(e) = run(
+            &[
+                "checkpoint",
+                "--leave-running",
+                "--image-path",
+                img.to_str().unwrap(),
+                &id,
+            ],
+            &src,
+        ) {
+            result = Err(e);
+            break;
+        }
+        let ck = t.elapsed().as_secs_f64() * 1e3;
+        let dst = mk_bundle(&format!("dst{i}"))?;
+        let rid = format!("{id}-r{i}");
+        let t = Instant::now();
+        if let Err(e) = run(
+            &[
+                "restore",
+                "-d",
+                "--image-path",
+                img.to_str().unwrap(),
+                "--bundle",
+                dst.to_str().unwrap(),
+                &rid,
+            ],
+            &dst,
+        ) {
+            result = Err(e);
+            break;
+        }
+        let rs = t.elapsed().as_secs_f64() * 1e3;
+        let _ = run(&["delete", "-f", &rid], &dst);
+        res.checkpoint_ms.push(ck);
+        res.restore_ms.push(rs);
+        res.fork_ms.push(ck + rs);
+    }
+    let _ = run(&["delete", "-f", &id], &src);
+    result.map(|()| res)
+}
+
+struct Cleanup(PathBuf);
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+fn scopeguard(p: PathBuf) -> Cleanup {
+    Cleanup(p)
+}
+
+/// The README's demo: embedded btrfs storage, busybox image, an episode with a daemon, a fork and
+/// a rewind, shown step by step.
+pub async fn demo(data_dir: PathBuf) -> Result<std::process::ExitCode> {
+    println!(
+        "== sandtree demo (data dir {}, embedded loop-backed btrfs storage)",
+        data_dir.display()
+    );
+    let svc = Managed::start(&data_dir, "btrfs", false).await?;
+    let mut c = connect(&svc.socket).await?;
+    ensure_image(&mut c, "busybox").await?;
+    let ep = c
+        .create_episode(pb::CreateEpisodeRequest {
+            image: "busybox".into(),
+            policy: "auto".into(),
+        })
+        .await
+        .map_err(rpc_err)?
+        .into_inner()
+        .id;
+    println!("created episode {ep} (policy auto)");
+    let cmds = [
+        "mkdir -p /workspace/svc && cd /workspace/svc && mkfifo q",
+        "(n=0; while true; do read l < /workspace/svc/q || continue; n=$((n+1)); echo $n > /workspace/svc/count; done) </dev/null >/dev/null 2>&1 &",
+        "echo tick > q; sleep 0.2; cat count",
+        "echo tick > q; sleep 0.2; cat count",
+        "export GREETING=hello; ls",
+    ];
+    for cmd in cmds {
+        let r = step(&mut c, &ep, cmd).await?;
+        println!(
+            "turn {:>2} [{:<4} node {:>3}] $ {cmd}\n        {}",
+            r.turn,
+            r.verdict,
+            r.node,
+            r.stdout.trim().replace('\n', "\n        ")
+        );
+    }
+    let fork = c
+        .fork(pb::ForkRequest {
+            episode: ep.clone(),
+            turn: 3,
+            count: 2,
+        })
+        .await
+        .map_err(rpc_err)?
+        .into_inner()
+        .episodes;
+    println!("forked turn 3 into {}", fork.join(", "));
+    for f in &fork {
+        let r = step(&mut c, f, "echo tick > q; sleep 0.2; cat count").await?;
+        println!(
+            "  {f}: counter daemon restored, next tick -> {}",
+            r.stdout.trim()
+        );
+    }
+    let r = step(
+        &mut c,
+        &ep,
+        "echo tick > q; sleep 0.2; cat count; echo $GREETING",
+    )
+    .await?;
+    println!(
+        "  {ep} (original, after turn 5): -> {}",
+        r.stdout.trim().replace('\n', " ")
+    );
+    c.rewind(pb::RewindRequest {
+        episode: ep.clone(),
+        turn: 1,
+    })
+    .await
+    .map_err(rpc_err)?;
+    let r = step(&mut c, &ep, "pwd; ls; cat count 2>&1").await?;
+    println!(
+        "rewound {ep} to turn 1: {}",
+        r.stdout.trim().replace('\n', " ")
+    );
+    let tree = c
+        .tree(pb::TreeRequest {
+            episode: fork[0].clone(),
+        })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    println!("tree of {}:", fork[0]);
+    for t in tree.turns {
+        println!(
+            "  turn {:>2}  node {:>3}  {:<6} {:>8} bytes  {}",
+            t.turn,
+            t.node,
+            t.kind,
+            t.bytes,
+            t.action.chars().take(50).collect::<String>()
+        );
+    }
+    let s = c
+        .stats(pb::StatsRequest {})
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    println!(
+        "stats: checkpoint_bytes {}  fs nodes {}  full nodes {}  shared turns {}  dump p50 {:.0} ms  restore p50 {:.0} ms",
+        s.checkpoint_bytes, s.nodes_fs, s.nodes_full, s.turns_shared, s.dump_ms_p50, s.restore_ms_p50
+    );
+    for id in fork.iter().chain(std::iter::once(&ep)) {
+        c.delete_episode(pb::DeleteEpisodeRequest {
+            episode: id.clone(),
+        })
+        .await
+        .map_err(rpc_err)?;
+    }
+    println!("== demo done");
+    Ok(std::process::ExitCode::SUCCESS)
+}

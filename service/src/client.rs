@@ -1,0 +1,366 @@
+//! Client subcommands: each talks to the service over its unix socket.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use sandtree_proto::v1 as pb;
+use sandtree_proto::v1::sandtree_client::SandtreeClient;
+use tonic::transport::Channel;
+
+pub type Client = SandtreeClient<Channel>;
+
+pub async fn connect(socket: &Path) -> Result<Client> {
+    let path = socket.to_path_buf();
+    let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")?
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .map_err(|e| {
+            let cause = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
+            anyhow::anyhow!("the sandtree service is not running at {} ({cause}); start it with `sandtree serve`", socket.display())
+        })?;
+    Ok(SandtreeClient::new(channel).max_decoding_message_size(64 << 20))
+}
+
+/// A gRPC status as a one-line error.
+pub fn rpc_err(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+pub async fn create(socket: &Path, image: String, policy: String, json: bool) -> Result<ExitCode> {
+    let mut c = connect(socket).await?;
+    let ep = c
+        .create_episode(pb::CreateEpisodeRequest { image, policy })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"id": ep.id, "image": ep.image, "policy": ep.policy, "turn": ep.turn})
+        );
+    } else {
+        println!("{}", ep.id);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn step_json(r: &pb::StepResponse) -> serde_json::Value {
+    serde_json::json!({
+        "turn": r.turn, "stdout": r.stdout, "stderr": r.stderr,
+        "stdout_truncated": r.stdout_truncated, "stderr_truncated": r.stderr_truncated,
+        "exit_code": r.exit_code, "duration_ms": r.duration_ms, "cwd": r.cwd,
+        "verdict": r.verdict, "reasons": r.reasons, "node": r.node, "timed_out": r.timed_out,
+    })
+}
+
+pub async fn step(
+    socket: &Path,
+    episode: String,
+    command: String,
+    timeout: Option<f64>,
+    json: bool,
+) -> Result<ExitCode> {
+    let timeout_ms = match timeout {
+        Some(t) if !(t > 0.0 && t.is_finite()) => {
+            anyhow::bail!("--timeout must be a positive number of seconds, got {t}")
+        }
+        Some(t) => (t * 1000.0).ceil() as u64,
+        None => 0,
+    };
+    let mut c = connect(socket).await?;
+    let r = c
+        .step(pb::StepRequest {
+            episode,
+            command,
+            timeout_ms,
+        })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    if json {
+        println!("{}", step_json(&r));
+        return Ok(ExitCode::SUCCESS);
+    }
+    use std::io::Write;
+    std::io::stdout().write_all(r.stdout.as_bytes())?;
+    std::io::stderr().write_all(r.stderr.as_bytes())?;
+    if r.timed_out {
+        eprintln!(
+            "sandtree: step timed out after {} ms; its process group was killed",
+            r.duration_ms
+        );
+    }
+    Ok(ExitCode::from((r.exit_code & 0xff) as u8))
+}
+
+pub async fn delete(socket: &Path, episode: String) -> Result<ExitCode> {
+    connect(socket)
+        .await?
+        .delete_episode(pb::DeleteEpisodeRequest { episode })
+        .await
+        .map_err(rpc_err)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn fork(
+    socket: &Path,
+    episode: String,
+    turn: u32,
+    count: u32,
+    json: bool,
+) -> Result<ExitCode> {
+    if count == 0 {
+        anyhow::bail!("--count must be at least 1");
+    }
+    let r = connect(socket)
+        .await?
+        .fork(pb::ForkRequest {
+            episode,
+            turn,
+            count,
+        })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    if json {
+        println!("{}", serde_json::json!({ "episodes": r.episodes }));
+    } else {
+        for id in r.episodes {
+            println!("{id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn rewind(socket: &Path, episode: String, turn: u32) -> Result<ExitCode> {
+    connect(socket)
+        .await?
+        .rewind(pb::RewindRequest { episode, turn })
+        .await
+        .map_err(rpc_err)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn tree(socket: &Path, episode: String, json: bool) -> Result<ExitCode> {
+    let r = connect(socket)
+        .await?
+        .tree(pb::TreeRequest { episode })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    let ep = r.episode.unwrap_or_default();
+    if json {
+        let turns: Vec<_> = r
+            .turns
+            .iter()
+            .map(|t| {
+                serde_json::json!({"turn": t.turn, "action": t.action, "exit_code": t.exit_code, "verdict": t.verdict,
+                "reasons": t.reasons, "node": t.node, "kind": t.kind, "bytes": t.bytes, "state": t.state, "cwd": t.cwd})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"episode": ep.id, "image": ep.image, "policy": ep.policy, "status": ep.status,
+            "turn": ep.turn, "forked_from": ep.forked_from, "turns": turns})
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "episode {} ({} image, policy {}, {}, at turn {}{})",
+        ep.id,
+        ep.image,
+        ep.policy,
+        ep.status,
+        ep.turn,
+        if ep.forked_from.is_empty() {
+            String::new()
+        } else {
+            format!(", forked from {}", ep.forked_from)
+        }
+    );
+    println!(
+        "{:>4}  {:>5}  {:<6}  {:<7}  {:>10}  {:<9}  {:>4}  action",
+        "turn", "node", "kind", "verdict", "bytes", "state", "exit"
+    );
+    for t in r.turns {
+        let mut action = t.action.replace('\n', "\\n");
+        if action.chars().count() > 60 {
+            action = action.chars().take(57).collect::<String>() + "...";
+        }
+        println!(
+            "{:>4}  {:>5}  {:<6}  {:<7}  {:>10}  {:<9}  {:>4}  {}",
+            t.turn, t.node, t.kind, t.verdict, t.bytes, t.state, t.exit_code, action
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn stats(socket: &Path, json: bool) -> Result<ExitCode> {
+    let r = connect(socket)
+        .await?
+        .stats(pb::StatsRequest {})
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    if json {
+        let per: Vec<_> = r
+            .per_episode
+            .iter()
+            .map(|e| {
+                serde_json::json!({"id": e.id, "policy": e.policy, "status": e.status, "turn": e.turn,
+                "checkpoint_bytes": e.checkpoint_bytes, "nodes_fs": e.nodes_fs, "nodes_full": e.nodes_full, "turns_shared": e.turns_shared})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"checkpoint_bytes": r.checkpoint_bytes, "episodes": r.episodes, "nodes_fs": r.nodes_fs,
+            "nodes_full": r.nodes_full, "turns_shared": r.turns_shared, "per_episode": per,
+            "timings_ms": {"dump_p50": r.dump_ms_p50, "dump_p99": r.dump_ms_p99, "snapshot_p50": r.snapshot_ms_p50,
+            "snapshot_p99": r.snapshot_ms_p99, "restore_p50": r.restore_ms_p50, "restore_p99": r.restore_ms_p99,
+            "checkpoint_p50": r.checkpoint_ms_p50, "checkpoint_p99": r.checkpoint_ms_p99}})
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "episodes {}  checkpoint_bytes {}  fs nodes {}  full nodes {}  shared turns {}",
+        r.episodes, r.checkpoint_bytes, r.nodes_fs, r.nodes_full, r.turns_shared
+    );
+    println!(
+        "dump p50/p99 {:.1}/{:.1} ms  snapshot {:.1}/{:.1} ms  restore {:.1}/{:.1} ms  checkpoint {:.1}/{:.1} ms",
+        r.dump_ms_p50, r.dump_ms_p99, r.snapshot_ms_p50, r.snapshot_ms_p99, r.restore_ms_p50, r.restore_ms_p99, r.checkpoint_ms_p50, r.checkpoint_ms_p99
+    );
+    for e in r.per_episode {
+        println!(
+            "  {}  {:<4}  {:<7}  turn {:>3}  bytes {:>10}  fs {:>3}  full {:>3}  shared {:>3}",
+            e.id,
+            e.policy,
+            e.status,
+            e.turn,
+            e.checkpoint_bytes,
+            e.nodes_fs,
+            e.nodes_full,
+            e.turns_shared
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn list(socket: &Path, json: bool) -> Result<ExitCode> {
+    let r = connect(socket)
+        .await?
+        .list_episodes(pb::ListEpisodesRequest {})
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    for e in r.episodes {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"id": e.id, "image": e.image, "policy": e.policy, "status": e.status, "turn": e.turn})
+            );
+        } else {
+            println!(
+                "{}  {}  {}  {}  turn {}",
+                e.id, e.image, e.policy, e.status, e.turn
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn follow(mut s: tonic::Streaming<pb::ImageProgress>) -> Result<()> {
+    while let Some(m) = s.message().await.map_err(rpc_err)? {
+        if m.done {
+            break;
+        }
+        eprintln!("{}", m.message);
+    }
+    Ok(())
+}
+
+pub async fn build_image(socket: &Path, kind: String) -> Result<ExitCode> {
+    let s = connect(socket)
+        .await?
+        .build_image(pb::BuildImageRequest { name: kind.clone() })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    follow(s).await?;
+    println!("{kind}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn import_image(socket: &Path, name: String, path: PathBuf) -> Result<ExitCode> {
+    let abs = std::path::absolute(&path).with_context(|| format!("bad path {}", path.display()))?;
+    if !abs.exists() {
+        anyhow::bail!("{} does not exist", abs.display());
+    }
+    let s = connect(socket)
+        .await?
+        .import_image(pb::ImportImageRequest {
+            name: name.clone(),
+            path: abs.to_string_lossy().into_owned(),
+        })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    follow(s).await?;
+    println!("{name}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn list_images(socket: &Path) -> Result<ExitCode> {
+    let r = connect(socket)
+        .await?
+        .list_images(pb::ListImagesRequest {})
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    for i in r.images {
+        println!("{i}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn doctor(socket: &Path, json: bool) -> Result<ExitCode> {
+    let probes = tokio::task::spawn_blocking(crate::doctor::probes).await?;
+    let storage = match connect(socket).await {
+        Ok(mut c) => match c.health(pb::HealthRequest {}).await {
+            Ok(h) => format!("service at {}: storage {}", socket.display(), h.into_inner().storage),
+            Err(e) => format!("service at {} answered with an error: {}", socket.display(), e.message()),
+        },
+        Err(_) => format!("service not running at {}; `sandtree serve` defaults to the loop-backed btrfs image in {}", socket.display(), crate::DEFAULT_DATA_DIR),
+    };
+    let failed = probes.iter().any(|p| p.required && !p.ok);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"ok": !failed, "storage": storage, "probes": probes})
+        );
+    } else {
+        for p in &probes {
+            let mark = if p.ok {
+                "ok  "
+            } else if p.required {
+                "FAIL"
+            } else {
+                "warn"
+            };
+            print!("{mark}  {:<14} {}", p.name, p.detail);
+            if !p.ok {
+                print!("  -> {}", p.fix);
+            }
+            println!();
+        }
+        println!("info  storage        {storage}");
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,385 @@
+//! CRIU driver: a client of CRIU's swrk RPC (`criu swrk FD` over a SOCK_SEQPACKET socketpair).
+//!
+//! Dumps run with `leave_running` and notify scripts on, so the filesystem snapshot of a node is
+//! taken inside the `post-dump` notification, while every task of the sandbox is still seized by
+//! CRIU: the process image and the snapshot share one frozen instant. Restores go into fresh
+//! namespaces (CRIU recreates the dumped pid, mount, uts, ipc and net namespaces) on a clone of the
+//! node's snapshot (`root`), and the CRIU process joins the new sandbox's cgroups before it starts,
+//! so every restored task lands in them.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
+use prost::Message;
+use sandtree_proto::criu as rpc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CriuError {
+    #[error("cannot start {bin}: {source}")]
+    Spawn {
+        bin: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("criu rpc: {0}")]
+    Rpc(String),
+    #[error("criu {op} of pid {pid} failed: {msg}; log: {log}")]
+    Failed {
+        op: &'static str,
+        pid: u32,
+        msg: String,
+        log: String,
+    },
+    #[error("post-dump hook failed: {0}")]
+    Hook(String),
+}
+
+type Result<T, E = CriuError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone)]
+pub struct Criu {
+    pub bin: PathBuf,
+}
+
+/// What a dump cost.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DumpStats {
+    pub image_bytes: u64,
+    pub dump_ms: f64,
+    /// Time spent inside the post-dump hook (the snapshot), included in `dump_ms`.
+    pub hook_ms: f64,
+}
+
+struct Session {
+    sock: OwnedFd,
+    child: std::process::Child,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Criu {
+    /// Finds criu: `SANDTREE_CRIU`, else `criu` on PATH (setup.sh installs 4.1.1 in /usr/local/sbin).
+    pub fn locate() -> Criu {
+        if let Some(p) = std::env::var_os("SANDTREE_CRIU") {
+            return Criu {
+                bin: PathBuf::from(p),
+            };
+        }
+        let path = std::env::var("PATH").unwrap_or_default();
+        let bin = path
+            .split(':')
+            .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"])
+            .map(|d| Path::new(d).join("criu"))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from("criu"));
+        Criu { bin }
+    }
+
+    /// `criu --version` as (major, minor, sublevel).
+    pub fn version(&self) -> Option<(u32, u32, u32)> {
+        let out = Command::new(&self.bin).arg("--version").output().ok()?;
+        let s = String::from_utf8_lossy(&out.stdout);
+        let v = s.lines().find_map(|l| l.strip_prefix("Version: "))?.trim();
+        let mut it = v.split('.').map(|x| x.parse::<u32>().unwrap_or(0));
+        Some((it.next()?, it.next().unwrap_or(0), it.next().unwrap_or(0)))
+    }
+
+    fn start(&self, procs_files: &[PathBuf]) -> Result<Session> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| CriuError::Rpc(format!("socketpair: {e}")))?;
+        let fd = theirs.as_raw_fd();
+        // Everything the child needs is prepared here: after fork only raw syscalls run.
+        let procs: Vec<CString> = procs_files
+            .iter()
+            .map(|p| {
+                CString::new(p.as_os_str().as_encoded_bytes()).expect("cgroup path has no NUL")
+            })
+            .collect();
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("swrk")
+            .arg(fd.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: the closure only makes async-signal-safe syscalls (fcntl, getpid, open, write,
+        // close) on memory prepared before fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let mut buf = [0u8; 16];
+                let pid = itoa(libc::getpid() as u32, &mut buf);
+                for p in &procs {
+                    let f = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if f < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let w = libc::write(f, pid.as_ptr().cast(), pid.len());
+                    libc::close(f);
+                    if w < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| CriuError::Spawn {
+            bin: self.bin.clone(),
+            source,
+        })?;
+        drop(theirs);
+        Ok(Session { sock: ours, child })
+    }
+
+    /// Dumps the process tree rooted at `pid` (a pid-namespace init) into `images_dir`, leaving it
+    /// running. `post_dump` runs while the tree is still frozen.
+    pub fn dump(
+        &self,
+        pid: u32,
+        images_dir: &Path,
+        mut post_dump: impl FnMut() -> Result<(), String>,
+    ) -> Result<DumpStats> {
+        let started = Instant::now();
+        let mut s = self.start(&[])?;
+        // CRIU opens the images dir through /proc/<our pid>/fd/<fd>: keep it open for the call.
+        let dir = open_dir(images_dir)?;
+        let opts = rpc::CriuOpts {
+            images_dir_fd: dir.as_raw_fd(),
+            pid: Some(pid as i32),
+            leave_running: Some(true),
+            tcp_established: Some(true),
+            file_locks: Some(true),
+            log_level: Some(4),
+            log_file: Some("dump.log".into()),
+            notify_scripts: Some(true),
+            manage_cgroups_mode: Some(rpc::CriuCgMode::Ignore as i32),
+            network_lock: Some(rpc::CriuNetworkLockMethod::Skip as i32),
+            ghost_limit: Some(64 << 20),
+            ..Default::default()
+        };
+        let mut hook_ms = 0.0;
+        let mut hook_err = None;
+        s.send(rpc::CriuReq {
+            r#type: rpc::CriuReqType::Dump as i32,
+            opts: Some(opts),
+            ..Default::default()
+        })?;
+        loop {
+            let resp = s.recv()?;
+            match rpc::CriuReqType::try_from(resp.r#type) {
+                Ok(rpc::CriuReqType::Notify) => {
+                    let script = resp.notify.and_then(|n| n.script).unwrap_or_default();
+                    let mut ok = true;
+                    if script == "post-dump" {
+                        let t = Instant::now();
+                        if let Err(e) = post_dump() {
+                            ok = false;
+                            hook_err = Some(e);
+                        }
+                        hook_ms = t.elapsed().as_secs_f64() * 1e3;
+                    }
+                    s.send(rpc::CriuReq {
+                        r#type: rpc::CriuReqType::Notify as i32,
+                        notify_success: Some(ok),
+                        ..Default::default()
+                    })?;
+                }
+                Ok(rpc::CriuReqType::Dump) => {
+                    if let Some(e) = hook_err {
+                        return Err(CriuError::Hook(e));
+                    }
+                    if !resp.success {
+                        return Err(failure("dump", pid, &resp, &images_dir.join("dump.log")));
+                    }
+                    let _ = std::fs::remove_file(images_dir.join("dump.log"));
+                    return Ok(DumpStats {
+                        image_bytes: dir_bytes(images_dir),
+                        dump_ms: started.elapsed().as_secs_f64() * 1e3,
+                        hook_ms,
+                    });
+                }
+                other => {
+                    return Err(CriuError::Rpc(format!(
+                        "unexpected response {other:?} to dump"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Restores the tree in `images_dir` onto `root`, inside the cgroups whose `cgroup.procs`
+    /// files are given. Returns the host pid of the restored init.
+    pub fn restore(
+        &self,
+        images_dir: &Path,
+        root: &Path,
+        procs_files: &[PathBuf],
+        log_name: &str,
+    ) -> Result<u32> {
+        let mut s = self.start(procs_files)?;
+        let dir = open_dir(images_dir)?;
+        let opts = rpc::CriuOpts {
+            images_dir_fd: dir.as_raw_fd(),
+            root: Some(root.to_string_lossy().into_owned()),
+            tcp_established: Some(true),
+            file_locks: Some(true),
+            log_level: Some(4),
+            log_file: Some(log_name.into()),
+            manage_cgroups_mode: Some(rpc::CriuCgMode::Ignore as i32),
+            network_lock: Some(rpc::CriuNetworkLockMethod::Skip as i32),
+            ghost_limit: Some(64 << 20),
+            ..Default::default()
+        };
+        s.send(rpc::CriuReq {
+            r#type: rpc::CriuReqType::Restore as i32,
+            opts: Some(opts),
+            ..Default::default()
+        })?;
+        loop {
+            let resp = s.recv()?;
+            match rpc::CriuReqType::try_from(resp.r#type) {
+                Ok(rpc::CriuReqType::Notify) => {
+                    s.send(rpc::CriuReq {
+                        r#type: rpc::CriuReqType::Notify as i32,
+                        notify_success: Some(true),
+                        ..Default::default()
+                    })?;
+                }
+                Ok(rpc::CriuReqType::Restore) => {
+                    if !resp.success {
+                        return Err(failure("restore", 0, &resp, &images_dir.join(log_name)));
+                    }
+                    let _ = std::fs::remove_file(images_dir.join(log_name));
+                    return resp
+                        .restore
+                        .map(|r| r.pid as u32)
+                        .ok_or_else(|| CriuError::Rpc("restore response has no pid".into()));
+                }
+                other => {
+                    return Err(CriuError::Rpc(format!(
+                        "unexpected response {other:?} to restore"
+                    )))
+                }
+            }
+        }
+    }
+}
+
+impl Session {
+    fn send(&mut self, req: rpc::CriuReq) -> Result<()> {
+        send(
+            self.sock.as_raw_fd(),
+            &req.encode_to_vec(),
+            MsgFlags::empty(),
+        )
+        .map_err(|e| CriuError::Rpc(format!("send: {e}")))?;
+        Ok(())
+    }
+    fn recv(&mut self) -> Result<rpc::CriuResp> {
+        let mut buf = vec![0u8; 1 << 16];
+        let n = recv(self.sock.as_raw_fd(), &mut buf, MsgFlags::empty())
+            .map_err(|e| CriuError::Rpc(format!("recv: {e}")))?;
+        if n == 0 {
+            let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
+            return Err(CriuError::Rpc(format!(
+                "criu closed the connection ({status})"
+            )));
+        }
+        rpc::CriuResp::decode(&buf[..n]).map_err(|e| CriuError::Rpc(format!("decode: {e}")))
+    }
+}
+
+fn failure(op: &'static str, pid: u32, resp: &rpc::CriuResp, log: &Path) -> CriuError {
+    let tail = std::fs::read_to_string(log)
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.contains("Error") || l.contains("rror ("))
+                .take(6)
+                .collect::<Vec<_>>()
+                .join(" | ")
+        })
+        .unwrap_or_default();
+    let log = log
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| {
+            d.join("failed-logs").join(format!(
+                "{}-{}",
+                log.parent()
+                    .and_then(|p| p.file_name())
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                log.file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            ))
+        })
+        .unwrap_or_else(|| log.to_path_buf());
+    CriuError::Failed {
+        op,
+        pid,
+        msg: format!(
+            "{} (errno {})",
+            resp.cr_errmsg.clone().unwrap_or_default(),
+            resp.cr_errno.unwrap_or(0)
+        ),
+        log: format!("{} [{tail}]", log.display()),
+    }
+}
+
+/// Sum of the sizes of the files in `dir` (CRIU images are flat files in one directory).
+pub fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn open_dir(p: &Path) -> Result<std::fs::File> {
+    std::fs::File::open(p)
+        .map_err(|e| CriuError::Rpc(format!("open images dir {}: {e}", p.display())))
+}
+
+fn itoa(mut n: u32, buf: &mut [u8; 16]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn itoa_formats() {
+        let mut b = [0u8; 16];
+        assert_eq!(super::itoa(0, &mut b), b"0");
+        assert_eq!(super::itoa(4_294_967_295, &mut b), b"4294967295");
+    }
+}

@@ -1,0 +1,802 @@
+//! The engine: episodes, turns and their checkpoints, over the tree (branching), the snapshot
+//! backend (storage) and the runtime.
+//!
+//! Each live episode is owned by one async mutex; every operation on it (step, rewind, delete,
+//! and fork *from* it) takes that mutex, so an episode's state machine is driven by one owner at a
+//! time. A step returns its observation as soon as the command ends; that turn's checkpoint then
+//! runs in the background on the host-scoped checkpoint scheduler, and the next operation on the
+//! episode waits for it. Nothing else waits.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Instant;
+
+use anyhow::{anyhow, Context};
+use sandtree_branching::{
+    EpisodeId, EpisodeStatus, NewTurn, Node, NodeArtifacts, NodeId, NodeKind, NodeState,
+    NodeTimings, Observation, Policy, Session, SnapshotRef, Tree, TreeError, TurnRecord, Verdict,
+    VerdictKind,
+};
+use sandtree_storage::SnapshotBackend;
+use tokio::sync::{Mutex, Semaphore};
+use tracing::{info, warn};
+
+use crate::runtime::{ExecSpec, Runtime, Sandbox};
+
+/// Errors of engine operations; `server.rs` maps them to gRPC codes in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Precondition(String),
+    #[error("{0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// Service configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub default_timeout_ms: u64,
+    pub out_cap: usize,
+    /// Checkpoints running at once on this host.
+    pub checkpoint_slots: usize,
+}
+
+pub const DEFAULT_ENV: &[(&str, &str)] = &[
+    ("HOME", "/root"),
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
+];
+
+struct Live {
+    id: EpisodeId,
+    policy: Policy,
+    sandbox: Sandbox,
+    volume: String,
+    session: Session,
+    turn: u32,
+    /// The checkpoint of the latest turn, while it runs.
+    pending: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Latency samples (ms) for `stats`.
+#[derive(Default)]
+pub struct Timings {
+    pub dump: StdMutex<Vec<f64>>,
+    pub snapshot: StdMutex<Vec<f64>>,
+    pub restore: StdMutex<Vec<f64>>,
+    pub checkpoint: StdMutex<Vec<f64>>,
+}
+
+pub fn percentile(v: &StdMutex<Vec<f64>>, p: f64) -> f64 {
+    let mut v = v.lock().expect("timings lock").clone();
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn record(v: &StdMutex<Vec<f64>>, ms: f64) {
+    v.lock().expect("timings lock").push(ms);
+}
+
+/// What one step returns.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepOutcome {
+    pub turn: u32,
+    pub observation: Observation,
+    pub cwd: String,
+    pub verdict: Verdict,
+    pub node: NodeId,
+    pub timed_out: bool,
+    /// Time spent waiting for the previous turn's checkpoint before the command could start.
+    pub waited_us: u64,
+}
+
+pub struct Engine {
+    pub tree: Arc<Tree>,
+    pub storage: Arc<dyn SnapshotBackend>,
+    pub runtime: Arc<Runtime>,
+    pub config: Config,
+    pub timings: Arc<Timings>,
+    live: StdMutex<HashMap<EpisodeId, Arc<Mutex<Live>>>>,
+    slots: Arc<Semaphore>,
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| anyhow!("task panicked: {e}"))?
+        .map_err(EngineError::Internal)
+}
+
+impl Engine {
+    pub fn new(
+        tree: Tree,
+        storage: Arc<dyn SnapshotBackend>,
+        runtime: Runtime,
+        config: Config,
+    ) -> anyhow::Result<Engine> {
+        std::fs::create_dir_all(config.data_dir.join("images"))?;
+        Ok(Engine {
+            tree: Arc::new(tree),
+            storage,
+            runtime: Arc::new(runtime),
+            slots: Arc::new(Semaphore::new(config.checkpoint_slots.max(1))),
+            config,
+            timings: Arc::default(),
+            live: StdMutex::default(),
+        })
+    }
+
+    fn images_dir(&self, node: NodeId) -> PathBuf {
+        self.config
+            .data_dir
+            .join("images")
+            .join(format!("n{}", node.0))
+    }
+
+    fn get_live(&self, id: &EpisodeId) -> Result<Arc<Mutex<Live>>> {
+        if let Some(l) = self.live.lock().expect("live lock").get(id) {
+            return Ok(l.clone());
+        }
+        let ep = self.tree.episode(id)?;
+        Err(match ep.status {
+            EpisodeStatus::Deleted => TreeError::EpisodeDeleted(id.clone()).into(),
+            _ => EngineError::Precondition(format!(
+                "episode {id} is stopped (its sandbox is gone); fork or rewind it to continue"
+            )),
+        })
+    }
+
+    /// Crash recovery at start: stop episodes whose sandboxes died, and remove orphans (leftover
+    /// sandboxes, volumes, unreferenced snapshots and CRIU images, abandoned pending nodes).
+    pub fn reconcile(&self) -> anyhow::Result<String> {
+        let reaped = self.runtime.reap_leftovers();
+        let report = self.tree.reconcile()?;
+        let mut referenced: std::collections::HashSet<(String, String)> = Default::default();
+        let mut images: std::collections::HashSet<String> = Default::default();
+        for n in self.tree.all_nodes()? {
+            if matches!(n.state, NodeState::Committed) {
+                if let Some(s) = &n.snapshot {
+                    referenced.insert((s.volume.clone(), s.snap.clone()));
+                }
+                if let Some(i) = &n.images {
+                    images.insert(i.clone());
+                }
+            }
+        }
+        let mut removed = 0usize;
+        for e in self.storage.list()? {
+            match e {
+                sandtree_storage::Entry::Volume { name } => {
+                    self.storage.destroy_volume(&name)?;
+                    removed += 1;
+                }
+                sandtree_storage::Entry::Snapshot { volume, name }
+                    if !referenced.contains(&(volume.clone(), name.clone())) =>
+                {
+                    self.storage.destroy_snapshot(&volume, &name)?;
+                    removed += 1;
+                }
+                _ => {}
+            }
+        }
+        for ep in self.tree.list_episodes(false)? {
+            if ep.volume.is_some() {
+                self.tree.set_volume(&ep.id, None)?;
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir(self.config.data_dir.join("images")) {
+            for d in rd.flatten() {
+                if !images.contains(&d.path().to_string_lossy().into_owned()) {
+                    let _ = std::fs::remove_dir_all(d.path());
+                    removed += 1;
+                }
+            }
+        }
+        self.storage.gc()?;
+        Ok(format!(
+            "reconciled: {} sandboxes reaped, {} episodes stopped, {} pending nodes abandoned, {} orphans removed",
+            reaped.len(),
+            report.stopped.len(),
+            report.abandoned.len(),
+            removed
+        ))
+    }
+
+    pub async fn create(&self, image: &str, policy: Policy) -> Result<EpisodeId> {
+        let storage = self.storage.clone();
+        let img = image.to_string();
+        if !blocking(move || Ok(storage.has_base(&img)?)).await? {
+            return Err(EngineError::NotFound(format!(
+                "unknown image {image}: build it with `sandtree image build {image}` or import it"
+            )));
+        }
+        let env: Vec<(String, String)> = DEFAULT_ENV
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let ep = self.tree.create_episode(image, policy, env)?;
+        let (_, node, session) = self.tree.rewind(&ep.id, 0)?;
+        match self.materialize(&ep.id, &node, 0).await {
+            Ok((sandbox, volume)) => {
+                self.insert_live(&ep.id, policy, sandbox, volume, session, 0);
+                Ok(ep.id)
+            }
+            Err(e) => {
+                let _ = self.tree.delete_episode(&ep.id);
+                Err(e)
+            }
+        }
+    }
+
+    fn insert_live(
+        &self,
+        id: &EpisodeId,
+        policy: Policy,
+        sandbox: Sandbox,
+        volume: String,
+        session: Session,
+        turn: u32,
+    ) {
+        let live = Live {
+            id: id.clone(),
+            policy,
+            sandbox,
+            volume,
+            session,
+            turn,
+            pending: None,
+        };
+        self.live
+            .lock()
+            .expect("live lock")
+            .insert(id.clone(), Arc::new(Mutex::new(live)));
+    }
+
+    /// Makes a new volume and sandbox holding `node`'s state for episode `id`.
+    async fn materialize(
+        &self,
+        id: &EpisodeId,
+        node: &Node,
+        seq: u64,
+    ) -> Result<(Sandbox, String)> {
+        let volume = format!("{}-{seq}", id.as_str());
+        let (storage, runtime, vol) = (self.storage.clone(), self.runtime.clone(), volume.clone());
+        let node = node.clone();
+        let images = node.images.clone().map(PathBuf::from);
+        let timings = self.timings.clone();
+        let sandbox = blocking(move || {
+            let t = Instant::now();
+            let root = match (&node.kind, &node.snapshot) {
+                (NodeKind::Base { image }, _) => storage.create_volume(&vol, image)?,
+                (_, Some(s)) => storage.clone_snapshot(&s.volume, &s.snap, &vol)?,
+                (_, None) => anyhow::bail!("checkpoint node {} has no snapshot", node.id),
+            };
+            let sb = match (&node.kind, images) {
+                (NodeKind::Full, Some(images)) => runtime.restore(&vol, &images, &root),
+                (NodeKind::Full, None) => {
+                    Err(anyhow!("checkpoint node {} has no CRIU images", node.id))
+                }
+                _ => runtime.start(&vol, &root),
+            };
+            match sb {
+                Ok(sb) => {
+                    record(&timings.restore, t.elapsed().as_secs_f64() * 1e3);
+                    Ok(sb)
+                }
+                Err(e) => {
+                    let _ = storage.destroy_volume(&vol);
+                    Err(e)
+                }
+            }
+        })
+        .await?;
+        self.tree.set_volume(id, Some(volume.clone()))?;
+        Ok((sandbox, volume))
+    }
+
+    pub async fn step(
+        &self,
+        id: &EpisodeId,
+        command: String,
+        timeout_ms: u64,
+    ) -> Result<StepOutcome> {
+        if command.contains('\0') {
+            return Err(EngineError::BadRequest(
+                "command contains a NUL byte".into(),
+            ));
+        }
+        let live = self.get_live(id)?;
+        let mut l = live.lock().await;
+        let waited = Instant::now();
+        if let Some(p) = l.pending.take() {
+            let _ = p.await;
+        }
+        let waited_us = waited.elapsed().as_micros() as u64;
+        let spec = ExecSpec {
+            init_pid: 0,
+            v2_cgroup: PathBuf::new(),
+            procs_files: Vec::new(),
+            turn: l.turn + 1,
+            command: command.clone(),
+            cwd: l.session.cwd.clone(),
+            env: l.session.env.clone(),
+            timeout_ms: if timeout_ms == 0 {
+                self.config.default_timeout_ms
+            } else {
+                timeout_ms
+            },
+            out_cap: self.config.out_cap,
+        };
+        let (runtime, sb) = (self.runtime.clone(), l.sandbox.clone());
+        let res = blocking(move || runtime.exec(&sb, spec))
+            .await
+            .map_err(|e| match e {
+                EngineError::Internal(e) => EngineError::Precondition(format!(
+                    "episode {id}: the sandbox cannot run commands: {e:#}"
+                )),
+                e => e,
+            })?;
+        let session = Session {
+            cwd: res.cwd.clone().unwrap_or_else(|| l.session.cwd.clone()),
+            env: res.env.clone().unwrap_or_else(|| l.session.env.clone()),
+        };
+        let verdict = self.verdict(&l).await?;
+        let new_node = match verdict.kind {
+            VerdictKind::None => None,
+            VerdictKind::Fs => Some(NodeKind::Fs),
+            VerdictKind::Proc => Some(NodeKind::Full),
+        };
+        let observation = Observation {
+            stdout: res.stdout,
+            stderr: res.stderr,
+            exit_code: res.exit_code,
+            duration_ms: res.duration_ms,
+            stdout_truncated: res.stdout_truncated,
+            stderr_truncated: res.stderr_truncated,
+        };
+        let (rec, node) = self.tree.append_turn(
+            id,
+            NewTurn {
+                action: command,
+                observation: observation.clone(),
+                session: session.clone(),
+                verdict: verdict.clone(),
+                new_node,
+            },
+        )?;
+        l.turn = rec.turn;
+        l.session = session;
+        if let Some(node) = node {
+            l.pending = Some(self.spawn_checkpoint(&l, node));
+        }
+        Ok(StepOutcome {
+            turn: rec.turn,
+            observation,
+            cwd: l.session.cwd.clone(),
+            verdict,
+            node: rec.node,
+            timed_out: res.timed_out,
+            waited_us,
+        })
+    }
+
+    /// The conservative verdict (until the eBPF inspector lands): proc when any process other
+    /// than init outlives the turn; fs when the storage layer saw a change since the last
+    /// snapshot; none otherwise. `full` always checkpoints everything; `none` never does.
+    async fn verdict(&self, l: &Live) -> Result<Verdict> {
+        match l.policy {
+            Policy::None => Ok(Verdict {
+                kind: VerdictKind::None,
+                reasons: vec!["policy none: chat-only".into()],
+            }),
+            Policy::Full => Ok(Verdict {
+                kind: VerdictKind::Proc,
+                reasons: vec!["policy full: checkpoint every turn".into()],
+            }),
+            Policy::Auto => {
+                let (runtime, storage, sb, vol) = (
+                    self.runtime.clone(),
+                    self.storage.clone(),
+                    l.sandbox.clone(),
+                    l.volume.clone(),
+                );
+                blocking(move || {
+                    let survivors = runtime.survivors(&sb)?;
+                    if !survivors.is_empty() {
+                        let shown: Vec<String> =
+                            survivors.iter().take(4).map(|p| p.to_string()).collect();
+                        return Ok(Verdict {
+                            kind: VerdictKind::Proc,
+                            reasons: vec![format!(
+                                "proc: {} process(es) outlive the turn (host pids {})",
+                                survivors.len(),
+                                shown.join(",")
+                            )],
+                        });
+                    }
+                    if storage.changed_since_last_snapshot(&vol)? {
+                        return Ok(Verdict {
+                            kind: VerdictKind::Fs,
+                            reasons: vec![format!(
+                                "fs: volume {vol} changed since its last snapshot"
+                            )],
+                        });
+                    }
+                    Ok(Verdict {
+                        kind: VerdictKind::None,
+                        reasons: vec![],
+                    })
+                })
+                .await
+            }
+        }
+    }
+
+    fn spawn_checkpoint(&self, l: &Live, node: Node) -> tokio::task::JoinHandle<()> {
+        let (tree, storage, runtime, slots, timings) = (
+            self.tree.clone(),
+            self.storage.clone(),
+            self.runtime.clone(),
+            self.slots.clone(),
+            self.timings.clone(),
+        );
+        let (sb, vol, episode) = (l.sandbox.clone(), l.volume.clone(), l.id.clone());
+        let images = self.images_dir(node.id);
+        tokio::spawn(async move {
+            let _permit = slots.acquire_owned().await;
+            let node_id = node.id;
+            let kind = node.kind.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                checkpoint(
+                    &storage, &runtime, &timings, &sb, &vol, &kind, node_id, &images,
+                )
+            })
+            .await
+            .map_err(|e| anyhow!("checkpoint task panicked: {e}"))
+            .and_then(|r| r);
+            match r {
+                Ok(art) => {
+                    if let Err(e) = tree.commit_node(node_id, art) {
+                        warn!(%episode, node = %node_id, error = %e, "commit failed");
+                    }
+                }
+                Err(e) => {
+                    warn!(%episode, node = %node_id, error = format!("{e:#}"), "checkpoint failed");
+                    let _ = tree.fail_node(node_id, &format!("{e:#}"));
+                }
+            }
+        })
+    }
+
+    /// Waits for the pending checkpoint of a live episode, if any.
+    async fn settle(&self, id: &EpisodeId) {
+        let live = self.live.lock().expect("live lock").get(id).cloned();
+        if let Some(live) = live {
+            let mut l = live.lock().await;
+            if let Some(p) = l.pending.take() {
+                let _ = p.await;
+            }
+        }
+    }
+
+    pub async fn fork(&self, src: &EpisodeId, turn: u32, count: u32) -> Result<Vec<EpisodeId>> {
+        if count == 0 || count > 64 {
+            return Err(EngineError::BadRequest(format!(
+                "fork count must be 1..=64, got {count}"
+            )));
+        }
+        self.settle(src).await;
+        let forks = self.tree.fork(src, turn, count as usize)?;
+        let mut results = Vec::with_capacity(forks.len());
+        for (ep, node, session) in forks {
+            results.push(match self.materialize(&ep.id, &node, 0).await {
+                Ok((sb, vol)) => {
+                    self.insert_live(&ep.id, ep.policy, sb, vol, session, turn);
+                    Ok(ep.id)
+                }
+                Err(e) => {
+                    let _ = self.tree.delete_episode(&ep.id);
+                    Err(e)
+                }
+            });
+        }
+        let mut ids = Vec::new();
+        let mut first_err = None;
+        for r in results {
+            match r {
+                Ok(id) => ids.push(id),
+                Err(e) => first_err = first_err.or(Some(e)),
+            }
+        }
+        if let Some(e) = first_err {
+            for id in &ids {
+                let _ = self.delete(id).await;
+            }
+            return Err(e);
+        }
+        Ok(ids)
+    }
+
+    pub async fn rewind(&self, id: &EpisodeId, turn: u32) -> Result<()> {
+        let live = self.live.lock().expect("live lock").get(id).cloned();
+        let _guard = match &live {
+            Some(l) => {
+                let mut g = l.clone().lock_owned().await;
+                if let Some(p) = g.pending.take() {
+                    let _ = p.await;
+                }
+                Some(g)
+            }
+            None => None,
+        };
+        // Validate before tearing anything down.
+        let ep = self.tree.episode(id)?;
+        let target = self.tree.turn(id, turn)?;
+        let node = self.tree.node(target.node)?;
+        match node.state {
+            NodeState::Committed => {}
+            NodeState::Pending => return Err(TreeError::NodeNotCommitted { node: node.id }.into()),
+            s => {
+                return Err(TreeError::NodeCollected {
+                    node: node.id,
+                    state: s,
+                }
+                .into())
+            }
+        }
+        let seq = ep
+            .volume
+            .as_deref()
+            .and_then(|v| v.rsplit('-').next())
+            .and_then(|s| s.parse::<u64>().ok())
+            .map_or(1, |s| s + 1);
+        if let Some(g) = &_guard {
+            self.teardown(&g.sandbox, &g.volume).await;
+        }
+        self.live.lock().expect("live lock").remove(id);
+        let (ep, node, session) = self.tree.rewind(id, turn)?;
+        let (sb, vol) = match self.materialize(id, &node, seq).await {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = self.tree.set_status(id, EpisodeStatus::Stopped);
+                return Err(e);
+            }
+        };
+        self.insert_live(id, ep.policy, sb, vol, session, turn);
+        drop(_guard);
+        self.gc().await;
+        Ok(())
+    }
+
+    async fn teardown(&self, sb: &Sandbox, volume: &str) {
+        let (runtime, storage, sb, vol) = (
+            self.runtime.clone(),
+            self.storage.clone(),
+            sb.clone(),
+            volume.to_string(),
+        );
+        let r = blocking(move || {
+            runtime.destroy(&sb)?;
+            storage.destroy_volume(&vol)?;
+            Ok(())
+        })
+        .await;
+        if let Err(e) = r {
+            warn!(error = %e, "teardown failed");
+        }
+    }
+
+    pub async fn delete(&self, id: &EpisodeId) -> Result<()> {
+        let live = self.live.lock().expect("live lock").remove(id);
+        if let Some(live) = live {
+            let mut l = live.lock().await;
+            if let Some(p) = l.pending.take() {
+                let _ = p.await;
+            }
+            self.teardown(&l.sandbox, &l.volume).await;
+        } else {
+            self.tree.episode(id)?;
+        }
+        self.tree.delete_episode(id)?;
+        self.gc().await;
+        Ok(())
+    }
+
+    /// Frees the snapshots and images of nodes that nothing live can reach any more.
+    pub async fn gc(&self) {
+        let (tree, storage) = (self.tree.clone(), self.storage.clone());
+        let r = blocking(move || {
+            let garbage = tree.garbage()?;
+            let mut freed = Vec::new();
+            for n in garbage {
+                if matches!(n.state, NodeState::Pending) {
+                    continue;
+                }
+                if let Some(s) = &n.snapshot {
+                    if let Err(e) = storage.destroy_snapshot(&s.volume, &s.snap) {
+                        if !matches!(e, sandtree_storage::SnapshotError::NotFound { .. }) {
+                            warn!(node = %n.id, error = %e, "cannot destroy snapshot");
+                            continue;
+                        }
+                    }
+                }
+                if let Some(i) = &n.images {
+                    let _ = std::fs::remove_dir_all(i);
+                }
+                freed.push(n.id);
+            }
+            tree.forget_nodes(&freed)?;
+            storage.gc()?;
+            Ok(freed.len())
+        })
+        .await;
+        match r {
+            Ok(n) if n > 0 => info!(nodes = n, "garbage collected"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "gc failed"),
+        }
+    }
+
+    /// Turns on the live path of an episode with their nodes (waits for a pending checkpoint).
+    pub async fn tree_view(
+        &self,
+        id: &EpisodeId,
+    ) -> Result<(
+        sandtree_branching::Episode,
+        Vec<(TurnRecord, Node, &'static str)>,
+    )> {
+        self.settle(id).await;
+        let ep = self.tree.episode(id)?;
+        let turns = self.tree.turns(id)?;
+        let mut out = Vec::with_capacity(turns.len());
+        for (i, t) in turns.iter().enumerate() {
+            let node = self.tree.node(t.node)?;
+            let kind =
+                sandtree_branching::turn_kind(t, i.checked_sub(1).map(|j| &turns[j]), &node.kind);
+            out.push((t.clone(), node, kind));
+        }
+        Ok((ep, out))
+    }
+
+    /// Waits until no checkpoint is pending on any live episode.
+    pub async fn settle_all(&self) {
+        let ids: Vec<EpisodeId> = self
+            .live
+            .lock()
+            .expect("live lock")
+            .keys()
+            .cloned()
+            .collect();
+        for id in ids {
+            self.settle(&id).await;
+        }
+    }
+
+    /// Stops every sandbox (service shutdown). Nodes stay forkable.
+    pub async fn shutdown(&self) {
+        self.settle_all().await;
+        let all: Vec<(EpisodeId, Arc<Mutex<Live>>)> =
+            self.live.lock().expect("live lock").drain().collect();
+        for (id, live) in all {
+            let l = live.lock().await;
+            self.teardown(&l.sandbox, &l.volume).await;
+            let _ = self.tree.set_status(&id, EpisodeStatus::Stopped);
+            let _ = self.tree.set_volume(&id, None);
+        }
+    }
+}
+
+/// Takes one node's checkpoint. fs: freeze, snapshot, thaw. full: CRIU dump with the snapshot
+/// inside the post-dump notification. Artifacts are synced to disk before this returns.
+#[allow(clippy::too_many_arguments)]
+fn checkpoint(
+    storage: &Arc<dyn SnapshotBackend>,
+    runtime: &Runtime,
+    timings: &Timings,
+    sb: &Sandbox,
+    vol: &str,
+    kind: &NodeKind,
+    node: NodeId,
+    images: &Path,
+) -> anyhow::Result<NodeArtifacts> {
+    let started = Instant::now();
+    let snap = format!("n{}", node.0);
+    let mut t = NodeTimings::default();
+    let (snap_bytes, image_bytes, images_path) = match kind {
+        NodeKind::Fs => {
+            let f = Instant::now();
+            sb.cgroup.freeze(true)?;
+            t.freeze_ms = f.elapsed().as_millis() as u64;
+            let s = Instant::now();
+            let r = storage.snapshot(vol, &snap);
+            let _ = sb.cgroup.freeze(false);
+            let info = r?;
+            t.snapshot_ms = s.elapsed().as_millis() as u64;
+            record(&timings.snapshot, s.elapsed().as_secs_f64() * 1e3);
+            (info.bytes, 0, None)
+        }
+        NodeKind::Full => {
+            std::fs::create_dir_all(images)?;
+            let mut info = None;
+            let stats = runtime.checkpoint(sb, images, || {
+                info = Some(storage.snapshot(vol, &snap).map_err(|e| e.to_string())?);
+                Ok(())
+            });
+            let stats = match stats {
+                Ok(s) => s,
+                Err(e) => {
+                    // Keep CRIU's log for the operator; the partial images go.
+                    let logs = images.parent().unwrap_or(images).join("failed-logs");
+                    let _ = std::fs::create_dir_all(&logs);
+                    let _ = std::fs::rename(
+                        images.join("dump.log"),
+                        logs.join(format!("n{}-dump.log", node.0)),
+                    );
+                    let _ = std::fs::remove_dir_all(images);
+                    if info.is_some() {
+                        let _ = storage.destroy_snapshot(vol, &snap);
+                    }
+                    return Err(e);
+                }
+            };
+            let info = info.context("criu finished the dump without a post-dump notification")?;
+            sync_dir(images)?;
+            t.snapshot_ms = stats.hook_ms as u64;
+            t.dump_ms = (stats.dump_ms - stats.hook_ms).max(0.0) as u64;
+            record(&timings.dump, stats.dump_ms - stats.hook_ms);
+            record(&timings.snapshot, stats.hook_ms);
+            (
+                info.bytes,
+                stats.image_bytes,
+                Some(images.to_string_lossy().into_owned()),
+            )
+        }
+        NodeKind::Base { .. } => anyhow::bail!("base nodes are not checkpointed"),
+    };
+    // The snapshot is made durable before the node is committed.
+    sync_fs(&sb.rootfs);
+    t.total_ms = started.elapsed().as_millis() as u64;
+    record(&timings.checkpoint, started.elapsed().as_secs_f64() * 1e3);
+    Ok(NodeArtifacts {
+        snapshot: Some(SnapshotRef {
+            volume: vol.to_string(),
+            snap,
+        }),
+        images: images_path,
+        bytes: snap_bytes + image_bytes,
+        timings: Some(t),
+    })
+}
+
+fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    for e in std::fs::read_dir(dir)?.flatten() {
+        std::fs::File::open(e.path())?.sync_all()?;
+    }
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+fn sync_fs(path: &Path) {
+    if let Ok(f) = std::fs::File::open(path) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: syncfs(2) on an fd we own for the duration of the call.
+        unsafe { libc::syncfs(f.as_raw_fd()) };
+    }
+}

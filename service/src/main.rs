@@ -1,0 +1,318 @@
+//! `sandtree`: the service (`serve`), its CLI client, `doctor`, `bench` and `demo`.
+
+mod bench;
+mod client;
+mod criu;
+mod doctor;
+mod engine;
+mod images;
+mod runtime;
+mod server;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+pub const DEFAULT_SOCKET: &str = "/run/sandtree/sandtree.sock";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/sandtree";
+
+#[derive(Parser)]
+#[command(
+    name = "sandtree",
+    version,
+    about = "Branchable agent sandboxes for RL: fork, rewind and replay episodes"
+)]
+struct Cli {
+    /// Socket of the service (client commands and serve).
+    #[arg(long, global = true, env = "SANDTREE_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the service: gRPC on a unix socket (mode 0600), metadata in redb.
+    Serve {
+        #[arg(long, env = "SANDTREE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// btrfs (the embedded loop-backed default), zfs:POOL/DATASET, or dir.
+        #[arg(long, default_value = "btrfs")]
+        storage: sandtree_storage::StorageSpec,
+        /// Default per-step timeout in seconds.
+        #[arg(long, default_value_t = 600)]
+        step_timeout: u64,
+        /// Checkpoints that may run at once on this host.
+        #[arg(long, default_value_t = 2)]
+        checkpoint_slots: usize,
+    },
+    /// Create an episode; prints its id.
+    Create {
+        #[arg(long)]
+        image: String,
+        #[arg(long, default_value = "auto", value_parser = ["none", "full", "auto"])]
+        policy: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run one turn: the command runs with `sh -c` in the episode's shell session.
+    Step {
+        episode: String,
+        #[arg(long)]
+        json: bool,
+        /// Per-step timeout in seconds (kills the step's process group).
+        #[arg(long)]
+        timeout: Option<f64>,
+        #[arg(last = true, required = true, num_args = 1..)]
+        cmd: Vec<String>,
+    },
+    /// Delete an episode and its sandbox.
+    Delete { episode: String },
+    /// Fork an episode at a turn into N new episodes; prints their ids, one per line.
+    Fork {
+        episode: String,
+        #[arg(long)]
+        turn: u32,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rewind an episode to a turn; it continues from there.
+    Rewind {
+        episode: String,
+        #[arg(long)]
+        turn: u32,
+    },
+    /// Show an episode's turns, nodes, kinds, verdicts and bytes.
+    Tree {
+        episode: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Checkpoint totals and per-episode figures, with C/R timings.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List episodes.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build, import or list images.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+    /// Report every host requirement with its version and a fix hint.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run trajectories under each policy and report correctness, traffic and latency.
+    Bench(bench::BenchArgs),
+    /// Set up the embedded default storage and run a short demo.
+    Demo {
+        #[arg(
+            long,
+            env = "SANDTREE_DATA_DIR",
+            default_value = "/var/lib/sandtree-demo"
+        )]
+        data_dir: PathBuf,
+    },
+    /// Internal: the sandbox helper process.
+    #[command(name = "__shim", hide = true)]
+    Shim { mode: String },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Build a built-in image: busybox or debian.
+    Build { kind: String },
+    /// Import a rootfs directory, tar/tar.gz, OCI layout or docker-save archive.
+    Import { name: String, path: PathBuf },
+    /// List images.
+    List,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    if let Cmd::Shim { mode } = &cli.cmd {
+        return match runtime::shim::main(mode) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SANDTREE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sandtree: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let socket = cli.socket;
+    match cli.cmd {
+        Cmd::Serve {
+            data_dir,
+            storage,
+            step_timeout,
+            checkpoint_slots,
+        } => {
+            serve(socket, data_dir, storage, step_timeout, checkpoint_slots).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Create {
+            image,
+            policy,
+            json,
+        } => client::create(&socket, image, policy, json).await,
+        Cmd::Step {
+            episode,
+            json,
+            timeout,
+            cmd,
+        } => client::step(&socket, episode, cmd.join(" "), timeout, json).await,
+        Cmd::Delete { episode } => client::delete(&socket, episode).await,
+        Cmd::Fork {
+            episode,
+            turn,
+            count,
+            json,
+        } => client::fork(&socket, episode, turn, count, json).await,
+        Cmd::Rewind { episode, turn } => client::rewind(&socket, episode, turn).await,
+        Cmd::Tree { episode, json } => client::tree(&socket, episode, json).await,
+        Cmd::Stats { json } => client::stats(&socket, json).await,
+        Cmd::List { json } => client::list(&socket, json).await,
+        Cmd::Image { cmd } => match cmd {
+            ImageCmd::Build { kind } => client::build_image(&socket, kind).await,
+            ImageCmd::Import { name, path } => client::import_image(&socket, name, path).await,
+            ImageCmd::List => client::list_images(&socket).await,
+        },
+        Cmd::Doctor { json } => client::doctor(&socket, json).await,
+        Cmd::Bench(args) => bench::run(args).await,
+        Cmd::Demo { data_dir } => bench::demo(data_dir).await,
+        Cmd::Shim { .. } => unreachable!("handled before the runtime starts"),
+    }
+}
+
+/// A stable short tag for a data dir, so that several services on one host keep separate cgroups.
+fn instance_tag(data_dir: &std::path::Path) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data_dir.as_os_str().as_encoded_bytes() {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{:012x}", h & 0xffff_ffff_ffff)
+}
+
+async fn serve(
+    socket: PathBuf,
+    data_dir: PathBuf,
+    spec: sandtree_storage::StorageSpec,
+    step_timeout: u64,
+    checkpoint_slots: usize,
+) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("create data dir {}", data_dir.display()))?;
+    let data_dir = data_dir.canonicalize()?;
+    for p in doctor::probes().iter().filter(|p| p.required && !p.ok) {
+        anyhow::bail!("requirement missing: {}: {} ({})", p.name, p.detail, p.fix);
+    }
+    let storage: std::sync::Arc<dyn sandtree_storage::SnapshotBackend> = {
+        let (spec, dd) = (spec.clone(), data_dir.clone());
+        tokio::task::spawn_blocking(move || sandtree_storage::open(&spec, &dd))
+            .await??
+            .into()
+    };
+    tracing::info!(storage = %storage.describe(), "storage ready");
+    let tree = sandtree_branching::Tree::open(data_dir.join("sandtree.redb"))?;
+    let runtime = runtime::Runtime::new(&instance_tag(&data_dir), Default::default())?;
+    tracing::info!(criu = %runtime.criu.bin.display(), cgroup = %runtime.layout.v2_parent.display(), "runtime ready");
+    tracing::warn!("eBPF inspector not built in yet: the auto policy uses the conservative storage/process verdict");
+    let engine = std::sync::Arc::new(engine::Engine::new(
+        tree,
+        storage,
+        runtime,
+        engine::Config {
+            data_dir: data_dir.clone(),
+            default_timeout_ms: step_timeout * 1000,
+            out_cap: 1 << 20,
+            checkpoint_slots,
+        },
+    )?);
+    let e2 = engine.clone();
+    let msg = tokio::task::spawn_blocking(move || e2.reconcile()).await??;
+    tracing::info!("{msg}");
+
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if socket.exists() {
+        if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+            anyhow::bail!(
+                "another sandtree service is listening on {}",
+                socket.display()
+            );
+        }
+        std::fs::remove_file(&socket)?;
+    }
+    // SAFETY: umask(2) only changes this process's file mode mask; it is restored right after bind.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = tokio::net::UnixListener::bind(&socket);
+    // SAFETY: see above.
+    unsafe { libc::umask(old) };
+    let listener = listener.with_context(|| format!("bind {}", socket.display()))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    tracing::info!(socket = %socket.display(), "listening");
+    let api = server::Api {
+        engine: engine.clone(),
+        image_lock: Default::default(),
+    };
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+    };
+    tonic::transport::Server::builder()
+        .add_service(sandtree_proto::v1::sandtree_server::SandtreeServer::new(
+            api,
+        ))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    tracing::info!("shutting down: stopping sandboxes");
+    engine.shutdown().await;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}

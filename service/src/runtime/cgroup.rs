@@ -1,0 +1,327 @@
+//! Cgroups of sandboxes, on pure cgroup v2 hosts and on hybrid v1/v2 hosts, behind one interface.
+//!
+//! Every sandbox gets a cgroup v2 leaf: its inode number is the id that the eBPF inspector filters
+//! on, and it has `cgroup.freeze` and `cgroup.kill`. Memory and pids limits go in the same leaf on
+//! a pure v2 host; on a hybrid host (v2 at /sys/fs/cgroup/unified with no memory/pids controller)
+//! they go in leaves of the v1 memory and pids hierarchies. As runc does, all leaves are nested
+//! under the service's own cgroup (from /proc/self/cgroup), below `sandtree/<instance>/`, and only
+//! directories that sandtree created there are ever written or removed.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no cgroup v2 hierarchy found (looked at /sys/fs/cgroup and /sys/fs/cgroup/unified)")]
+    NoV2,
+    #[error("cgroup {path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cgroup {0}: did not freeze within 5 s")]
+    FreezeTimeout(PathBuf),
+}
+
+type Result<T, E = CgroupError> = std::result::Result<T, E>;
+
+fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> CgroupError + 'a {
+    move |source| CgroupError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+/// Resource limits of one sandbox.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    pub pids: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: 2 << 30,
+            pids: 512,
+        }
+    }
+}
+
+/// Where sandbox cgroups go on this host.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Layout {
+    /// `<v2 mount>/<own v2 path>/sandtree/<instance>`
+    pub v2_parent: PathBuf,
+    /// v1 controllers used for limits on a hybrid host: (controller, parent dir).
+    pub v1_parents: Vec<(String, PathBuf)>,
+    /// True when memory and pids live in the v2 leaf.
+    pub pure_v2: bool,
+}
+
+fn own_paths() -> io::Result<Vec<(String, String)>> {
+    // Lines are "hier-id:controllers:path"; v2 is "0::path".
+    Ok(fs::read_to_string("/proc/self/cgroup")?
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(3, ':');
+            let _id = it.next()?;
+            Some((it.next()?.to_string(), it.next()?.to_string()))
+        })
+        .collect())
+}
+
+impl Layout {
+    /// Detects the layout and creates the parent directories for `instance`.
+    pub fn detect(instance: &str) -> Result<Layout> {
+        let own = own_paths().map_err(io_err(Path::new("/proc/self/cgroup"), "read"))?;
+        let v2_own = own
+            .iter()
+            .find(|(c, _)| c.is_empty())
+            .map(|(_, p)| p.clone())
+            .unwrap_or_else(|| "/".into());
+        let v2_mount = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.join("cgroup.controllers").exists())
+            .ok_or(CgroupError::NoV2)?;
+        let controllers =
+            fs::read_to_string(v2_mount.join("cgroup.controllers")).unwrap_or_default();
+        let pure_v2 = controllers.split_whitespace().any(|c| c == "memory")
+            && controllers.split_whitespace().any(|c| c == "pids");
+        let rel = |p: &str| p.trim_start_matches('/').to_string();
+        let v2_parent = v2_mount.join(rel(&v2_own)).join("sandtree").join(instance);
+        let mut v1_parents = Vec::new();
+        if !pure_v2 {
+            for ctrl in ["memory", "pids"] {
+                let mnt = Path::new("/sys/fs/cgroup").join(ctrl);
+                if !mnt.join("cgroup.procs").exists() {
+                    continue;
+                }
+                let path = own
+                    .iter()
+                    .find(|(c, _)| c.split(',').any(|x| x == ctrl))
+                    .map(|(_, p)| p.clone())
+                    .unwrap_or_else(|| "/".into());
+                v1_parents.push((
+                    ctrl.to_string(),
+                    mnt.join(rel(&path)).join("sandtree").join(instance),
+                ));
+            }
+        }
+        let layout = Layout {
+            v2_parent,
+            v1_parents,
+            pure_v2,
+        };
+        layout.create_parents()?;
+        Ok(layout)
+    }
+
+    fn create_parents(&self) -> Result<()> {
+        fs::create_dir_all(&self.v2_parent).map_err(io_err(&self.v2_parent, "mkdir"))?;
+        if self.pure_v2 {
+            // Enable memory and pids for our subtree, from the top of our own part down.
+            let sandtree = self.v2_parent.parent().expect("instance dir has a parent");
+            for dir in [
+                sandtree.parent().expect("sandtree dir has a parent"),
+                sandtree,
+                &self.v2_parent,
+            ] {
+                let f = dir.join("cgroup.subtree_control");
+                write_file(&f, "+memory +pids")?;
+            }
+        }
+        for (_, p) in &self.v1_parents {
+            fs::create_dir_all(p).map_err(io_err(p, "mkdir"))?;
+        }
+        Ok(())
+    }
+
+    /// Creates the cgroups of one sandbox.
+    pub fn create(&self, name: &str, limits: Limits) -> Result<Cgroup> {
+        let v2 = self.v2_parent.join(name);
+        fs::create_dir(&v2).map_err(io_err(&v2, "mkdir"))?;
+        let mut cg = Cgroup { v2, v1: Vec::new() };
+        let setup = (|| {
+            if self.pure_v2 {
+                write_file(&cg.v2.join("memory.max"), &limits.memory_bytes.to_string())?;
+                write_file(&cg.v2.join("pids.max"), &limits.pids.to_string())?;
+            }
+            for (ctrl, parent) in &self.v1_parents {
+                let p = parent.join(name);
+                fs::create_dir(&p).map_err(io_err(&p, "mkdir"))?;
+                cg.v1.push(p.clone());
+                match ctrl.as_str() {
+                    "memory" => write_file(
+                        &p.join("memory.limit_in_bytes"),
+                        &limits.memory_bytes.to_string(),
+                    )?,
+                    "pids" => write_file(&p.join("pids.max"), &limits.pids.to_string())?,
+                    _ => {}
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = setup {
+            let _ = cg.destroy();
+            return Err(e);
+        }
+        Ok(cg)
+    }
+
+    /// Names of leftover sandbox cgroups of this instance (after a crash).
+    pub fn leftovers(&self) -> Vec<String> {
+        let Ok(rd) = fs::read_dir(&self.v2_parent) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// Reattaches to an existing sandbox cgroup by name (for cleanup).
+    pub fn open(&self, name: &str) -> Cgroup {
+        Cgroup {
+            v2: self.v2_parent.join(name),
+            v1: self
+                .v1_parents
+                .iter()
+                .map(|(_, p)| p.join(name))
+                .filter(|p| p.exists())
+                .collect(),
+        }
+    }
+}
+
+fn write_file(path: &Path, value: &str) -> Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_err(path, "open"))?;
+    f.write_all(value.as_bytes()).map_err(io_err(path, "write"))
+}
+
+/// The cgroups of one sandbox: a v2 leaf plus, on hybrid hosts, v1 memory and pids leaves.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Cgroup {
+    pub v2: PathBuf,
+    pub v1: Vec<PathBuf>,
+}
+
+impl Cgroup {
+    /// The v2 cgroup id (the directory's inode number), as `bpf_get_current_cgroup_id()` sees it.
+    pub fn id(&self) -> Result<u64> {
+        Ok(fs::metadata(&self.v2)
+            .map_err(io_err(&self.v2, "stat"))?
+            .ino())
+    }
+
+    /// The `cgroup.procs` files that a process writes its pid into to join every leaf.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        std::iter::once(&self.v2)
+            .chain(self.v1.iter())
+            .map(|p| p.join("cgroup.procs"))
+            .collect()
+    }
+
+    /// Moves `pid` (0: the caller) into every leaf.
+    pub fn join(&self, pid: u32) -> Result<()> {
+        for f in self.procs_files() {
+            write_file(&f, &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Host pids of the processes in the v2 leaf.
+    pub fn pids(&self) -> Result<Vec<u32>> {
+        let p = self.v2.join("cgroup.procs");
+        Ok(fs::read_to_string(&p)
+            .map_err(io_err(&p, "read"))?
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect())
+    }
+
+    /// Freezes (or thaws) the sandbox and waits until the kernel reports it frozen.
+    pub fn freeze(&self, on: bool) -> Result<()> {
+        write_file(&self.v2.join("cgroup.freeze"), if on { "1" } else { "0" })?;
+        if !on {
+            return Ok(());
+        }
+        let events = self.v2.join("cgroup.events");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let s = fs::read_to_string(&events).map_err(io_err(&events, "read"))?;
+            if s.lines().any(|l| l == "frozen 1") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(CgroupError::FreezeTimeout(self.v2.clone()));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// True while any process is in the leaf.
+    pub fn populated(&self) -> bool {
+        fs::read_to_string(self.v2.join("cgroup.events"))
+            .map(|s| s.lines().any(|l| l == "populated 1"))
+            .unwrap_or(false)
+    }
+
+    /// Kills every process in the sandbox (cgroup.kill, or SIGKILL to each pid on old kernels).
+    pub fn kill(&self) -> Result<()> {
+        let kill = self.v2.join("cgroup.kill");
+        if kill.exists() {
+            let _ = self.freeze(false);
+            write_file(&kill, "1")?;
+        } else {
+            for pid in self.pids()? {
+                // SAFETY: plain kill(2) on a pid read from our own sandbox's cgroup.procs.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills everything in it, waits until it is empty and removes every leaf.
+    pub fn destroy(&self) -> Result<()> {
+        if self.v2.exists() {
+            self.kill()?;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.populated() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        for dir in std::iter::once(&self.v2).chain(self.v1.iter()) {
+            let mut tries = 0;
+            loop {
+                match fs::remove_dir(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    Err(e) if tries < 200 => {
+                        let _ = e;
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => {
+                        return Err(CgroupError::Io {
+                            path: dir.clone(),
+                            op: "rmdir",
+                            source: e,
+                        })
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,552 @@
+//! `sandtree __shim`: the short-lived, single-threaded helper process through which the service
+//! creates sandboxes and runs turns in them. Namespace entry (unshare, setns), mounts and
+//! pivot_root happen here and nowhere else, in a fresh process rather than after fork() of the
+//! multi-threaded service.
+//!
+//! - `__shim start` reads a [`StartSpec`] from stdin, creates the sandbox (pid, mount, uts, ipc and
+//!   net namespaces; a private /proc, a minimal /dev and the /.sandtree tmpfs; pivot_root into the
+//!   rootfs) and prints its init's host pid.
+//! - `__shim exec` reads an [`ExecSpec`], enters the sandbox's namespaces and cgroups, runs the
+//!   turn's command with `sh -c` under the sandbox's confinement, and prints an [`ExecResult`].
+//!
+//! Every fd a sandboxed process holds points inside the sandbox: stdin is its /dev/null, stdout and
+//! stderr are files on its /.sandtree tmpfs. That is what lets CRIU dump it later.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{setns, unshare, CloneFlags};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{chdir, fork, pivot_root, sethostname, setsid, ForkResult, Pid};
+use serde::{Deserialize, Serialize};
+
+/// The sandbox init, built from init/init.c by build.rs.
+static INIT_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sandtree-init"));
+
+/// Where the per-sandbox tmpfs is mounted inside the sandbox.
+pub const SANDTREE_DIR: &str = "/.sandtree";
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StartSpec {
+    pub rootfs: PathBuf,
+    pub hostname: String,
+    /// cgroup.procs files the sandbox joins before anything else.
+    pub procs_files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Started {
+    pub init_pid: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecSpec {
+    pub init_pid: u32,
+    /// The v2 cgroup path that init must be in (guards against a recycled pid).
+    pub v2_cgroup: PathBuf,
+    pub procs_files: Vec<PathBuf>,
+    pub turn: u32,
+    pub command: String,
+    pub cwd: String,
+    pub env: Vec<(String, String)>,
+    pub timeout_ms: u64,
+    pub out_cap: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ExecResult {
+    pub stdout: String,
+    pub stderr: String,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub exit_code: i32,
+    pub duration_ms: u64,
+    pub timed_out: bool,
+    /// The shell's state after the command, when it could be recorded (not after `exec` or a kill).
+    pub cwd: Option<String>,
+    pub env: Option<Vec<(String, String)>>,
+}
+
+/// Entry point of `sandtree __shim MODE`.
+pub fn main(mode: &str) -> Result<()> {
+    let mut input = String::new();
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .context("read spec from stdin")?;
+    match mode {
+        "start" => {
+            let spec: StartSpec = serde_json::from_str(&input).context("parse start spec")?;
+            let started = start(&spec)?;
+            println!("{}", serde_json::to_string(&started)?);
+        }
+        "exec" => {
+            let spec: ExecSpec = serde_json::from_str(&input).context("parse exec spec")?;
+            let res = exec(&spec)?;
+            println!("{}", serde_json::to_string(&res)?);
+        }
+        other => bail!("unknown shim mode {other:?}"),
+    }
+    Ok(())
+}
+
+fn join_cgroups(files: &[PathBuf]) -> Result<()> {
+    for f in files {
+        fs::write(f, std::process::id().to_string())
+            .with_context(|| format!("join cgroup {}", f.display()))?;
+    }
+    Ok(())
+}
+
+fn pipe_cloexec() -> Result<(OwnedFd, OwnedFd)> {
+    Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
+}
+
+fn start(spec: &StartSpec) -> Result<Started> {
+    if !spec
+        .rootfs
+        .join(SANDTREE_DIR.trim_start_matches('/'))
+        .is_dir()
+    {
+        bail!(
+            "rootfs {} has no {SANDTREE_DIR} directory: re-import the image",
+            spec.rootfs.display()
+        );
+    }
+    join_cgroups(&spec.procs_files)?;
+    let (rd, wr) = pipe_cloexec()?;
+    unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWNET,
+    )
+    .context("unshare namespaces")?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("make / private")?;
+    // SAFETY: the shim is single-threaded, so the child may run arbitrary code after fork.
+    match unsafe { fork() }.context("fork init")? {
+        ForkResult::Child => {
+            drop(rd);
+            let err = init_child(spec);
+            let mut w = fs::File::from(wr);
+            let _ = write!(w, "{err:#}");
+            // SAFETY: _exit in the forked child, which must not run the parent's destructors.
+            unsafe { libc::_exit(1) }
+        }
+        ForkResult::Parent { child } => {
+            drop(wr);
+            let mut msg = String::new();
+            fs::File::from(rd).read_to_string(&mut msg)?;
+            if !msg.is_empty() {
+                let _ = waitpid(child, None);
+                bail!("sandbox init failed: {msg}");
+            }
+            Ok(Started {
+                init_pid: child.as_raw() as u32,
+            })
+        }
+    }
+}
+
+/// Runs as pid 1 of the new pid namespace; returns only on error.
+fn init_child(spec: &StartSpec) -> anyhow::Error {
+    match setup_init(spec) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+fn setup_init(spec: &StartSpec) -> Result<std::convert::Infallible> {
+    let root = &spec.rootfs;
+    let none = None::<&str>;
+    mount(
+        Some(root),
+        root,
+        none,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        none,
+    )
+    .context("bind rootfs")?;
+    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(
+        Some("proc"),
+        &root.join("proc"),
+        Some("proc"),
+        nosuid_nodev_noexec,
+        none,
+    )
+    .context("mount /proc")?;
+    let dev = root.join("dev");
+    mount(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=755,size=1m"),
+    )
+    .context("mount /dev")?;
+    for (name, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ] {
+        let p = dev.join(name);
+        mknod(
+            &p,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(major, minor),
+        )
+        .with_context(|| format!("mknod /dev/{name}"))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o666))?;
+    }
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(target, dev.join(name))?;
+    }
+    fs::create_dir(dev.join("shm"))?;
+    fs::set_permissions(dev.join("shm"), fs::Permissions::from_mode(0o1777))?;
+    let st = root.join(SANDTREE_DIR.trim_start_matches('/'));
+    mount(
+        Some("tmpfs"),
+        &st,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=711,size=64m"),
+    )
+    .context("mount /.sandtree")?;
+    fs::write(st.join("init"), INIT_BINARY)?;
+    fs::set_permissions(st.join("init"), fs::Permissions::from_mode(0o555))?;
+    fs::create_dir(st.join("io"))?;
+    fs::set_permissions(st.join("io"), fs::Permissions::from_mode(0o700))?;
+
+    chdir(root).context("chdir rootfs")?;
+    pivot_root(".", ".").context("pivot_root")?;
+    umount2(".", MntFlags::MNT_DETACH).context("detach old root")?;
+    chdir("/")?;
+    sethostname(&spec.hostname).context("sethostname")?;
+    loopback_up().context("bring lo up")?;
+    setsid().context("setsid")?;
+    redirect_stdio_to_dev_null()?;
+    // Nothing inherited from the host may reach init (CRIU refuses fds that point outside);
+    // the readiness pipe stays open until exec closes it.
+    cloexec_fds_from(3);
+    super::confine::confine()?;
+    let prog = CString::new(format!("{SANDTREE_DIR}/init"))?;
+    let argv = [CString::new("init")?];
+    let envp: [CString; 0] = [];
+    nix::unistd::execve(&prog, &argv, &envp).context("exec init")?;
+    unreachable!("execve returned without error")
+}
+
+fn redirect_stdio_to_dev_null() -> Result<()> {
+    let null = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .context("open /dev/null")?;
+    for fd in 0..3 {
+        dup_onto(&null, fd)?;
+    }
+    Ok(())
+}
+
+fn loopback_up() -> Result<()> {
+    // SAFETY: socket(2) with constant arguments; the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        bail!("socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by socket(2) and is owned by nothing else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in b"lo\0".iter().enumerate() {
+        ifr.ifr_name[i] = *b as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we own.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) < 0 {
+            bail!("SIOCGIFFLAGS: {}", std::io::Error::last_os_error());
+        }
+        ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) < 0 {
+            bail!("SIOCSIFFLAGS: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The shell program that gives a turn persistent-shell semantics: it starts in the previous
+/// turn's directory with its exported environment, runs the command with `eval` in the same shell
+/// (so `cd` and `export` take effect), and on exit records the new directory and environment.
+const WRAPPER: &str = r#"cd -- "$__ST_CWD" 2>/dev/null || cd /
+__st_c=$__ST_CMD; __st_s=$__ST_STATE
+unset __ST_CMD __ST_CWD __ST_STATE
+trap '__st_rc=$?; pwd >"$__st_s.cwd" 2>/dev/null; cat /proc/self/environ >"$__st_s.env" 2>/dev/null; exit $__st_rc' EXIT
+eval "$__st_c"
+"#;
+
+/// Variables that the shell itself maintains; they are not session state.
+const SHELL_VARS: &[&str] = &["PWD", "OLDPWD", "SHLVL", "_"];
+
+fn check_init(spec: &ExecSpec) -> Result<()> {
+    let cg = fs::read_to_string(format!("/proc/{}/cgroup", spec.init_pid))
+        .with_context(|| format!("sandbox init pid {} is gone", spec.init_pid))?;
+    let v2 = cg.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("");
+    if v2.is_empty() || !spec.v2_cgroup.to_string_lossy().ends_with(v2) {
+        bail!(
+            "pid {} is not a sandtree sandbox init (cgroup {v2:?})",
+            spec.init_pid
+        );
+    }
+    Ok(())
+}
+
+fn exec(spec: &ExecSpec) -> Result<ExecResult> {
+    check_init(spec)?;
+    join_cgroups(&spec.procs_files)?;
+    let ns_files: Vec<(CloneFlags, fs::File)> = [
+        ("ipc", CloneFlags::CLONE_NEWIPC),
+        ("uts", CloneFlags::CLONE_NEWUTS),
+        ("net", CloneFlags::CLONE_NEWNET),
+        ("pid", CloneFlags::CLONE_NEWPID),
+        ("mnt", CloneFlags::CLONE_NEWNS),
+    ]
+    .into_iter()
+    .map(|(n, f)| {
+        Ok((
+            f,
+            fs::File::open(format!("/proc/{}/ns/{n}", spec.init_pid))
+                .with_context(|| format!("open ns {n}"))?,
+        ))
+    })
+    .collect::<Result<_>>()?;
+    for (flag, file) in &ns_files {
+        setns(file, *flag).with_context(|| format!("setns {flag:?}"))?;
+    }
+    drop(ns_files);
+    chdir("/")?;
+    let io = format!("{SANDTREE_DIR}/io/t{}", spec.turn);
+    let (out_path, err_path) = (format!("{io}.out"), format!("{io}.err"));
+    let started = Instant::now();
+    // SAFETY: the shim is single-threaded, so the child may run arbitrary code after fork.
+    let child = match unsafe { fork() }.context("fork turn")? {
+        ForkResult::Child => {
+            let e = exec_child(spec, &io, &out_path, &err_path);
+            let _ = writeln!(std::io::stderr(), "sandtree: {e:#}");
+            // SAFETY: _exit in the forked child.
+            unsafe { libc::_exit(127) }
+        }
+        ForkResult::Parent { child } => child,
+    };
+    let (status, timed_out) = wait_timeout(child, Duration::from_millis(spec.timeout_ms))?;
+    let duration_ms = started.elapsed().as_millis() as u64;
+    let exit_code = match status {
+        WaitStatus::Exited(_, c) => c,
+        WaitStatus::Signaled(_, s, _) => 128 + s as i32,
+        _ => -1,
+    };
+    let (stdout, stdout_truncated) = read_capped(&out_path, spec.out_cap);
+    let (stderr, stderr_truncated) = read_capped(&err_path, spec.out_cap);
+    let (cwd, env) = if timed_out {
+        (None, None)
+    } else {
+        let cwd = fs::read_to_string(format!("{io}.cwd"))
+            .ok()
+            .map(|s| s.trim_end_matches('\n').to_string())
+            .filter(|s| !s.is_empty());
+        let env = fs::read(format!("{io}.env"))
+            .ok()
+            .filter(|b| !b.is_empty())
+            .map(|b| parse_environ(&b));
+        (cwd, env)
+    };
+    for suffix in ["out", "err", "cwd", "env"] {
+        let _ = fs::remove_file(format!("{io}.{suffix}"));
+    }
+    Ok(ExecResult {
+        stdout,
+        stderr,
+        stdout_truncated,
+        stderr_truncated,
+        exit_code,
+        duration_ms,
+        timed_out,
+        cwd,
+        env,
+    })
+}
+
+fn exec_child(spec: &ExecSpec, io: &str, out: &str, err: &str) -> anyhow::Error {
+    let r = (|| -> Result<std::convert::Infallible> {
+        setsid()?;
+        let open_out = |p: &str| {
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(p)
+                .with_context(|| format!("open {p}"))
+        };
+        let (o, e) = (open_out(out)?, open_out(err)?);
+        let null = fs::File::open("/dev/null")?;
+        dup_onto(&null, 0)?;
+        dup_onto(&o, 1)?;
+        dup_onto(&e, 2)?;
+        close_fds_from(3);
+        super::confine::confine()?;
+        let mut env: Vec<CString> = spec
+            .env
+            .iter()
+            .filter(|(k, _)| !k.starts_with("__ST_"))
+            .map(|(k, v)| CString::new(format!("{k}={v}")))
+            .collect::<Result<_, _>>()?;
+        env.push(
+            CString::new(format!("__ST_CMD={}", spec.command))
+                .context("command contains a NUL byte")?,
+        );
+        env.push(CString::new(format!("__ST_CWD={}", spec.cwd))?);
+        env.push(CString::new(format!("__ST_STATE={io}"))?);
+        let argv = [
+            CString::new("sh")?,
+            CString::new("-c")?,
+            CString::new(WRAPPER)?,
+        ];
+        nix::unistd::execve(&CString::new("/bin/sh")?, &argv, &env).context("exec /bin/sh")?;
+        unreachable!()
+    })();
+    match r {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+fn dup_onto(src: &impl AsRawFd, dst: i32) -> Result<()> {
+    // SAFETY: dup2(2) onto a standard descriptor of this single-threaded child.
+    if unsafe { libc::dup2(src.as_raw_fd(), dst) } < 0 {
+        bail!("dup2: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn cloexec_fds_from(first: i32) {
+    // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC only sets flags on this process's fds.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+}
+
+fn close_fds_from(first: i32) {
+    // SAFETY: close_range(2) on descriptors of this single-threaded child only.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            0,
+        )
+    };
+}
+
+fn wait_timeout(child: Pid, timeout: Duration) -> Result<(WaitStatus, bool)> {
+    // SAFETY: pidfd_open(2) on our own child; the fd is owned right away.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.as_raw(), 0) } as i32;
+    if fd < 0 {
+        bail!("pidfd_open: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by pidfd_open.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let deadline = Instant::now() + timeout;
+    let mut timed_out = false;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            timed_out = true;
+            // The turn's shell leads its own process group: kill the whole group.
+            let _ = nix::sys::signal::killpg(child, nix::sys::signal::Signal::SIGKILL);
+            break;
+        }
+        let mut pfd = libc::pollfd {
+            fd: pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: poll(2) on one pollfd that we own.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r > 0 {
+            break;
+        }
+    }
+    Ok((waitpid(child, None)?, timed_out))
+}
+
+fn read_capped(path: &str, cap: usize) -> (String, bool) {
+    let Ok(f) = fs::File::open(path) else {
+        return (String::new(), false);
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut buf = Vec::with_capacity(cap.min(len as usize));
+    let _ = f.take(cap as u64).read_to_end(&mut buf);
+    (String::from_utf8_lossy(&buf).into_owned(), len > cap as u64)
+}
+
+fn parse_environ(bytes: &[u8]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = bytes
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .filter_map(|kv| {
+            let s = String::from_utf8_lossy(kv);
+            let (k, v) = s.split_once('=')?;
+            (!SHELL_VARS.contains(&k) && !k.starts_with("__st_"))
+                .then(|| (k.to_string(), v.to_string()))
+        })
+        .collect();
+    env.sort();
+    env
+}
+
+/// Path of a sandbox-relative file as seen from the host, through init's root.
+pub fn host_path(init_pid: u32, inside: &str) -> PathBuf {
+    Path::new(&format!("/proc/{init_pid}/root")).join(inside.trim_start_matches('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn environ_parsing_drops_shell_vars_and_sorts() {
+        let env = super::parse_environ(b"PWD=/x\0B=2\0A=1=1\0SHLVL=1\0");
+        assert_eq!(
+            env,
+            vec![("A".into(), "1=1".into()), ("B".into(), "2".into())]
+        );
+    }
+}

@@ -1,0 +1,352 @@
+//! The gRPC edge: tonic service on a unix socket. Domain types become protobuf here and only
+//! here, and every engine error becomes a `tonic::Status` in [`status`].
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use sandtree_branching::{EpisodeId, Policy, TreeError};
+use sandtree_proto::v1 as pb;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::engine::{percentile, Engine, EngineError};
+
+pub struct Api {
+    pub engine: Arc<Engine>,
+    pub image_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The one place where errors become gRPC statuses.
+pub fn status(e: EngineError) -> Status {
+    let msg = e.to_string();
+    match e {
+        EngineError::BadRequest(_) => Status::invalid_argument(msg),
+        EngineError::NotFound(_) => Status::not_found(msg),
+        EngineError::Precondition(_) => Status::failed_precondition(msg),
+        EngineError::Internal(_) => Status::internal(msg),
+        EngineError::Tree(t) => match t {
+            TreeError::UnknownEpisode(_) | TreeError::UnknownNode(_) => Status::not_found(msg),
+            TreeError::TurnOutOfRange { .. } | TreeError::InvalidArgument(_) => {
+                Status::out_of_range(msg)
+            }
+            TreeError::EpisodeDeleted(_)
+            | TreeError::EpisodeNotRunning { .. }
+            | TreeError::NodeCollected { .. }
+            | TreeError::NodeNotCommitted { .. }
+            | TreeError::NodeNotPending { .. } => Status::failed_precondition(msg),
+            _ => Status::internal(msg),
+        },
+    }
+}
+
+fn episode_id(s: &str) -> Result<EpisodeId, Status> {
+    if s.is_empty() || s.len() > 64 || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(Status::invalid_argument(format!(
+            "invalid episode id {s:?}"
+        )));
+    }
+    Ok(EpisodeId::new(s))
+}
+
+fn info(ep: &sandtree_branching::Episode) -> pb::EpisodeInfo {
+    pb::EpisodeInfo {
+        id: ep.id.to_string(),
+        image: ep.image.clone(),
+        policy: ep.policy.to_string(),
+        status: ep.status.to_string(),
+        turn: ep.turn,
+        forked_from: ep
+            .forked_from
+            .as_ref()
+            .map(|(e, t)| format!("{e}@{t}"))
+            .unwrap_or_default(),
+    }
+}
+
+type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::ImageProgress, Status>> + Send>>;
+
+impl Api {
+    fn image_job(
+        &self,
+        job: impl FnOnce(&(dyn Fn(String) + Sync + Send)) -> anyhow::Result<()> + Send + 'static,
+    ) -> ProgressStream {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<pb::ImageProgress, Status>>();
+        let lock = self.image_lock.clone();
+        tokio::spawn(async move {
+            let _g = lock.lock().await;
+            let tx2 = tx.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                let progress = move |m: String| {
+                    let _ = tx2.send(Ok(pb::ImageProgress {
+                        message: m,
+                        done: false,
+                    }));
+                };
+                job(&progress)
+            })
+            .await;
+            let _ = tx.send(match r {
+                Ok(Ok(())) => Ok(pb::ImageProgress {
+                    message: "done".into(),
+                    done: true,
+                }),
+                Ok(Err(e)) => Err(Status::invalid_argument(format!("{e:#}"))),
+                Err(e) => Err(Status::internal(format!("image task panicked: {e}"))),
+            });
+        });
+        Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::sandtree_server::Sandtree for Api {
+    async fn health(
+        &self,
+        _: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        let probes = tokio::task::spawn_blocking(crate::doctor::probes)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::HealthResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            storage: self.engine.storage.describe(),
+            probes: probes
+                .into_iter()
+                .map(|p| pb::Probe {
+                    name: p.name,
+                    ok: p.ok,
+                    detail: p.detail,
+                    fix: p.fix,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn create_episode(
+        &self,
+        req: Request<pb::CreateEpisodeRequest>,
+    ) -> Result<Response<pb::EpisodeInfo>, Status> {
+        let r = req.into_inner();
+        let policy: Policy = if r.policy.is_empty() {
+            Policy::Auto
+        } else {
+            r.policy
+                .parse()
+                .map_err(|e| Status::invalid_argument(format!("{e}")))?
+        };
+        sandtree_storage::validate_name(&r.image)
+            .map_err(|_| Status::invalid_argument(format!("invalid image name {:?}", r.image)))?;
+        let id = self.engine.create(&r.image, policy).await.map_err(status)?;
+        let ep = self
+            .engine
+            .tree
+            .episode(&id)
+            .map_err(|e| status(e.into()))?;
+        Ok(Response::new(info(&ep)))
+    }
+
+    async fn step(
+        &self,
+        req: Request<pb::StepRequest>,
+    ) -> Result<Response<pb::StepResponse>, Status> {
+        let r = req.into_inner();
+        let id = episode_id(&r.episode)?;
+        let o = self
+            .engine
+            .step(&id, r.command, r.timeout_ms)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::StepResponse {
+            turn: o.turn,
+            stdout: o.observation.stdout,
+            stderr: o.observation.stderr,
+            stdout_truncated: o.observation.stdout_truncated,
+            stderr_truncated: o.observation.stderr_truncated,
+            exit_code: o.observation.exit_code,
+            duration_ms: o.observation.duration_ms,
+            cwd: o.cwd,
+            verdict: verdict_str(o.verdict.kind).into(),
+            reasons: o.verdict.reasons,
+            node: o.node.0,
+            timed_out: o.timed_out,
+            accepted_us: o.waited_us,
+        }))
+    }
+
+    async fn delete_episode(
+        &self,
+        req: Request<pb::DeleteEpisodeRequest>,
+    ) -> Result<Response<pb::DeleteEpisodeResponse>, Status> {
+        let id = episode_id(&req.into_inner().episode)?;
+        self.engine.delete(&id).await.map_err(status)?;
+        Ok(Response::new(pb::DeleteEpisodeResponse {}))
+    }
+
+    async fn fork(
+        &self,
+        req: Request<pb::ForkRequest>,
+    ) -> Result<Response<pb::ForkResponse>, Status> {
+        let r = req.into_inner();
+        let id = episode_id(&r.episode)?;
+        let ids = self
+            .engine
+            .fork(&id, r.turn, r.count.max(1))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ForkResponse {
+            episodes: ids.into_iter().map(|i| i.to_string()).collect(),
+        }))
+    }
+
+    async fn rewind(
+        &self,
+        req: Request<pb::RewindRequest>,
+    ) -> Result<Response<pb::RewindResponse>, Status> {
+        let r = req.into_inner();
+        let id = episode_id(&r.episode)?;
+        self.engine.rewind(&id, r.turn).await.map_err(status)?;
+        Ok(Response::new(pb::RewindResponse { turn: r.turn }))
+    }
+
+    async fn tree(
+        &self,
+        req: Request<pb::TreeRequest>,
+    ) -> Result<Response<pb::TreeResponse>, Status> {
+        let id = episode_id(&req.into_inner().episode)?;
+        let (ep, turns) = self.engine.tree_view(&id).await.map_err(status)?;
+        Ok(Response::new(pb::TreeResponse {
+            episode: Some(info(&ep)),
+            turns: turns
+                .into_iter()
+                .map(|(t, n, kind)| pb::TurnInfo {
+                    turn: t.turn,
+                    action: t.action,
+                    exit_code: t.observation.exit_code,
+                    verdict: verdict_str(t.verdict.kind).into(),
+                    reasons: t.verdict.reasons,
+                    node: n.id.0,
+                    kind: kind.into(),
+                    bytes: if kind == "shared" { 0 } else { n.bytes },
+                    state: match n.state {
+                        sandtree_branching::NodeState::Failed { .. } => "failed".into(),
+                        s => s.to_string(),
+                    },
+                    cwd: t.session.cwd,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn stats(
+        &self,
+        _: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        self.engine.settle_all().await;
+        let e = &self.engine;
+        let nodes = e.tree.all_nodes().map_err(|x| status(x.into()))?;
+        let mut resp = pb::StatsResponse::default();
+        for ep in e.tree.list_episodes(true).map_err(|x| status(x.into()))? {
+            let mine: Vec<_> = nodes.iter().filter(|n| n.created_by == ep.id).collect();
+            let turns = e.tree.turns(&ep.id).unwrap_or_default();
+            let shared = turns.windows(2).filter(|w| w[0].node == w[1].node).count() as u32;
+            let s = pb::EpisodeStats {
+                id: ep.id.to_string(),
+                policy: ep.policy.to_string(),
+                status: ep.status.to_string(),
+                turn: ep.turn,
+                checkpoint_bytes: mine.iter().map(|n| n.bytes).sum(),
+                nodes_fs: mine
+                    .iter()
+                    .filter(|n| n.kind == sandtree_branching::NodeKind::Fs)
+                    .count() as u32,
+                nodes_full: mine
+                    .iter()
+                    .filter(|n| n.kind == sandtree_branching::NodeKind::Full)
+                    .count() as u32,
+                turns_shared: shared,
+            };
+            resp.checkpoint_bytes += s.checkpoint_bytes;
+            resp.nodes_fs += s.nodes_fs;
+            resp.nodes_full += s.nodes_full;
+            resp.turns_shared += s.turns_shared;
+            resp.episodes += 1;
+            resp.per_episode.push(s);
+        }
+        let t = &e.timings;
+        resp.dump_ms_p50 = percentile(&t.dump, 0.5);
+        resp.dump_ms_p99 = percentile(&t.dump, 0.99);
+        resp.snapshot_ms_p50 = percentile(&t.snapshot, 0.5);
+        resp.snapshot_ms_p99 = percentile(&t.snapshot, 0.99);
+        resp.restore_ms_p50 = percentile(&t.restore, 0.5);
+        resp.restore_ms_p99 = percentile(&t.restore, 0.99);
+        resp.checkpoint_ms_p50 = percentile(&t.checkpoint, 0.5);
+        resp.checkpoint_ms_p99 = percentile(&t.checkpoint, 0.99);
+        Ok(Response::new(resp))
+    }
+
+    async fn list_episodes(
+        &self,
+        _: Request<pb::ListEpisodesRequest>,
+    ) -> Result<Response<pb::ListEpisodesResponse>, Status> {
+        let eps = self
+            .engine
+            .tree
+            .list_episodes(false)
+            .map_err(|e| status(e.into()))?;
+        Ok(Response::new(pb::ListEpisodesResponse {
+            episodes: eps.iter().map(info).collect(),
+        }))
+    }
+
+    type BuildImageStream = ProgressStream;
+    async fn build_image(
+        &self,
+        req: Request<pb::BuildImageRequest>,
+    ) -> Result<Response<ProgressStream>, Status> {
+        let name = req.into_inner().name;
+        let storage = self.engine.storage.clone();
+        Ok(Response::new(self.image_job(move |p| {
+            crate::images::build(&*storage, &name, p)
+        })))
+    }
+
+    type ImportImageStream = ProgressStream;
+    async fn import_image(
+        &self,
+        req: Request<pb::ImportImageRequest>,
+    ) -> Result<Response<ProgressStream>, Status> {
+        let r = req.into_inner();
+        let storage = self.engine.storage.clone();
+        Ok(Response::new(self.image_job(move |p| {
+            crate::images::import(&*storage, &r.name, Path::new(&r.path), p)
+        })))
+    }
+
+    async fn list_images(
+        &self,
+        _: Request<pb::ListImagesRequest>,
+    ) -> Result<Response<pb::ListImagesResponse>, Status> {
+        let storage = self.engine.storage.clone();
+        let entries = tokio::task::spawn_blocking(move || storage.list())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let images = entries
+            .into_iter()
+            .filter_map(|e| match e {
+                sandtree_storage::Entry::Base { name } => Some(name),
+                _ => None,
+            })
+            .collect();
+        Ok(Response::new(pb::ListImagesResponse { images }))
+    }
+}
+
+pub fn verdict_str(k: sandtree_branching::VerdictKind) -> &'static str {
+    match k {
+        sandtree_branching::VerdictKind::None => "none",
+        sandtree_branching::VerdictKind::Fs => "fs",
+        sandtree_branching::VerdictKind::Proc => "proc",
+    }
+}

@@ -1,0 +1,244 @@
+//! The one place where this crate runs external programs (zfs, zpool, btrfs, mount, umount,
+//! losetup, mkfs.btrfs, cp, stat).
+//!
+//! Every command runs with `LC_ALL=C` (so that error messages can be matched), without a shell,
+//! with its standard input closed, and is logged at debug level with its duration. A failure
+//! becomes [`SnapshotError::Command`] carrying the full command line, the exit status and the
+//! trimmed standard error.
+
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use crate::{Result, SnapshotError};
+
+/// Runs `program` with `args` and returns its standard output (lossily decoded as UTF-8).
+pub fn run<I, S>(program: &str, args: I) -> Result<String>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<OsString> = args
+        .into_iter()
+        .map(|a| a.as_ref().to_os_string())
+        .collect();
+    let line = command_line(program, &args);
+    let started = Instant::now();
+    let output = Command::new(program)
+        .args(&args)
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| SnapshotError::Io {
+            context: format!("cannot run `{line}`"),
+            source,
+        })?;
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+    let stderr = clip(String::from_utf8_lossy(&output.stderr).trim());
+    if output.status.success() {
+        tracing::debug!(command = %line, elapsed_ms, "ran command");
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        let status = match output.status.code() {
+            Some(code) => format!("exit status {code}"),
+            None => format!("{}", output.status),
+        };
+        tracing::debug!(command = %line, elapsed_ms, %status, %stderr, "command failed");
+        Err(SnapshotError::Command {
+            command: line,
+            status,
+            stderr,
+        })
+    }
+}
+
+/// Like [`run`], but retries while the command fails with a standard error that `retry_if`
+/// accepts, sleeping with a growing delay, for at most `max_wait` in total. Used for transient
+/// "busy" errors (zfs-fuse releases a dataset a moment after it is unmounted).
+pub fn run_retrying<I, S>(
+    program: &str,
+    args: I,
+    retry_if: impl Fn(&str) -> bool,
+    max_wait: std::time::Duration,
+) -> Result<String>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<OsString> = args
+        .into_iter()
+        .map(|a| a.as_ref().to_os_string())
+        .collect();
+    let started = Instant::now();
+    let mut delay = std::time::Duration::from_millis(20);
+    loop {
+        match run(program, &args) {
+            Err(SnapshotError::Command { stderr, .. })
+                if retry_if(&stderr) && started.elapsed() < max_wait =>
+            {
+                tracing::debug!(
+                    program,
+                    delay_ms = delay.as_millis() as u64,
+                    "retrying transient failure"
+                );
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(std::time::Duration::from_millis(500));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Standard error kept in an error: enough to diagnose, without pages of usage text.
+const MAX_STDERR: usize = 4096;
+
+fn clip(s: &str) -> String {
+    if s.len() <= MAX_STDERR {
+        return s.to_string();
+    }
+    let mut end = MAX_STDERR;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &s[..end], s.len())
+}
+
+/// The standard error of a failed command, if `err` is one.
+pub fn stderr_of(err: &SnapshotError) -> Option<&str> {
+    match err {
+        SnapshotError::Command { stderr, .. } => Some(stderr),
+        _ => None,
+    }
+}
+
+/// Finds `program` in `PATH` (and in the sbin directories, which a non-login root shell may
+/// lack), like `command -v`.
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return is_executable(&p).then_some(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(program))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// A shell-like rendering of a command line, for logs and error messages.
+pub fn command_line(program: &str, args: &[OsString]) -> String {
+    let mut line = quote(program);
+    for a in args {
+        line.push(' ');
+        line.push_str(&quote(&a.to_string_lossy()));
+    }
+    line
+}
+
+fn quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:@,+%".contains(&b));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn returns_stdout_of_a_successful_command() {
+        assert_eq!(run("echo", ["hello", "world"]).unwrap(), "hello world\n");
+    }
+
+    #[test]
+    fn failure_carries_full_command_line_status_and_stderr() {
+        let err = run("sh", ["-c", "echo oops >&2; exit 3"]).unwrap_err();
+        match &err {
+            SnapshotError::Command {
+                command,
+                status,
+                stderr,
+            } => {
+                assert_eq!(command, "sh -c 'echo oops >&2; exit 3'");
+                assert_eq!(status, "exit status 3");
+                assert_eq!(stderr, "oops");
+            }
+            other => panic!("unexpected error {other:?}"),
+        }
+        assert!(
+            err.to_string().contains("sh -c 'echo oops >&2; exit 3'"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_program_is_an_io_error_naming_the_command() {
+        let err = run("/nonexistent/sandtree-no-such-tool", ["x"]).unwrap_err();
+        assert!(matches!(err, SnapshotError::Io { .. }), "{err:?}");
+        assert!(err.to_string().contains("sandtree-no-such-tool x"), "{err}");
+    }
+
+    #[test]
+    fn retrying_gives_up_after_max_wait_and_returns_last_error() {
+        let started = Instant::now();
+        let err = run_retrying(
+            "sh",
+            ["-c", "echo busy >&2; exit 1"],
+            |e| e.contains("busy"),
+            std::time::Duration::from_millis(100),
+        )
+        .unwrap_err();
+        assert!(started.elapsed() >= std::time::Duration::from_millis(100));
+        assert_eq!(stderr_of(&err), Some("busy"));
+    }
+
+    #[test]
+    fn retrying_succeeds_once_the_condition_clears() {
+        let dir = std::env::temp_dir().join(format!("sandtree-cmd-test-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let script = format!(
+            "if [ -e {0} ]; then echo done; else touch {0}; echo busy >&2; exit 1; fi",
+            dir.display()
+        );
+        let out = run_retrying(
+            "sh",
+            ["-c", &script],
+            |e| e.contains("busy"),
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(out, "done\n");
+        let _ = std::fs::remove_file(&dir);
+    }
+
+    #[test]
+    fn quoting_leaves_plain_words_alone() {
+        let args: Vec<OsString> = ["list", "-H", "pool/ds@snap", "a b", ""]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        assert_eq!(
+            command_line("zfs", &args),
+            "zfs list -H pool/ds@snap 'a b' ''"
+        );
+    }
+
+    #[test]
+    fn finds_programs_in_path() {
+        assert!(find_program("sh").is_some());
+        assert!(find_program("sandtree-no-such-tool").is_none());
+    }
+}

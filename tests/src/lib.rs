@@ -1,0 +1,297 @@
+//! Test harness: drives the real `sandtree` binary (CLI and service) on real storage.
+//!
+//! Tests that need root, CRIU or a tool call [`require`]: outside CI it prints
+//! "skipping: <reason>" and the test returns; with CI=true it panics instead, so nothing is
+//! silently skipped there. Every service, pool and episode a test makes is removed by a guard's
+//! Drop, also when the test fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The sandtree binary next to the test executable (target/<profile>/sandtree).
+pub fn bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let p = dir.join("sandtree");
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build -p sandtree` first",
+        p.display()
+    );
+    p
+}
+
+/// Returns false (and prints why) if a requirement is missing; panics instead under CI=true.
+pub fn require(ok: bool, reason: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("requirement missing under CI: {reason}");
+    }
+    eprintln!("skipping: {reason}");
+    false
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args([
+            "-c",
+            &format!("command -v {tool} || test -x /usr/local/sbin/{tool}"),
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Root, CRIU, btrfs: what every sandbox test needs.
+pub fn require_sandbox_host() -> bool {
+    require(is_root(), "not root")
+        && require(have("criu"), "CRIU >= 4.0 not found (run scripts/setup.sh)")
+        && require(have("mkfs.btrfs"), "btrfs-progs not found")
+        && require(
+            Path::new("/bin/busybox").exists(),
+            "busybox-static not installed",
+        )
+}
+
+pub fn require_zfs() -> bool {
+    require(have("zpool") && have("zfs-fuse"), "zfs-fuse not installed")
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A private service on its own data dir and socket; stopped and cleaned on drop.
+pub struct Service {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pool: Option<String>,
+    storage: String,
+}
+
+/// Storage for a test service.
+pub enum Storage {
+    Btrfs,
+    /// A fresh zfs-fuse pool on a file, made and destroyed by the guard.
+    Zfs,
+}
+
+impl Service {
+    pub fn start(storage: Storage) -> Service {
+        let dir = std::env::temp_dir().join(unique("sandtree-test-"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("s.sock");
+        let (spec, pool) = match storage {
+            Storage::Btrfs => ("btrfs".to_string(), None),
+            Storage::Zfs => {
+                let _ = Command::new("sh")
+                    .args(["-c", "pgrep -x zfs-fuse >/dev/null || zfs-fuse"])
+                    .status();
+                let name = unique("sttest");
+                let img = dir.join("zpool.img");
+                let f = std::fs::File::create(&img).unwrap();
+                f.set_len(4 << 30).unwrap();
+                let st = Command::new("zpool")
+                    .args(["create", "-m"])
+                    .arg(dir.join("zmnt"))
+                    .arg(&name)
+                    .arg(&img)
+                    .status()
+                    .unwrap();
+                assert!(st.success(), "zpool create {name}");
+                (format!("zfs:{name}/sandtree"), Some(name))
+            }
+        };
+        let mut s = Service {
+            child: None,
+            dir,
+            socket,
+            pool,
+            storage: spec,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("serve.log"))
+            .unwrap();
+        let child = Command::new(bin())
+            .args(["serve", "--storage", &self.storage, "--data-dir"])
+            .arg(self.dir.join("data"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .env("SANDTREE_LOG", "info,sandtree=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn sandtree serve");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !self.socket.exists() || !self.cli(&["list"]).status.success() {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("service exited {st}: {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "service did not start: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL the service (crash tests).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start it again on the same data dir.
+    pub fn restart(&mut self) {
+        self.kill9();
+        let _ = std::fs::remove_file(&self.socket);
+        self.spawn();
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run sandtree")
+    }
+
+    /// Runs a CLI command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(
+            o.status.success(),
+            "sandtree {args:?} failed: {}\nservice log tail:\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            tail(&self.log())
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    pub fn image(&self, name: &str) {
+        let have = self.ok(&["image", "list"]);
+        if have.lines().any(|l| l == name) {
+            return;
+        }
+        // scripts/rootfs-cache.sh keeps a debootstrapped debian rootfs; importing it is much
+        // faster than bootstrapping once per test service.
+        let cached = Path::new("/var/cache/sandtree/rootfs").join(name);
+        if name == "debian" && cached.join(".complete").exists() {
+            self.ok(&["image", "import", name, cached.to_str().unwrap()]);
+        } else {
+            self.ok(&["image", "build", name]);
+        }
+    }
+
+    pub fn create(&self, image: &str, policy: &str) -> String {
+        self.image(image);
+        self.ok(&["create", "--image", image, "--policy", policy])
+            .trim()
+            .to_string()
+    }
+
+    pub fn step(&self, ep: &str, cmd: &str) -> serde_json::Value {
+        let out = self.ok(&["step", ep, "--json", "--", cmd]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad step json {out:?}: {e}"))
+    }
+}
+
+pub fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+        if let Some(mut c) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline && c.try_wait().ok().flatten().is_none() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(p) = self.pool.take() {
+            let _ = Command::new("zpool").args(["destroy", "-f", &p]).status();
+        }
+        let mnt = self.dir.join("data/storage/mnt");
+        let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A trajectory of the shared workload suite.
+#[derive(Debug, serde::Deserialize)]
+pub struct Trajectory {
+    pub name: String,
+    pub image: String,
+    pub turns: Vec<Turn>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct Turn {
+    pub cmd: String,
+    pub effect: String,
+}
+
+/// ../shared/workloads/public relative to the workspace root.
+pub fn workloads_dir() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    for c in [
+        root.join("../shared/workloads/public"),
+        root.join("shared/workloads/public"),
+    ] {
+        if c.exists() {
+            return c;
+        }
+    }
+    panic!("shared workloads not found next to {}", root.display());
+}
+
+pub fn trajectories() -> Vec<Trajectory> {
+    let mut v: Vec<Trajectory> = std::fs::read_dir(workloads_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .map(|e| serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap())
+        .collect();
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v
+}
