@@ -66,7 +66,7 @@ pub fn import(
                     apply_layers(root, &oci_layers(&staging)?, progress)
                 } else {
                     progress("plain rootfs tarball".into());
-                    apply_layers(root, &[path.clone()], progress)
+                    apply_layers(root, std::slice::from_ref(&path), progress)
                 }
             })();
             let _ = fs::remove_dir_all(&staging);

@@ -241,7 +241,7 @@ async fn serve(
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("create data dir {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
-    for p in doctor::probes().iter().filter(|p| p.required && !p.ok) {
+    if let Some(p) = doctor::probes().iter().find(|p| p.required && !p.ok) {
         anyhow::bail!("requirement missing: {}: {} ({})", p.name, p.detail, p.fix);
     }
     let storage: std::sync::Arc<dyn sandtree_storage::SnapshotBackend> = {

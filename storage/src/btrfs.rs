@@ -619,7 +619,7 @@ fn generation(path: &Path) -> Result<u64> {
             std::ffi::OsStr::new("subvolume"),
             "find-new".as_ref(),
             path.as_os_str(),
-            u64::MAX.to_string().as_ref(),
+            (1u64 << 62).to_string().as_ref(),
         ],
     )?;
     out.lines()

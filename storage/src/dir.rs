@@ -13,7 +13,7 @@
 //! | `volumes/<vol>` | a volume |
 //! | `snapshots/<vol>/<snap>` | a snapshot of a volume |
 //! | `images/.<name>.mode`, `snapshots/<vol>/.<snap>.mode` | the octal mode that the copy's top directory had |
-//! | `meta/<vol>` | `sandtree-dir-fingerprint 1` and the volume's fingerprint at its latest snapshot |
+//! | `meta/<vol>` | `sandtree-dir-fingerprints 1`, then the volume's fingerprint when it was made (or rolled back) and at each later snapshot that still exists |
 //! | `tmp/` | copies in progress; cleaned by [`Dir::open`] |
 //!
 //! Bases and snapshots are made read-only by clearing the write bits of their top directory
@@ -25,7 +25,7 @@
 //! - `SnapshotInfo::bytes` is the disk usage of the new copy (`st_blocks * 512`, hard links counted
 //!   once): what keeping it costs without reflinks, whatever changed.
 //! - `changed_since_last_snapshot` compares a fingerprint of the volume with the one recorded at
-//!   its latest snapshot (or creation). The fingerprint is an FNV-1a hash over a sorted walk of
+//!   its latest snapshot that still exists (or at its creation or rollback). The fingerprint is an FNV-1a hash over a sorted walk of
 //!   every entry: relative path, file type, mode, uid, gid, size, rdev, link count, mtime and
 //!   ctime (to the nanosecond) and symlink target. Any write, `rm`, `mkdir`, `mv`, `chmod`,
 //!   `chown`, `touch` or xattr change alters a size, an mtime or a ctime; reads change only atime,
@@ -41,7 +41,7 @@ use crate::{
 };
 
 const LAYOUT: &str = "sandtree-dir-layout 1";
-const META_MAGIC: &str = "sandtree-dir-fingerprint 1";
+const META_MAGIC: &str = "sandtree-dir-fingerprints 1";
 
 /// The plain-directory backend. See the module docs.
 #[derive(Debug)]
@@ -173,30 +173,35 @@ impl Dir {
         }
     }
 
-    fn record_fingerprint(&self, vol: &str) -> Result<()> {
-        let fp = walk(&self.volume(vol))?.fingerprint;
-        write_atomic(
-            &self.meta().join(vol),
-            &format!("{META_MAGIC}\n{fp:016x}\n"),
-        )
-    }
-
-    fn recorded_fingerprint(&self, vol: &str) -> Result<Option<u64>> {
+    fn read_record(&self, vol: &str) -> Result<Option<FpRecord>> {
         let path = self.meta().join(vol);
         match std::fs::read_to_string(&path) {
             Ok(s) => {
-                let mut lines = s.lines();
-                Ok((lines.next() == Some(META_MAGIC))
-                    .then(|| {
-                        lines
-                            .next()
-                            .and_then(|l| u64::from_str_radix(l.trim(), 16).ok())
-                    })
-                    .flatten())
+                let r = FpRecord::parse(&s);
+                if r.is_none() {
+                    tracing::warn!(path = %path.display(), "unreadable fingerprint record; the volume counts as changed");
+                }
+                Ok(r)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(io(format!("cannot read {}", path.display()), source)),
         }
+    }
+
+    fn write_record(&self, vol: &str, record: &FpRecord) -> Result<()> {
+        write_atomic(&self.meta().join(vol), &record.render())
+    }
+
+    /// Starts a fresh record for a volume that was just made or rolled back.
+    fn record_new_volume(&self, vol: &str) -> Result<()> {
+        let base = walk(&self.volume(vol))?.fingerprint;
+        self.write_record(
+            vol,
+            &FpRecord {
+                base,
+                snaps: Vec::new(),
+            },
+        )
     }
 
     /// Copies read-only `source` (whose original top mode is in `mode_file`) to a fresh
@@ -225,7 +230,7 @@ impl Dir {
         )?));
         rename_new(work.path(), &target, "volume", vol)?;
         work.kept();
-        if let Err(e) = self.record_fingerprint(vol) {
+        if let Err(e) = self.record_new_volume(vol) {
             let _ = remove_tree(&target);
             return Err(e);
         }
@@ -324,7 +329,13 @@ impl SnapshotBackend for Dir {
         seal(work.path(), &dir.join(format!(".{snap}.mode")))?;
         rename_new(work.path(), &target, "snapshot", &format!("{vol}@{snap}"))?;
         work.kept();
-        self.record_fingerprint(vol)?;
+        let fp = walk(&source)?.fingerprint;
+        let mut record = self.read_record(vol)?.unwrap_or(FpRecord {
+            base: fp,
+            snaps: Vec::new(),
+        });
+        record.snaps.push((snap.to_string(), fp));
+        self.write_record(vol, &record)?;
         tracing::debug!(vol, snap, bytes, "took dir snapshot");
         Ok(SnapshotInfo { bytes })
     }
@@ -356,7 +367,7 @@ impl SnapshotBackend for Dir {
         }
         fresh.kept();
         remove_tree(&old)?;
-        self.record_fingerprint(vol)?;
+        self.record_new_volume(vol)?;
         tracing::info!(vol, snap, "rolled back dir volume");
         Ok(())
     }
@@ -364,7 +375,7 @@ impl SnapshotBackend for Dir {
     fn changed_since_last_snapshot(&self, vol: &str) -> Result<bool> {
         let path = self.require_volume(vol)?;
         let now = walk(&path)?.fingerprint;
-        Ok(self.recorded_fingerprint(vol)? != Some(now))
+        Ok(self.read_record(vol)?.map(|r| r.reference()) != Some(now))
     }
 
     fn destroy_volume(&self, vol: &str) -> Result<()> {
@@ -378,6 +389,13 @@ impl SnapshotBackend for Dir {
     fn destroy_snapshot(&self, vol: &str, snap: &str) -> Result<()> {
         let path = self.require_snapshot(vol, snap)?;
         remove_tree(&path)?;
+        // The volume now compares against the latest snapshot that still exists.
+        if self.volume(vol).is_dir() {
+            if let Some(mut record) = self.read_record(vol)? {
+                record.snaps.retain(|(s, _)| s != snap);
+                self.write_record(vol, &record)?;
+            }
+        }
         let dir = self.snapshots().join(vol);
         let _ = std::fs::remove_file(dir.join(format!(".{snap}.mode")));
         // Fails harmlessly while other snapshots of `vol` remain.
@@ -406,6 +424,46 @@ impl SnapshotBackend for Dir {
 
     fn gc(&self) -> Result<usize> {
         Ok(0)
+    }
+}
+
+/// `meta/<vol>`: the fingerprint of the volume when it was made or rolled back, and at each
+/// later snapshot that still exists, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FpRecord {
+    base: u64,
+    snaps: Vec<(String, u64)>,
+}
+
+impl FpRecord {
+    /// The fingerprint of the latest snapshot (or of the creation).
+    fn reference(&self) -> u64 {
+        self.snaps.last().map_or(self.base, |(_, fp)| *fp)
+    }
+
+    fn render(&self) -> String {
+        let mut s = format!("{META_MAGIC}\nbase {:016x}\n", self.base);
+        for (name, fp) in &self.snaps {
+            s.push_str(&format!("snap {name} {fp:016x}\n"));
+        }
+        s
+    }
+
+    fn parse(s: &str) -> Option<FpRecord> {
+        let mut lines = s.lines();
+        if lines.next()? != META_MAGIC {
+            return None;
+        }
+        let base = u64::from_str_radix(lines.next()?.strip_prefix("base ")?, 16).ok()?;
+        let mut snaps = Vec::new();
+        for line in lines {
+            let mut w = line.strip_prefix("snap ")?.split(' ');
+            snaps.push((
+                w.next()?.to_string(),
+                u64::from_str_radix(w.next()?, 16).ok()?,
+            ));
+        }
+        Some(FpRecord { base, snaps })
     }
 }
 
@@ -648,6 +706,24 @@ mod tests {
         assert_ne!(
             b.fingerprint, c.fingerprint,
             "mkdir must change the fingerprint"
+        );
+    }
+
+    #[test]
+    fn fingerprint_records_round_trip() {
+        let r = FpRecord {
+            base: 1,
+            snaps: vec![("a".into(), u64::MAX), ("b".into(), 3)],
+        };
+        assert_eq!(FpRecord::parse(&r.render()), Some(r.clone()));
+        assert_eq!(r.reference(), 3);
+        assert_eq!(
+            FpRecord {
+                base: 5,
+                snaps: vec![]
+            }
+            .reference(),
+            5
         );
     }
 

@@ -25,8 +25,6 @@ pub use shim::{ExecResult, ExecSpec};
 /// One running sandbox.
 #[derive(Debug, Clone)]
 pub struct Sandbox {
-    /// Unique name: also the name of its cgroup leaves.
-    pub name: String,
     /// Host pid of its pid-namespace init.
     pub init_pid: u32,
     pub cgroup: Cgroup,
@@ -92,7 +90,6 @@ impl Runtime {
         };
         match self.shim::<shim::Started>("start", &spec) {
             Ok(s) => Ok(Sandbox {
-                name: name.into(),
                 init_pid: s.init_pid,
                 cgroup,
                 rootfs: rootfs.into(),
@@ -142,7 +139,6 @@ impl Runtime {
             &format!("restore-{name}.log"),
         ) {
             Ok(pid) => Ok(Sandbox {
-                name: name.into(),
                 init_pid: pid,
                 cgroup,
                 rootfs: rootfs.into(),

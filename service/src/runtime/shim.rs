@@ -17,7 +17,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -532,11 +532,6 @@ fn parse_environ(bytes: &[u8]) -> Vec<(String, String)> {
         .collect();
     env.sort();
     env
-}
-
-/// Path of a sandbox-relative file as seen from the host, through init's root.
-pub fn host_path(init_pid: u32, inside: &str) -> PathBuf {
-    Path::new(&format!("/proc/{init_pid}/root")).join(inside.trim_start_matches('/'))
 }
 
 #[cfg(test)]

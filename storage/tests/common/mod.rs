@@ -31,7 +31,11 @@ pub fn skip(reason: &str) {
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(str::to_string))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(str::to_string)
+        })
         .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
         .unwrap_or(false)
 }
@@ -70,7 +74,10 @@ pub struct BtrfsLoop {
 
 impl BtrfsLoop {
     pub fn new() -> sandtree_storage::Result<BtrfsLoop> {
-        let dir = tempfile::tempdir().map_err(|source| SnapshotError::Io { context: "tempdir".into(), source })?;
+        let dir = tempfile::tempdir().map_err(|source| SnapshotError::Io {
+            context: "tempdir".into(),
+            source,
+        })?;
         let mnt = pool::ensure_btrfs_loop(dir.path(), 1 << 30)?;
         Ok(BtrfsLoop { dir, mnt })
     }
@@ -79,7 +86,10 @@ impl BtrfsLoop {
 impl Drop for BtrfsLoop {
     fn drop(&mut self) {
         if let Err(e) = pool::unmount_btrfs_loop(self.dir.path()) {
-            eprintln!("cleanup: cannot unmount btrfs loop in {}: {e}", self.dir.path().display());
+            eprintln!(
+                "cleanup: cannot unmount btrfs loop in {}: {e}",
+                self.dir.path().display()
+            );
         }
     }
 }
@@ -93,12 +103,20 @@ pub struct ZfsPool {
 impl ZfsPool {
     pub fn new() -> sandtree_storage::Result<ZfsPool> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
-        let dir = tempfile::tempdir().map_err(|source| SnapshotError::Io { context: "tempdir".into(), source })?;
+        let dir = tempfile::tempdir().map_err(|source| SnapshotError::Io {
+            context: "tempdir".into(),
+            source,
+        })?;
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let name = format!("sttest{}x{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed), nanos);
+        let name = format!(
+            "sttest{}x{}x{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed),
+            nanos
+        );
         pool::create_file_pool(&name, &dir.path().join("pool.img"), 256 << 20)?;
         Ok(ZfsPool { name, dir })
     }
@@ -124,7 +142,10 @@ impl Drop for ZfsPool {
 pub fn dir_fixture() -> Fixture {
     let tmp = tempfile::tempdir().expect("tempdir");
     let backend = dir::Dir::open(&tmp.path().join("dir")).expect("open dir backend");
-    Fixture { backend: Box::new(backend), _guard: Guard::Dir(tmp) }
+    Fixture {
+        backend: Box::new(backend),
+        _guard: Guard::Dir(tmp),
+    }
 }
 
 /// Why btrfs cannot be tested here, if it cannot.
@@ -134,7 +155,9 @@ pub fn btrfs_missing() -> Option<String> {
     }
     for tool in ["btrfs", "mkfs.btrfs", "losetup", "mount", "umount"] {
         if cmd::find_program(tool).is_none() {
-            return Some(format!("btrfs backend needs {tool} (btrfs-progs / util-linux)"));
+            return Some(format!(
+                "btrfs backend needs {tool} (btrfs-progs / util-linux)"
+            ));
         }
     }
     if !Path::new("/dev/loop-control").exists() {
@@ -150,7 +173,10 @@ pub fn btrfs_fixture() -> Option<Fixture> {
     }
     let lp = BtrfsLoop::new().expect("make btrfs loop image");
     let backend = btrfs::Btrfs::open(&lp.mnt).expect("open btrfs backend");
-    Some(Fixture { backend: Box::new(backend), _guard: Guard::Btrfs(lp) })
+    Some(Fixture {
+        backend: Box::new(backend),
+        _guard: Guard::Btrfs(lp),
+    })
 }
 
 /// Why zfs cannot be tested here, if it cannot. Starts the zfs-fuse daemon if it is installed
@@ -164,7 +190,9 @@ pub fn zfs_missing() -> Option<String> {
             }
             for tool in ["zfs", "zpool"] {
                 if cmd::find_program(tool).is_none() {
-                    return Some(format!("zfs backend needs {tool} (zfs-fuse or zfsutils-linux)"));
+                    return Some(format!(
+                        "zfs backend needs {tool} (zfs-fuse or zfsutils-linux)"
+                    ));
                 }
             }
             if cmd::run("zpool", ["list", "-H"]).is_ok() {
@@ -174,7 +202,10 @@ pub fn zfs_missing() -> Option<String> {
                 return Some("zfs commands fail and there is no zfs-fuse daemon to start".into());
             };
             eprintln!("starting {}", daemon.display());
-            if let Err(e) = cmd::run(daemon.to_str().unwrap_or("zfs-fuse"), std::iter::empty::<&str>()) {
+            if let Err(e) = cmd::run(
+                daemon.to_str().unwrap_or("zfs-fuse"),
+                std::iter::empty::<&str>(),
+            ) {
                 return Some(format!("cannot start zfs-fuse: {e}"));
             }
             for _ in 0..50 {
@@ -199,13 +230,19 @@ pub fn zfs_pool() -> Option<ZfsPool> {
 pub fn zfs_fixture() -> Option<Fixture> {
     let p = zfs_pool()?;
     let backend = zfs::Zfs::open(&p.dataset(), &p.state_dir()).expect("open zfs backend");
-    Some(Fixture { backend: Box::new(backend), _guard: Guard::Zfs(p) })
+    Some(Fixture {
+        backend: Box::new(backend),
+        _guard: Guard::Zfs(p),
+    })
 }
 
 /// Runs `body` against a fresh backend of every kind that can run here.
 pub fn for_each_backend(body: impl Fn(&Fixture)) {
-    let makers: [(&str, fn() -> Option<Fixture>); 3] =
-        [("dir", || Some(dir_fixture())), ("btrfs", btrfs_fixture), ("zfs", zfs_fixture)];
+    let makers: [(&str, fn() -> Option<Fixture>); 3] = [
+        ("dir", || Some(dir_fixture())),
+        ("btrfs", btrfs_fixture),
+        ("zfs", zfs_fixture),
+    ];
     for (name, make) in makers {
         let Some(fixture) = make() else { continue };
         eprintln!("--- backend {name}: {}", fixture.backend.describe());
@@ -217,7 +254,8 @@ pub fn for_each_backend(body: impl Fn(&Fixture)) {
 
 pub fn write(path: &Path, contents: &[u8]) {
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).unwrap_or_else(|e| panic!("mkdir {}: {e}", parent.display()));
+        std::fs::create_dir_all(parent)
+            .unwrap_or_else(|e| panic!("mkdir {}: {e}", parent.display()));
     }
     std::fs::write(path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
 }
@@ -246,8 +284,12 @@ pub fn make_base(b: &dyn SnapshotBackend, name: &str) {
     b.create_base(name, &mut |dir: &Path| {
         write(&dir.join("etc/hostname"), b"base");
         write(&dir.join("bin/tool"), &noise(64 << 10, 1));
-        std::os::unix::fs::symlink("bin/tool", dir.join("tool"))
-            .map_err(|source| SnapshotError::Io { context: "symlink".into(), source })?;
+        std::os::unix::fs::symlink("bin/tool", dir.join("tool")).map_err(|source| {
+            SnapshotError::Io {
+                context: "symlink".into(),
+                source,
+            }
+        })?;
         Ok(())
     })
     .unwrap_or_else(|e| panic!("create_base {name}: {e}"));
