@@ -9,40 +9,46 @@
 //! | dataset | what |
 //! |---|---|
 //! | `<ds>` | `sandtree:layout=1`, `atime=off` (inherited by everything below) |
-//! | `<ds>/images/<name>` | a base: `readonly=on`, sealed by the snapshot `@base` |
-//! | `<ds>/volumes/<vol>` | a volume: `zfs clone` of `images/<name>@base` or of another snapshot |
-//! | `<ds>/volumes/<vol>@<snap>` | a snapshot of a volume |
-//! | `<ds>/parked/vol:<vol>:<n>` | a destroyed volume that still has snapshots (never mounted) |
-//! | `<ds>/parked/img:<name>:<n>` | a destroyed base that still has clones |
-//! | `…@<snap>:gone:<txg>` | a destroyed snapshot that still has clones (hidden) |
+//! | `<ds>/images`, `<ds>/volumes` | containers: `canmount=off`, `mountpoint=none` |
+//! | `<ds>/images/<name>`, `<ds>/volumes/<vol>` | one container per object name |
+//! | `<ds>/images/<name>/<n>` | incarnation `n` of a base: `readonly=on`, sealed by snapshot `@base` |
+//! | `<ds>/volumes/<vol>/<n>` | incarnation `n` of a volume: a `zfs clone` of a base or a snapshot |
+//! | `<ds>/volumes/<vol>/<n>@<snap>` | a snapshot of a volume |
 //!
-//! The containers `images` and `volumes` have `canmount=off` and an explicit `mountpoint` under
-//! `<state_dir>/mnt`, which their children inherit; `parked` has `mountpoint=none`.
+//! At most one incarnation of a name is *live*; the live one has an explicit
+//! `mountpoint=<state_dir>/mnt/{images,volumes}/<name>`. The others are *parked*
+//! (`sandtree:parked=on`, `canmount=off`, unmounted): destroyed objects that still have snapshots.
+//! A *hidden* snapshot (`sandtree:destroyed=on`) was destroyed while it still had clones.
+//!
+//! Nothing is ever renamed. Renaming a dataset makes zfs-fuse's libzfs unmount and remount every
+//! clone of it (old libzfs gathers all dependents for a rename), which fails for busy clones and
+//! left clones unmounted in testing; numbered incarnations avoid renames altogether.
 //!
 //! # Lifetimes
 //!
 //! Snapshots live until [`SnapshotBackend::destroy_snapshot`], on every backend. ZFS cannot
 //! destroy a dataset that has snapshots, nor a snapshot that has clones, so:
 //!
-//! - `destroy_volume` destroys a volume without snapshots, and *parks* one with snapshots: it is
-//!   unmounted, set `canmount=off` and renamed under `parked/`. Its snapshots stay addressable as
-//!   `(vol, snap)` (lookups try `volumes/<vol>` first, then the newest parked `vol:<vol>:<n>`).
-//! - `destroy_snapshot` of a snapshot that has clones renames it to `<snap>:gone:<txg>`: hidden
-//!   from `list` and lookups, and destroyed by [`SnapshotBackend::gc`] once its clones are gone.
-//! - `gc` destroys hidden snapshots without clones and parked datasets without snapshots.
+//! - `destroy_volume` destroys a volume without snapshots and parks one with snapshots. Its
+//!   snapshots stay addressable as `(vol, snap)`: lookups try the live incarnation first, then
+//!   the newest parked one that has the snapshot.
+//! - `destroy_snapshot` of a snapshot that has clones hides it; [`SnapshotBackend::gc`] destroys
+//!   it once its clones are gone. Until then its name stays taken on that incarnation
+//!   (`snapshot` answers `Busy`).
+//! - `gc` destroys hidden snapshots without clones, parked incarnations without snapshots, and
+//!   empty per-name containers.
 //! - `rollback` to the latest snapshot is `zfs rollback`; to an older one (or to a snapshot of a
-//!   parked generation) it parks the volume, keeping every later snapshot, and clones the target
-//!   under the volume's name. Nothing is ever destroyed by `rollback -r`.
-//!
-//! Names are never reused by a live object, because parked and hidden names contain `:`, which
-//! [`validate_name`] refuses.
+//!   parked incarnation) it parks the volume, keeping every later snapshot, and clones the target
+//!   as the next incarnation at the same mountpoint. Nothing is ever destroyed by `rollback -r`.
+//! - `(vol, snap)` names one snapshot across all incarnations of `vol`: `snapshot` refuses a
+//!   name that a parked incarnation still has.
 //!
 //! # Bytes and change detection
 //!
 //! Space accounting in ZFS is updated when a transaction group syncs. A snapshot syncs by itself;
 //! before reading the head's accounting, [`SnapshotBackend::changed_since_last_snapshot`] forces
 //! a sync by setting the user property `sandtree:sync` (a property change is a sync task that
-//! waits for its txg; it does not change the dataset's space).
+//! waits for its txg; it changes no space).
 //!
 //! - With the `written` property (OpenZFS): `SnapshotInfo::bytes` is `written` of the new
 //!   snapshot, and a volume changed if the head's `written` is > 0.
@@ -51,7 +57,7 @@
 //!   the head or one of its snapshots still references. Between two snapshots `T` grows by
 //!   exactly the bytes written and still referenced, i.e. by `written`. The volume keeps
 //!   `sandtree:tbase` (`T` right after its latest snapshot; 0 for a new clone) and each snapshot
-//!   keeps `sandtree:written`; destroying snapshot `S` of a volume adjusts them (`tbase -=
+//!   keeps `sandtree:written`; destroying snapshot `S` of a live volume adjusts them (`tbase -=
 //!   written(S)` if `S` was the latest, else `tbase -= used(S)` and the next snapshot's
 //!   `written += written(S) - used(S)`). Any change, including a `chmod` or an `rm`, copies at
 //!   least one metadata block, so `T > tbase` exactly when the volume changed. Reads change
@@ -70,17 +76,19 @@ use crate::{
 
 const LAYOUT_VERSION: u64 = 1;
 const PROP_LAYOUT: &str = "sandtree:layout";
+const PROP_PARKED: &str = "sandtree:parked";
+const PROP_DESTROYED: &str = "sandtree:destroyed";
 const PROP_TBASE: &str = "sandtree:tbase";
 const PROP_WRITTEN: &str = "sandtree:written";
 const PROP_SYNC: &str = "sandtree:sync";
 const BASE_SNAP: &str = "base";
 /// How long a "busy" zfs command is retried. zfs-fuse releases a dataset asynchronously after
-/// unmounting it, so a rename or destroy right after an unmount fails with "dataset is busy".
+/// unmounting it, so a destroy right after an unmount can fail with "dataset is busy".
 const BUSY_WAIT: Duration = Duration::from_secs(15);
 /// ZFS's limit on a full dataset or snapshot name (MAXNAMELEN - 1).
 const MAX_NAME_LEN: usize = 255;
-/// Room kept for the longest suffixes that parking and hiding add (`:gone:` + a txg, `:<n>`).
-const NAME_RESERVE: usize = 48;
+/// Room for the incarnation number `/<n>`.
+const INCARNATION_DIGITS: usize = 10;
 
 /// How [`Zfs`] measures bytes written: see the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +97,75 @@ pub enum Accounting {
     Written,
     /// A ledger over `usedbydataset + usedbysnapshots` (zfs-fuse, which has no `written`).
     Ledger,
+}
+
+/// Images and volumes are kept the same way, each under its own container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Images,
+    Volumes,
+}
+
+impl Family {
+    fn dir(self) -> &'static str {
+        match self {
+            Family::Images => "images",
+            Family::Volumes => "volumes",
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            Family::Images => "base image",
+            Family::Volumes => "volume",
+        }
+    }
+
+    fn lock_key(self, name: &str) -> String {
+        format!("{}/{name}", self.dir())
+    }
+}
+
+/// One incarnation of a name, with its snapshots oldest first.
+#[derive(Debug, Clone)]
+struct Incarnation {
+    n: u64,
+    dataset: String,
+    parked: bool,
+    mountpoint: String,
+    mounted: bool,
+    snaps: Vec<Snap>,
+}
+
+#[derive(Debug, Clone)]
+struct Snap {
+    name: String,
+    destroyed: bool,
+}
+
+impl Incarnation {
+    fn full(&self, snap: &str) -> String {
+        format!("{}@{snap}", self.dataset)
+    }
+
+    fn has_live_snap(&self, snap: &str) -> bool {
+        self.snaps.iter().any(|s| s.name == snap && !s.destroyed)
+    }
+}
+
+/// A snapshot found by `(name, snap)`.
+#[derive(Debug, Clone)]
+struct SnapLoc {
+    dataset: String,
+    snap: String,
+    /// The incarnation is the live one (its ledger matters).
+    live: bool,
+}
+
+impl SnapLoc {
+    fn full(&self) -> String {
+        format!("{}@{}", self.dataset, self.snap)
+    }
 }
 
 /// The zfs backend. See the module docs.
@@ -102,21 +179,6 @@ pub struct Zfs {
     sync_seq: AtomicU64,
 }
 
-/// Where a snapshot lives: under the volume, or under one of its parked generations.
-#[derive(Debug, Clone)]
-struct SnapLoc {
-    dataset: String,
-    snap: String,
-    /// True if `dataset` is the live `volumes/<vol>`.
-    active: bool,
-}
-
-impl SnapLoc {
-    fn full(&self) -> String {
-        format!("{}@{}", self.dataset, self.snap)
-    }
-}
-
 impl Zfs {
     /// Opens (and on first use creates) the backend under dataset `dataset`, e.g. `tank/sandtree`.
     /// The dataset is created if its pool exists; volumes mount under `<state_dir>/mnt`.
@@ -124,12 +186,12 @@ impl Zfs {
         let dataset = dataset.trim_end_matches('/');
         check_dataset_name(dataset)?;
         let pool = dataset.split('/').next().unwrap_or(dataset);
-        let state_dir = absolute(state_dir)?;
+        let state_dir = std::path::absolute(state_dir)
+            .map_err(|source| io(format!("cannot resolve {}", state_dir.display()), source))?;
         let mnt = state_dir.join("mnt");
-        std::fs::create_dir_all(&mnt).map_err(|source| SnapshotError::Io {
-            context: format!("cannot create {}", mnt.display()),
-            source,
-        })?;
+        std::fs::create_dir_all(&mnt)
+            .map_err(|source| io(format!("cannot create {}", mnt.display()), source))?;
+        path_str(&mnt)?;
 
         if !exists(dataset)? {
             if let Err(e) = cmd::run("zpool", ["list", "-H", "-o", "name", pool]) {
@@ -144,31 +206,19 @@ impl Zfs {
             tracing::info!(dataset, "creating zfs dataset");
             zfs(["create", "-p", "-o", "atime=off", dataset])?;
         }
-        match get(dataset, &[PROP_LAYOUT])?[0].as_str() {
+        let v = get(dataset, &[PROP_LAYOUT, "atime"])?;
+        match v[0].as_str() {
             "-" => zfs(["set", &format!("{PROP_LAYOUT}={LAYOUT_VERSION}"), dataset]).map(drop)?,
-            v if v.parse::<u64>().ok() == Some(LAYOUT_VERSION) => {}
-            v => {
+            l if l.parse::<u64>().ok() == Some(LAYOUT_VERSION) => {}
+            l => {
                 return Err(SnapshotError::Unsupported(format!(
-                    "zfs dataset {dataset} has sandtree layout {v}, this build knows layout {LAYOUT_VERSION}"
+                    "zfs dataset {dataset} has sandtree layout {l}, this build knows layout {LAYOUT_VERSION}"
                 )))
             }
         }
-        if get(dataset, &["atime"])?[0] != "off" {
+        if v[1] != "off" {
             zfs(["set", "atime=off", dataset])?;
         }
-
-        let me = Zfs {
-            ds: dataset.to_string(),
-            mnt: mnt.clone(),
-            accounting: Accounting::Ledger,
-            locks: Locks::default(),
-            gc_lock: Mutex::new(()),
-            sync_seq: AtomicU64::new(0),
-        };
-        me.ensure_container("images", Some(&mnt.join("images")))?;
-        me.ensure_container("volumes", Some(&mnt.join("volumes")))?;
-        me.ensure_container("parked", None)?;
-
         let accounting = match zfs(["get", "-Hp", "-o", "value", "written", dataset]) {
             Ok(_) => Accounting::Written,
             Err(e) if cmd::stderr_of(&e).is_some_and(|s| s.contains("invalid property")) => {
@@ -176,7 +226,17 @@ impl Zfs {
             }
             Err(e) => return Err(e),
         };
-        let me = Zfs { accounting, ..me };
+        let me = Zfs {
+            ds: dataset.to_string(),
+            mnt: mnt.clone(),
+            accounting,
+            locks: Locks::default(),
+            gc_lock: Mutex::new(()),
+            sync_seq: AtomicU64::new(0),
+        };
+        for family in [Family::Images, Family::Volumes] {
+            me.ensure_container(&me.family_root(family))?;
+        }
         me.recover()?;
         tracing::info!(dataset, accounting = ?me.accounting, mnt = %mnt.display(), "opened zfs backend");
         Ok(me)
@@ -192,105 +252,205 @@ impl Zfs {
         self.accounting
     }
 
-    fn ensure_container(&self, name: &str, mountpoint: Option<&Path>) -> Result<()> {
-        let full = format!("{}/{name}", self.ds);
-        let mp = match mountpoint {
-            Some(p) => path_str(p)?.to_string(),
-            None => "none".to_string(),
-        };
-        if !exists(&full)? {
-            zfs([
-                "create",
-                "-o",
-                "canmount=off",
-                "-o",
-                "atime=off",
-                "-o",
-                &format!("mountpoint={mp}"),
-                &full,
-            ])?;
+    fn family_root(&self, family: Family) -> String {
+        format!("{}/{}", self.ds, family.dir())
+    }
+
+    fn container(&self, family: Family, name: &str) -> String {
+        format!("{}/{}/{name}", self.ds, family.dir())
+    }
+
+    fn mountpoint(&self, family: Family, name: &str) -> PathBuf {
+        self.mnt.join(family.dir()).join(name)
+    }
+
+    /// Creates a container dataset (never mounted) if it is missing.
+    fn ensure_container(&self, full: &str) -> Result<()> {
+        if exists(full)? {
             return Ok(());
         }
-        let v = get(&full, &["mountpoint", "canmount", "atime"])?;
-        if v[0] != mp {
-            tracing::info!(dataset = %full, from = %v[0], to = %mp, "moving zfs mountpoint");
-            zfs(["set", &format!("mountpoint={mp}"), &full])?;
+        match zfs([
+            "create",
+            "-o",
+            "canmount=off",
+            "-o",
+            "mountpoint=none",
+            "-o",
+            "atime=off",
+            full,
+        ]) {
+            Err(e) if !cmd::stderr_of(&e).is_some_and(|s| s.contains("already exists")) => Err(e),
+            _ => Ok(()),
         }
-        if v[1] != "off" {
-            zfs(["set", "canmount=off", &full])?;
-        }
-        if v[2] != "off" {
-            zfs(["set", "atime=off", &full])?;
+    }
+
+    /// Brings what a crash or a moved state directory can leave behind back in line: an
+    /// unsealed live base is removed, and live incarnations get their mountpoint under the
+    /// current state directory.
+    fn recover(&self) -> Result<()> {
+        for family in [Family::Images, Family::Volumes] {
+            for name in self.names(family)? {
+                self.locks.with(&family.lock_key(&name), || -> Result<()> {
+                    let incs = self.incarnations(family, &name)?;
+                    let Some(live) = incs.iter().find(|i| !i.parked) else { return Ok(()) };
+                    if family == Family::Images && !live.has_live_snap(BASE_SNAP) {
+                        return self.discard_unsealed_base(&name, live, &incs);
+                    }
+                    let want = path_str(&self.mountpoint(family, &name))?.to_string();
+                    if live.mountpoint != want {
+                        tracing::info!(dataset = %live.dataset, from = %live.mountpoint, to = %want, "moving zfs mountpoint");
+                        zfs_retry(["set", &format!("mountpoint={want}"), &live.dataset])?;
+                    }
+                    Ok(())
+                })?;
+            }
         }
         Ok(())
     }
 
-    /// Finishes what a crash can leave behind: an image without `@base` (populate never
-    /// finished) is destroyed; an image whose `@base` is hidden (destroy_base never finished) is
-    /// retired.
-    fn recover(&self) -> Result<()> {
-        let images = format!("{}/images", self.ds);
-        let rows = zfs([
+    /// Names that have a container under `family`.
+    fn names(&self, family: Family) -> Result<Vec<String>> {
+        let root = self.family_root(family);
+        let out = zfs([
             "list",
             "-H",
             "-o",
             "name",
             "-t",
-            "filesystem,snapshot",
-            "-r",
-            &images,
+            "filesystem",
+            "-d",
+            "1",
+            &root,
         ])?;
-        let mut sealed: HashMap<String, bool> = HashMap::new();
-        for line in rows.lines() {
-            match line.split_once('@') {
-                Some((ds, snap)) if snap == BASE_SNAP => {
-                    sealed.insert(ds.to_string(), true);
-                }
-                Some((ds, _)) => {
-                    sealed.entry(ds.to_string()).or_insert(false);
-                }
-                None if line != images => {
-                    sealed.entry(line.to_string()).or_insert(false);
-                }
-                None => {}
+        Ok(out
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("{root}/")).map(str::to_string))
+            .collect())
+    }
+
+    /// A live base incarnation without a live `@base` was left by a crash during `create_base`
+    /// (never sealed) or `destroy_base` (`@base` hidden, not yet parked): finish the job.
+    fn discard_unsealed_base(
+        &self,
+        image: &str,
+        live: &Incarnation,
+        incs: &[Incarnation],
+    ) -> Result<()> {
+        tracing::warn!(dataset = %live.dataset, "retiring unfinished base image");
+        self.retire(Family::Images, image, live, incs)
+    }
+
+    /// Every incarnation of `name`, oldest first; empty if the name was never used.
+    fn incarnations(&self, family: Family, name: &str) -> Result<Vec<Incarnation>> {
+        let container = self.container(family, name);
+        let out = match zfs([
+            "list",
+            "-H",
+            "-o",
+            &format!("name,{PROP_PARKED},{PROP_DESTROYED},mountpoint,mounted"),
+            "-t",
+            "filesystem,snapshot",
+            "-s",
+            "createtxg",
+            "-r",
+            &container,
+        ]) {
+            Ok(out) => out,
+            Err(e) if cmd::stderr_of(&e).is_some_and(|s| s.contains("does not exist")) => {
+                return Ok(Vec::new())
             }
-        }
-        for (ds, ok) in sealed {
-            if ok {
+            Err(e) => return Err(e),
+        };
+        let prefix = format!("{container}/");
+        let mut incs: Vec<Incarnation> = Vec::new();
+        for line in out.lines() {
+            let f: Vec<&str> = line.split('\t').collect();
+            let [name, parked, destroyed, mountpoint, mounted] = f[..] else {
                 continue;
-            }
-            let name = ds.rsplit('/').next().unwrap_or(&ds).to_string();
-            if snapshots_of(&ds)?.is_empty() {
-                tracing::warn!(dataset = %ds, "destroying unfinished base image");
-                self.unmount(&ds)?;
-                destroy_dataset(&ds)?;
-            } else {
-                tracing::warn!(dataset = %ds, "retiring half-destroyed base image");
-                self.retire(&ds, "img", &name)?;
+            };
+            let Some(rest) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            match rest.split_once('@') {
+                None => {
+                    let Ok(n) = rest.parse() else { continue };
+                    incs.push(Incarnation {
+                        n,
+                        dataset: name.to_string(),
+                        parked: parked == "on",
+                        mountpoint: mountpoint.to_string(),
+                        mounted: mounted == "yes",
+                        snaps: Vec::new(),
+                    });
+                }
+                Some((ds, snap)) => {
+                    if let Some(inc) = incs
+                        .iter_mut()
+                        .find(|i| i.dataset.ends_with(&format!("/{ds}")))
+                    {
+                        inc.snaps.push(Snap {
+                            name: snap.to_string(),
+                            destroyed: destroyed == "on",
+                        });
+                    }
+                }
             }
         }
-        Ok(())
+        Ok(incs)
     }
 
-    fn image_ds(&self, image: &str) -> String {
-        format!("{}/images/{image}", self.ds)
+    fn live(&self, family: Family, name: &str) -> Result<Option<Incarnation>> {
+        Ok(self
+            .incarnations(family, name)?
+            .into_iter()
+            .find(|i| !i.parked))
     }
 
-    fn volume_ds(&self, vol: &str) -> String {
-        format!("{}/volumes/{vol}", self.ds)
+    fn require_live(&self, family: Family, name: &str) -> Result<Incarnation> {
+        self.live(family, name)?
+            .ok_or_else(|| SnapshotError::NotFound {
+                kind: family.kind(),
+                name: name.to_string(),
+            })
     }
 
-    fn parked_root(&self) -> String {
-        format!("{}/parked", self.ds)
+    /// Finds live snapshot `vol@snap`: on the live incarnation, else on the newest parked one.
+    fn find_snapshot(incs: &[Incarnation], snap: &str) -> Option<SnapLoc> {
+        let pick = incs
+            .iter()
+            .filter(|i| i.has_live_snap(snap))
+            .max_by_key(|i| (!i.parked, i.n))?;
+        Some(SnapLoc {
+            dataset: pick.dataset.clone(),
+            snap: snap.to_string(),
+            live: !pick.parked,
+        })
     }
 
-    /// Refuses names whose parked or hidden forms would exceed ZFS's name length limit.
-    fn check_len(&self, what: &str, parts: &[&str]) -> Result<()> {
-        let len =
-            self.ds.len() + "/parked/vol:".len() + parts.iter().map(|p| p.len() + 1).sum::<usize>();
-        if len + NAME_RESERVE > MAX_NAME_LEN {
+    fn snapshot_not_found(vol: &str, snap: &str) -> SnapshotError {
+        SnapshotError::NotFound {
+            kind: "snapshot",
+            name: format!("{vol}@{snap}"),
+        }
+    }
+
+    fn next_n(incs: &[Incarnation]) -> u64 {
+        incs.iter().map(|i| i.n).max().unwrap_or(0) + 1
+    }
+
+    /// Refuses names whose datasets would exceed ZFS's name length limit.
+    fn check_len(&self, family: Family, parts: &[&str]) -> Result<()> {
+        // `<ds>/<family>/<name>/<n>[@<snap>]`
+        let len = self.ds.len()
+            + 1
+            + family.dir().len()
+            + parts.iter().map(|p| p.len() + 1).sum::<usize>()
+            + 1
+            + INCARNATION_DIGITS;
+        if len > MAX_NAME_LEN {
             return Err(SnapshotError::Unsupported(format!(
-                "{what} {} is too long for zfs under {} (names are limited to {MAX_NAME_LEN} bytes)",
+                "{} {} is too long for zfs under {} (dataset names are limited to {MAX_NAME_LEN} bytes)",
+                family.kind(),
                 parts.join("@"),
                 self.ds
             )));
@@ -298,36 +458,24 @@ impl Zfs {
         Ok(())
     }
 
-    fn next_seq(&self) -> u64 {
-        self.sync_seq.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Forces a txg sync so that space accounting covers every write made so far.
-    fn force_sync(&self, dataset: &str, kind: &'static str, name: &str) -> Result<()> {
-        let prop = format!("{PROP_SYNC}={}", self.next_seq());
-        zfs(["set", &prop, dataset]).map_err(|e| not_found(e, kind, name))?;
-        Ok(())
-    }
-
-    /// `T` of the ledger: bytes born in `dataset` still referenced by it or its snapshots.
-    fn ledger_total(dataset: &str) -> Result<(u64, u64)> {
-        let v = get(dataset, &["usedbydataset", "usedbysnapshots", PROP_TBASE])?;
-        Ok((num(&v[0]) + num(&v[1]), num(&v[2])))
-    }
-
-    fn mounted_path(&self, dataset: &str, kind: &'static str, name: &str) -> Result<PathBuf> {
-        let v = get(dataset, &["mountpoint", "mounted"]).map_err(|e| not_found(e, kind, name))?;
-        if !v[0].starts_with('/') {
+    /// Mounts incarnation `inc` if needed and returns its mount point.
+    fn ensure_mounted(&self, inc: &Incarnation, family: Family, name: &str) -> Result<PathBuf> {
+        if !inc.mountpoint.starts_with('/') {
             return Err(SnapshotError::Unsupported(format!(
-                "{kind} {name} has mountpoint {:?}; expected a path under {}",
-                v[0],
-                self.mnt.display()
+                "{} {name} has mountpoint {:?}; expected {}",
+                family.kind(),
+                inc.mountpoint,
+                self.mountpoint(family, name).display()
             )));
         }
-        if v[1] != "yes" {
-            zfs_retry(["mount", dataset]).map_err(|e| busy(e, kind, name))?;
+        if !inc.mounted {
+            match zfs_retry(["mount", &inc.dataset]) {
+                Ok(_) => {}
+                Err(e) if cmd::stderr_of(&e).is_some_and(|s| s.contains("already mounted")) => {}
+                Err(e) => return Err(busy(e, family.kind(), name)),
+            }
         }
-        Ok(PathBuf::from(&v[0]))
+        Ok(PathBuf::from(&inc.mountpoint))
     }
 
     fn unmount(&self, dataset: &str) -> Result<()> {
@@ -342,106 +490,128 @@ impl Zfs {
         Ok(())
     }
 
-    /// Removes `dataset` from the live namespace: destroys it if it has no snapshots, else parks
-    /// it as `parked/<tag>:<name>:<n>` and returns that name.
-    fn retire(&self, dataset: &str, tag: &str, name: &str) -> Result<Option<String>> {
-        let has_snapshots = !snapshots_of(dataset)?.is_empty();
-        self.unmount(dataset)?;
-        if !has_snapshots {
-            destroy_dataset(dataset)?;
-            return Ok(None);
-        }
-        zfs(["set", "canmount=off", dataset])?;
-        let n = self
-            .parked_generations(tag, name)?
-            .into_iter()
-            .map(|(n, _)| n)
-            .max()
-            .unwrap_or(0)
-            + 1;
-        let target = format!("{}/{tag}:{name}:{n}", self.parked_root());
-        tracing::info!(dataset, parked = %target, "parking dataset that still has snapshots");
-        zfs_retry(["rename", dataset, &target]).map_err(|e| busy(e, "dataset", dataset))?;
-        Ok(Some(target))
-    }
-
-    /// Parked generations `(n, dataset)` of object `name` with tag `tag`.
-    fn parked_generations(&self, tag: &str, name: &str) -> Result<Vec<(u64, String)>> {
-        let out = zfs([
-            "list",
-            "-H",
+    /// Makes a new live incarnation of `name` by `zfs create` (no origin) or `zfs clone`, and
+    /// returns it mounted.
+    fn new_incarnation(
+        &self,
+        family: Family,
+        name: &str,
+        origin: Option<&str>,
+        n: u64,
+    ) -> Result<PathBuf> {
+        self.ensure_container(&self.container(family, name))?;
+        let dataset = format!("{}/{n}", self.container(family, name));
+        let mountpoint = self.mountpoint(family, name);
+        let mp = format!("mountpoint={}", path_str(&mountpoint)?);
+        let tbase = format!("{PROP_TBASE}=0");
+        let mut args = vec![
+            if origin.is_some() { "clone" } else { "create" },
             "-o",
-            "name",
-            "-t",
-            "filesystem",
-            "-d",
-            "1",
-            &self.parked_root(),
-        ])?;
-        Ok(out
-            .lines()
-            .filter_map(|ds| {
-                let (t, o, n) = parse_parked(ds.rsplit('/').next()?)?;
-                (t == tag && o == name).then(|| (n, ds.to_string()))
-            })
-            .collect())
-    }
-
-    /// Finds live snapshot `vol@snap`: on the volume, else on its newest parked generation that
-    /// has it.
-    fn find_snapshot(&self, vol: &str, snap: &str) -> Result<Option<SnapLoc>> {
-        let active = self.volume_ds(vol);
-        if exists(&format!("{active}@{snap}"))? {
-            return Ok(Some(SnapLoc {
-                dataset: active,
-                snap: snap.to_string(),
-                active: true,
-            }));
-        }
-        self.find_parked_snapshot(vol, snap)
-    }
-
-    /// Finds live snapshot `snap` on the newest parked generation of `vol` that has it.
-    fn find_parked_snapshot(&self, vol: &str, snap: &str) -> Result<Option<SnapLoc>> {
-        let out = zfs([
-            "list",
-            "-H",
+            "atime=off",
             "-o",
-            "name",
-            "-t",
-            "snapshot",
-            "-r",
-            &self.parked_root(),
-        ])?;
-        let best = out
-            .lines()
-            .filter_map(|line| {
-                let (ds, s) = line.split_once('@')?;
-                let (tag, owner, n) = parse_parked(ds.rsplit('/').next()?)?;
-                (s == snap && tag == "vol" && owner == vol).then(|| (n, ds.to_string()))
-            })
-            .max();
-        Ok(best.map(|(_, dataset)| SnapLoc {
+            &mp,
+        ];
+        if self.accounting == Accounting::Ledger && family == Family::Volumes {
+            args.extend(["-o", &tbase]);
+        }
+        args.extend(origin);
+        args.push(&dataset);
+        if let Err(e) = zfs(&args) {
+            // zfs-fuse sometimes makes the dataset but fails to mount it ("busy"): mount below.
+            if !exists(&dataset)? {
+                return Err(e);
+            }
+            tracing::debug!(dataset, error = %e, "dataset made but not mounted; mounting again");
+        }
+        let v = get(&dataset, &["mountpoint", "mounted"])?;
+        let inc = Incarnation {
+            n,
             dataset,
-            snap: snap.to_string(),
-            active: false,
-        }))
+            parked: false,
+            mountpoint: v[0].clone(),
+            mounted: v[1] == "yes",
+            snaps: Vec::new(),
+        };
+        self.ensure_mounted(&inc, family, name)
     }
 
-    fn snapshot_not_found(vol: &str, snap: &str) -> SnapshotError {
-        SnapshotError::NotFound {
-            kind: "snapshot",
-            name: format!("{vol}@{snap}"),
+    /// Removes the live incarnation from the namespace: destroys it if it has no snapshots (and
+    /// then its container if that is empty), else parks it.
+    fn retire(
+        &self,
+        family: Family,
+        name: &str,
+        inc: &Incarnation,
+        all: &[Incarnation],
+    ) -> Result<()> {
+        self.unmount(&inc.dataset)?;
+        if inc.snaps.is_empty() {
+            destroy_dataset(&inc.dataset)?;
+            if all.len() == 1 {
+                self.destroy_container_if_empty(family, name)?;
+            }
+            return Ok(());
         }
+        zfs(["set", &format!("{PROP_PARKED}=on"), &inc.dataset])?;
+        zfs(["set", "canmount=off", &inc.dataset])?;
+        tracing::info!(dataset = %inc.dataset, "parked: it still has snapshots");
+        Ok(())
+    }
+
+    /// Undoes `retire` of a parked incarnation (after a failed rollback).
+    fn unpark(&self, inc: &Incarnation, family: Family, name: &str) {
+        let result = zfs(["inherit", PROP_PARKED, &inc.dataset])
+            .and_then(|_| zfs(["set", "canmount=on", &inc.dataset]))
+            .and_then(|_| {
+                self.ensure_mounted(
+                    &Incarnation {
+                        mounted: false,
+                        ..inc.clone()
+                    },
+                    family,
+                    name,
+                )
+            });
+        if let Err(e) = result {
+            tracing::error!(dataset = %inc.dataset, error = %e, "cannot put the volume back after a failed rollback");
+        }
+    }
+
+    fn destroy_container_if_empty(&self, family: Family, name: &str) -> Result<()> {
+        let container = self.container(family, name);
+        let out = zfs([
+            "list",
+            "-H",
+            "-o",
+            "name",
+            "-t",
+            "filesystem,snapshot",
+            "-r",
+            &container,
+        ])?;
+        if out.lines().count() == 1 {
+            destroy_dataset(&container)?;
+        }
+        Ok(())
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.sync_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// `T` of the ledger and the volume's `tbase`.
+    fn ledger(dataset: &str) -> Result<(u64, u64)> {
+        let v = get(dataset, &["usedbydataset", "usedbysnapshots", PROP_TBASE])?;
+        Ok((num(&v[0]) + num(&v[1]), num(&v[2])))
     }
 
     /// Destroys a snapshot, keeping the ledger of a live volume right. Returns false (and
     /// destroys nothing) if the snapshot has dependent clones.
     fn destroy_snapshot_now(&self, loc: &SnapLoc) -> Result<bool> {
         let full = loc.full();
-        // What destroying `full` does to the ledger, computed before it is gone.
+        // What destroying `full` does to the ledger, computed while it still exists.
         let mut plan = None;
-        if self.accounting == Accounting::Ledger && loc.active {
+        if self.accounting == Accounting::Ledger && loc.live {
             let snaps = snapshots_of(&loc.dataset)?;
             let idx = snaps.iter().position(|s| *s == full);
             let v = get(&full, &["used", PROP_WRITTEN])?;
@@ -453,7 +623,7 @@ impl Zfs {
                     next: None,
                 },
                 // An older one: its unique blocks leave T, and the next snapshot now counts the
-                // blocks that were born before `full` and are still alive.
+                // blocks born before `full` that are still alive.
                 Some(next) => {
                     let next_written = num(&get(next, &[PROP_WRITTEN])?[0]);
                     let merged = next_written + written.saturating_sub(used);
@@ -476,61 +646,55 @@ impl Zfs {
             if let Some((next, written)) = plan.next {
                 zfs(["set", &format!("{PROP_WRITTEN}={written}"), &next])?;
             }
-            let tbase = num(&get(&loc.dataset, &[PROP_TBASE])?[0]);
-            let tbase = tbase.saturating_sub(plan.tbase_minus);
+            let tbase = num(&get(&loc.dataset, &[PROP_TBASE])?[0]).saturating_sub(plan.tbase_minus);
             zfs(["set", &format!("{PROP_TBASE}={tbase}"), &loc.dataset])?;
         }
         Ok(true)
     }
 
-    /// Hides a snapshot that has clones: `@snap` becomes `@snap:gone:<createtxg>`.
-    fn hide_snapshot(&self, loc: &SnapLoc) -> Result<()> {
-        let full = loc.full();
-        let txg = get(&full, &["createtxg"])?[0].clone();
-        let hidden = format!("{}@{}:gone:{txg}", loc.dataset, loc.snap);
-        tracing::info!(snapshot = %full, hidden = %hidden, "snapshot has clones; hiding it until gc");
-        zfs(["rename", &full, &hidden])?;
+    /// Destroys (or, if it has clones, hides) snapshot `loc` of `name`; then destroys its
+    /// incarnation if that is parked and has no snapshots left.
+    fn drop_snapshot(&self, family: Family, name: &str, loc: &SnapLoc) -> Result<()> {
+        if !self.destroy_snapshot_now(loc)? {
+            tracing::info!(snapshot = %loc.full(), "snapshot has clones; hidden until gc");
+            zfs(["set", &format!("{PROP_DESTROYED}=on"), &loc.full()])?;
+            return Ok(());
+        }
+        if !loc.live && snapshots_of(&loc.dataset)?.is_empty() {
+            destroy_dataset(&loc.dataset)?;
+            tracing::info!(dataset = %loc.dataset, "destroyed parked incarnation");
+            self.destroy_container_if_empty(family, name)?;
+        }
         Ok(())
     }
 
-    /// Destroys a parked dataset that has no snapshots left. Returns whether it did.
-    fn reap_parked_if_empty(&self, dataset: &str) -> Result<bool> {
-        if !snapshots_of(dataset)?.is_empty() {
-            return Ok(false);
+    /// One gc pass over the objects of `name`; returns how many objects it destroyed.
+    fn gc_name(&self, family: Family, name: &str) -> Result<usize> {
+        let mut removed = 0;
+        for inc in self.incarnations(family, name)? {
+            for s in inc.snaps.iter().filter(|s| s.destroyed) {
+                let loc = SnapLoc {
+                    dataset: inc.dataset.clone(),
+                    snap: s.name.clone(),
+                    live: !inc.parked,
+                };
+                if self.destroy_snapshot_now(&loc)? {
+                    removed += 1;
+                }
+            }
         }
-        destroy_dataset(dataset)?;
-        tracing::info!(dataset, "destroyed parked dataset");
-        Ok(true)
-    }
-
-    /// Best effort: puts `parked` back as volume `vol` when the clone that should have replaced
-    /// it failed.
-    fn unpark(&self, parked: &str, vol: &str) {
-        let ds = self.volume_ds(vol);
-        let result = zfs_retry(["rename", parked, &ds])
-            .and_then(|_| zfs(["set", "canmount=on", &ds]))
-            .and_then(|_| self.mounted_path(&ds, "volume", vol));
-        if let Err(e) = result {
-            tracing::error!(vol, parked, error = %e, "rollback failed and the volume could not be put back");
+        let incs = self.incarnations(family, name)?;
+        let mut left = incs.len();
+        for inc in incs.iter().filter(|i| i.parked && i.snaps.is_empty()) {
+            destroy_dataset(&inc.dataset)?;
+            tracing::info!(dataset = %inc.dataset, "gc destroyed parked incarnation");
+            removed += 1;
+            left -= 1;
         }
-    }
-
-    fn clone_into(&self, origin: &str, vol: &str) -> Result<PathBuf> {
-        let target = self.volume_ds(vol);
-        let mut args = vec!["clone", "-o", "atime=off"];
-        let tbase = format!("{PROP_TBASE}=0");
-        if self.accounting == Accounting::Ledger {
-            args.extend(["-o", &tbase]);
+        if left == 0 {
+            self.destroy_container_if_empty(family, name)?;
         }
-        args.extend([origin, &target]);
-        zfs(&args).map_err(|e| match cmd::stderr_of(&e) {
-            Some(s) if s.contains("already exists") => SnapshotError::Exists {
-                kind: "volume",
-                name: vol.to_string(),
-            },
-            _ => e,
-        })?;
-        self.mounted_path(&target, "volume", vol)
+        Ok(removed)
     }
 }
 
@@ -557,82 +721,101 @@ impl SnapshotBackend for Zfs {
         populate: &mut dyn FnMut(&Path) -> Result<()>,
     ) -> Result<()> {
         validate_name(image)?;
-        self.check_len("base image", &[image, BASE_SNAP])?;
-        let ds = self.image_ds(image);
-        self.locks.with(&format!("img:{image}"), || {
-            if exists(&ds)? {
-                return Err(SnapshotError::Exists {
-                    kind: "base image",
-                    name: image.to_string(),
-                });
+        self.check_len(Family::Images, &[image, BASE_SNAP])?;
+        self.locks.with(&Family::Images.lock_key(image), || {
+            let mut incs = self.incarnations(Family::Images, image)?;
+            if let Some(live) = incs.iter().find(|i| !i.parked) {
+                if live.has_live_snap(BASE_SNAP) {
+                    return Err(SnapshotError::Exists {
+                        kind: "base image",
+                        name: image.to_string(),
+                    });
+                }
+                self.discard_unsealed_base(image, live, &incs)?;
+                incs = self.incarnations(Family::Images, image)?;
             }
-            zfs(["create", "-o", "atime=off", &ds]).map_err(|e| match cmd::stderr_of(&e) {
-                Some(s) if s.contains("already exists") => SnapshotError::Exists {
-                    kind: "base image",
-                    name: image.to_string(),
-                },
-                _ => e,
-            })?;
+            let n = Self::next_n(&incs);
+            let dataset = format!("{}/{n}", self.container(Family::Images, image));
             let mut guard = Cleanup {
-                dataset: Some(ds.clone()),
+                dataset: Some(dataset.clone()),
                 backend: self,
             };
-            let path = self.mounted_path(&ds, "base image", image)?;
+            let path = self.new_incarnation(Family::Images, image, None, n)?;
             populate(&path)?;
-            zfs(["set", "readonly=on", &ds])?;
-            zfs(["snapshot", &format!("{ds}@{BASE_SNAP}")])?;
+            zfs(["set", "readonly=on", &dataset])?;
+            zfs(["snapshot", &format!("{dataset}@{BASE_SNAP}")])?;
             guard.dataset = None;
-            tracing::info!(image, dataset = %ds, "created base image");
+            tracing::info!(image, dataset, "created base image");
             Ok(())
         })
     }
 
     fn has_base(&self, image: &str) -> Result<bool> {
         validate_name(image)?;
-        exists(&format!("{}@{BASE_SNAP}", self.image_ds(image)))
+        Ok(self
+            .live(Family::Images, image)?
+            .is_some_and(|i| i.has_live_snap(BASE_SNAP)))
     }
 
     fn destroy_base(&self, image: &str) -> Result<()> {
         validate_name(image)?;
-        let ds = self.image_ds(image);
-        self.locks.with(&format!("img:{image}"), || {
-            let base = SnapLoc {
-                dataset: ds.clone(),
-                snap: BASE_SNAP.to_string(),
-                active: false,
-            };
-            if !exists(&base.full())? {
-                return Err(SnapshotError::NotFound {
+        self.locks.with(&Family::Images.lock_key(image), || {
+            let incs = self.incarnations(Family::Images, image)?;
+            let inc = incs
+                .iter()
+                .find(|i| !i.parked && i.has_live_snap(BASE_SNAP))
+                .ok_or_else(|| SnapshotError::NotFound {
                     kind: "base image",
                     name: image.to_string(),
-                });
+                })?;
+            let base = SnapLoc {
+                dataset: inc.dataset.clone(),
+                snap: BASE_SNAP.to_string(),
+                live: false,
+            };
+            let destroyed = self.destroy_snapshot_now(&base)?;
+            if !destroyed {
+                zfs(["set", &format!("{PROP_DESTROYED}=on"), &base.full()])?;
             }
-            if !self.destroy_snapshot_now(&base)? {
-                self.hide_snapshot(&base)?;
-            }
-            self.retire(&ds, "img", image).map(drop)
+            let inc = Incarnation {
+                snaps: if destroyed {
+                    Vec::new()
+                } else {
+                    inc.snaps.clone()
+                },
+                ..inc.clone()
+            };
+            self.retire(Family::Images, image, &inc, &incs)?;
+            tracing::info!(image, "destroyed base image");
+            Ok(())
         })
     }
 
     fn create_volume(&self, vol: &str, image: &str) -> Result<PathBuf> {
         validate_name(vol)?;
         validate_name(image)?;
-        self.check_len("volume", &[vol])?;
-        let origin = format!("{}@{BASE_SNAP}", self.image_ds(image));
-        self.locks.with(vol, || {
-            if exists(&self.volume_ds(vol))? {
+        self.check_len(Family::Volumes, &[vol])?;
+        self.locks.with(&Family::Volumes.lock_key(vol), || {
+            let incs = self.incarnations(Family::Volumes, vol)?;
+            if incs.iter().any(|i| !i.parked) {
                 return Err(SnapshotError::Exists {
                     kind: "volume",
                     name: vol.to_string(),
                 });
             }
-            if !exists(&origin)? {
-                return Err(SnapshotError::NotFound {
+            let base = self
+                .live(Family::Images, image)?
+                .filter(|i| i.has_live_snap(BASE_SNAP))
+                .ok_or_else(|| SnapshotError::NotFound {
                     kind: "base image",
                     name: image.to_string(),
-                });
-            }
-            let path = self.clone_into(&origin, vol)?;
+                })?;
+            let path = self.new_incarnation(
+                Family::Volumes,
+                vol,
+                Some(&base.full(BASE_SNAP)),
+                Self::next_n(&incs),
+            )?;
             tracing::info!(vol, image, "created zfs volume");
             Ok(path)
         })
@@ -640,37 +823,40 @@ impl SnapshotBackend for Zfs {
 
     fn volume_path(&self, vol: &str) -> Result<PathBuf> {
         validate_name(vol)?;
-        self.mounted_path(&self.volume_ds(vol), "volume", vol)
+        let inc = self.require_live(Family::Volumes, vol)?;
+        self.ensure_mounted(&inc, Family::Volumes, vol)
     }
 
     fn snapshot(&self, vol: &str, snap: &str) -> Result<SnapshotInfo> {
         validate_name(vol)?;
         validate_name(snap)?;
-        self.check_len("snapshot", &[vol, snap])?;
-        let ds = self.volume_ds(vol);
-        let full = format!("{ds}@{snap}");
-        self.locks.with(vol, || {
-            // `(vol, snap)` names one snapshot, also across parked generations of `vol`.
-            if self.find_parked_snapshot(vol, snap)?.is_some() {
-                return Err(SnapshotError::Exists {
-                    kind: "snapshot",
-                    name: format!("{vol}@{snap}"),
+        self.check_len(Family::Volumes, &[vol, snap])?;
+        self.locks.with(&Family::Volumes.lock_key(vol), || {
+            let incs = self.incarnations(Family::Volumes, vol)?;
+            let live = incs
+                .iter()
+                .find(|i| !i.parked)
+                .ok_or_else(|| SnapshotError::NotFound { kind: "volume", name: vol.to_string() })?;
+            // `(vol, snap)` names one snapshot across every incarnation of `vol`.
+            if incs.iter().any(|i| i.has_live_snap(snap)) {
+                return Err(SnapshotError::Exists { kind: "snapshot", name: format!("{vol}@{snap}") });
+            }
+            if live.snaps.iter().any(|s| s.name == snap) {
+                return Err(SnapshotError::Busy {
+                    what: format!("snapshot {vol}@{snap}"),
+                    detail: "a destroyed snapshot of that name still has clones; gc frees the name once they are gone"
+                        .to_string(),
                 });
             }
-            zfs(["snapshot", &full]).map_err(|e| match cmd::stderr_of(&e) {
-                Some(s) if s.contains("already exists") => SnapshotError::Exists {
-                    kind: "snapshot",
-                    name: format!("{vol}@{snap}"),
-                },
-                _ => not_found(e, "volume", vol),
-            })?;
+            let full = live.full(snap);
+            zfs(["snapshot", &full])?;
             let bytes = match self.accounting {
                 Accounting::Written => num(&get(&full, &["written"])?[0]),
                 Accounting::Ledger => {
-                    let (total, tbase) = Self::ledger_total(&ds)?;
+                    let (total, tbase) = Self::ledger(&live.dataset)?;
                     let written = total.saturating_sub(tbase);
                     zfs(["set", &format!("{PROP_WRITTEN}={written}"), &full])?;
-                    zfs(["set", &format!("{PROP_TBASE}={total}"), &ds])?;
+                    zfs(["set", &format!("{PROP_TBASE}={total}"), &live.dataset])?;
                     written
                 }
             };
@@ -683,25 +869,28 @@ impl SnapshotBackend for Zfs {
         validate_name(vol)?;
         validate_name(snap)?;
         validate_name(new_vol)?;
-        self.check_len("volume", &[new_vol])?;
-        let loc = self
-            .find_snapshot(vol, snap)?
+        self.check_len(Family::Volumes, &[new_vol])?;
+        let loc = Self::find_snapshot(&self.incarnations(Family::Volumes, vol)?, snap)
             .ok_or_else(|| Self::snapshot_not_found(vol, snap))?;
-        self.locks.with(new_vol, || {
-            if exists(&self.volume_ds(new_vol))? {
+        self.locks.with(&Family::Volumes.lock_key(new_vol), || {
+            let incs = self.incarnations(Family::Volumes, new_vol)?;
+            if incs.iter().any(|i| !i.parked) {
                 return Err(SnapshotError::Exists {
                     kind: "volume",
                     name: new_vol.to_string(),
                 });
             }
-            let path =
-                self.clone_into(&loc.full(), new_vol)
-                    .map_err(|e| match cmd::stderr_of(&e) {
-                        Some(s) if s.contains("does not exist") => {
-                            Self::snapshot_not_found(vol, snap)
-                        }
-                        _ => e,
-                    })?;
+            let path = self
+                .new_incarnation(
+                    Family::Volumes,
+                    new_vol,
+                    Some(&loc.full()),
+                    Self::next_n(&incs),
+                )
+                .map_err(|e| match cmd::stderr_of(&e) {
+                    Some(s) if s.contains("does not exist") => Self::snapshot_not_found(vol, snap),
+                    _ => e,
+                })?;
             tracing::info!(vol, snap, new_vol, origin = %loc.full(), "cloned zfs snapshot");
             Ok(path)
         })
@@ -710,52 +899,61 @@ impl SnapshotBackend for Zfs {
     fn rollback(&self, vol: &str, snap: &str) -> Result<()> {
         validate_name(vol)?;
         validate_name(snap)?;
-        let ds = self.volume_ds(vol);
-        self.locks.with(vol, || {
-            if !exists(&ds)? {
-                return Err(SnapshotError::NotFound {
+        self.locks.with(&Family::Volumes.lock_key(vol), || {
+            let incs = self.incarnations(Family::Volumes, vol)?;
+            let live = incs
+                .iter()
+                .find(|i| !i.parked)
+                .ok_or_else(|| SnapshotError::NotFound {
                     kind: "volume",
                     name: vol.to_string(),
-                });
-            }
-            let loc = self
-                .find_snapshot(vol, snap)?
+                })?;
+            let loc = Self::find_snapshot(&incs, snap)
                 .ok_or_else(|| Self::snapshot_not_found(vol, snap))?;
-            let latest = snapshots_of(&ds)?.pop();
-            if loc.active && latest.as_deref() == Some(loc.full().as_str()) {
+            if loc.live && live.snaps.last().is_some_and(|s| s.name == snap) {
                 zfs_retry(["rollback", &loc.full()]).map_err(|e| busy(e, "volume", vol))?;
-                // `zfs rollback` remounts the dataset; make sure it is mounted again.
-                self.mounted_path(&ds, "volume", vol)?;
+                // `zfs rollback` may remount the dataset; make sure it is mounted.
+                let v = get(&live.dataset, &["mounted"])?;
+                self.ensure_mounted(
+                    &Incarnation {
+                        mounted: v[0] == "yes",
+                        ..live.clone()
+                    },
+                    Family::Volumes,
+                    vol,
+                )?;
                 tracing::info!(vol, snap, "rolled back zfs volume in place");
                 return Ok(());
             }
-            // Keep every later snapshot: park the volume and clone the target under its name.
-            let parked = self.retire(&ds, "vol", vol)?;
-            let origin = match (&parked, loc.active) {
-                // The volume moved, and its snapshot with it.
-                (Some(p), true) => format!("{p}@{snap}"),
-                (None, true) => return Err(Self::snapshot_not_found(vol, snap)),
-                (_, false) => loc.full(),
-            };
-            if let Err(e) = self.clone_into(&origin, vol) {
-                if let Some(p) = &parked {
-                    self.unpark(p, vol);
+            // Keep every later snapshot: park the volume and clone the target as the next
+            // incarnation, at the same mountpoint.
+            self.retire(Family::Volumes, vol, live, &[])?;
+            if let Err(e) =
+                self.new_incarnation(Family::Volumes, vol, Some(&loc.full()), Self::next_n(&incs))
+            {
+                if !live.snaps.is_empty() {
+                    self.unpark(live, Family::Volumes, vol);
                 }
                 return Err(e);
             }
-            tracing::info!(vol, snap, origin = %origin, "rolled back zfs volume by cloning");
+            tracing::info!(vol, snap, origin = %loc.full(), "rolled back zfs volume by cloning");
             Ok(())
         })
     }
 
     fn changed_since_last_snapshot(&self, vol: &str) -> Result<bool> {
         validate_name(vol)?;
-        let ds = self.volume_ds(vol);
-        self.force_sync(&ds, "volume", vol)?;
+        let live = self.require_live(Family::Volumes, vol)?;
+        // Make the accounting cover every write so far.
+        zfs([
+            "set",
+            &format!("{PROP_SYNC}={}", self.next_seq()),
+            &live.dataset,
+        ])?;
         Ok(match self.accounting {
-            Accounting::Written => num(&get(&ds, &["written"])?[0]) > 0,
+            Accounting::Written => num(&get(&live.dataset, &["written"])?[0]) > 0,
             Accounting::Ledger => {
-                let (total, tbase) = Self::ledger_total(&ds)?;
+                let (total, tbase) = Self::ledger(&live.dataset)?;
                 total > tbase
             }
         })
@@ -763,15 +961,16 @@ impl SnapshotBackend for Zfs {
 
     fn destroy_volume(&self, vol: &str) -> Result<()> {
         validate_name(vol)?;
-        let ds = self.volume_ds(vol);
-        self.locks.with(vol, || {
-            if !exists(&ds)? {
-                return Err(SnapshotError::NotFound {
+        self.locks.with(&Family::Volumes.lock_key(vol), || {
+            let incs = self.incarnations(Family::Volumes, vol)?;
+            let live = incs
+                .iter()
+                .find(|i| !i.parked)
+                .ok_or_else(|| SnapshotError::NotFound {
                     kind: "volume",
                     name: vol.to_string(),
-                });
-            }
-            self.retire(&ds, "vol", vol)?;
+                })?;
+            self.retire(Family::Volumes, vol, live, &incs)?;
             tracing::info!(vol, "destroyed zfs volume");
             Ok(())
         })
@@ -780,16 +979,10 @@ impl SnapshotBackend for Zfs {
     fn destroy_snapshot(&self, vol: &str, snap: &str) -> Result<()> {
         validate_name(vol)?;
         validate_name(snap)?;
-        self.locks.with(vol, || {
-            let loc = self
-                .find_snapshot(vol, snap)?
+        self.locks.with(&Family::Volumes.lock_key(vol), || {
+            let loc = Self::find_snapshot(&self.incarnations(Family::Volumes, vol)?, snap)
                 .ok_or_else(|| Self::snapshot_not_found(vol, snap))?;
-            if !self.destroy_snapshot_now(&loc)? {
-                self.hide_snapshot(&loc)?;
-            } else if !loc.active {
-                self.reap_parked_if_empty(&loc.dataset)?;
-            }
-            Ok(())
+            self.drop_snapshot(Family::Volumes, vol, &loc)
         })
     }
 
@@ -798,116 +991,75 @@ impl SnapshotBackend for Zfs {
             "list",
             "-H",
             "-o",
-            "name",
+            &format!("name,{PROP_PARKED},{PROP_DESTROYED}"),
             "-t",
             "filesystem,snapshot",
+            "-s",
+            "createtxg",
             "-r",
             &self.ds,
         ])?;
-        let images = format!("{}/images/", self.ds);
-        let volumes = format!("{}/volumes/", self.ds);
-        let parked = format!("{}/parked/", self.ds);
+        let images = format!("{}/", self.family_root(Family::Images));
+        let volumes = format!("{}/", self.family_root(Family::Volumes));
         let mut entries = Vec::new();
         for line in out.lines() {
-            let (ds, snap) = match line.split_once('@') {
-                Some((d, s)) => (d, Some(s)),
-                None => (line, None),
+            let f: Vec<&str> = line.split('\t').collect();
+            let [full, parked, destroyed] = f[..] else {
+                continue;
             };
-            if let Some(name) = ds.strip_prefix(&images) {
-                if snap == Some(BASE_SNAP) {
-                    entries.push(Entry::Base {
-                        name: name.to_string(),
-                    });
-                }
-            } else if let Some(name) = ds.strip_prefix(&volumes) {
-                match snap {
-                    None => entries.push(Entry::Volume {
-                        name: name.to_string(),
-                    }),
-                    Some(s) if !s.contains(':') => entries.push(Entry::Snapshot {
-                        volume: name.to_string(),
-                        name: s.to_string(),
-                    }),
-                    Some(_) => {}
-                }
-            } else if let Some(p) = ds.strip_prefix(&parked) {
-                if let (Some((tag, owner, _)), Some(s)) = (parse_parked(p), snap) {
-                    if tag == "vol" && !s.contains(':') {
-                        entries.push(Entry::Snapshot {
-                            volume: owner.to_string(),
-                            name: s.to_string(),
-                        });
-                    }
-                }
+            let (ds, snap) = match full.split_once('@') {
+                Some((d, s)) => (d, Some(s)),
+                None => (full, None),
+            };
+            let (family, rest) = if let Some(r) = ds.strip_prefix(&images) {
+                (Family::Images, r)
+            } else if let Some(r) = ds.strip_prefix(&volumes) {
+                (Family::Volumes, r)
+            } else {
+                continue;
+            };
+            // Incarnations only (`<name>/<n>`), not the per-name containers.
+            let Some((name, n)) = rest.split_once('/') else {
+                continue;
+            };
+            if n.parse::<u64>().is_err() {
+                continue;
+            }
+            // A snapshot inherits `sandtree:parked` from its incarnation.
+            let (parked, destroyed) = (parked == "on", destroyed == "on");
+            let entry = match (family, snap) {
+                (Family::Images, Some(BASE_SNAP)) if !parked && !destroyed => Entry::Base {
+                    name: name.to_string(),
+                },
+                (Family::Volumes, None) if !parked => Entry::Volume {
+                    name: name.to_string(),
+                },
+                (Family::Volumes, Some(s)) if !destroyed => Entry::Snapshot {
+                    volume: name.to_string(),
+                    name: s.to_string(),
+                },
+                _ => continue,
+            };
+            if !entries.contains(&entry) {
+                entries.push(entry);
             }
         }
-        // A snapshot name can exist both on a volume and on a parked generation of it.
-        let mut seen = std::collections::HashSet::new();
-        entries.retain(|e| seen.insert(format!("{e:?}")));
         Ok(entries)
     }
 
     fn gc(&self) -> Result<usize> {
         let _gc = self.gc_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut removed = 0;
-        let volumes = format!("{}/volumes/", self.ds);
-        let out = zfs(["list", "-H", "-o", "name", "-t", "snapshot", "-r", &self.ds])?;
-        for line in out.lines() {
-            let Some((ds, snap)) = line.split_once('@') else {
-                continue;
-            };
-            if !snap.contains(':') {
-                continue;
-            }
-            let (key, active) = match ds.strip_prefix(&volumes) {
-                Some(vol) => (vol.to_string(), true),
-                None => (
-                    ds.rsplit('/')
-                        .next()
-                        .and_then(parse_parked)
-                        .map(|(_, o, _)| o)
-                        .unwrap_or(ds)
-                        .to_string(),
-                    false,
-                ),
-            };
-            let loc = SnapLoc {
-                dataset: ds.to_string(),
-                snap: snap.to_string(),
-                active,
-            };
-            match self.locks.with(&key, || self.destroy_snapshot_now(&loc)) {
-                Ok(true) => removed += 1,
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(snapshot = line, error = %e, "gc could not destroy hidden snapshot")
-                }
-            }
-        }
-        let out = zfs([
-            "list",
-            "-H",
-            "-o",
-            "name",
-            "-t",
-            "filesystem",
-            "-d",
-            "1",
-            &self.parked_root(),
-        ])?;
-        for ds in out.lines().filter(|l| l.contains(':')) {
-            let key = ds
-                .rsplit('/')
-                .next()
-                .and_then(parse_parked)
-                .map(|(_, o, _)| o)
-                .unwrap_or(ds)
-                .to_string();
-            match self.locks.with(&key, || self.reap_parked_if_empty(ds)) {
-                Ok(true) => removed += 1,
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(dataset = ds, error = %e, "gc could not destroy parked dataset")
+        for family in [Family::Images, Family::Volumes] {
+            for name in self.names(family)? {
+                match self
+                    .locks
+                    .with(&family.lock_key(&name), || self.gc_name(family, &name))
+                {
+                    Ok(n) => removed += n,
+                    Err(e) => {
+                        tracing::warn!(name, kind = family.kind(), error = %e, "gc could not finish")
+                    }
                 }
             }
         }
@@ -935,10 +1087,13 @@ impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
         if let Some(ds) = self.dataset.take() {
             tracing::warn!(dataset = %ds, "create_base failed; destroying the half-made image");
-            let result = self
-                .backend
-                .unmount(&ds)
-                .and_then(|()| zfs_retry(["destroy", "-r", &ds]).map(drop));
+            let result = match exists(&ds) {
+                Ok(false) => Ok(()),
+                _ => self
+                    .backend
+                    .unmount(&ds)
+                    .and_then(|()| zfs_retry(["destroy", "-r", &ds]).map(drop)),
+            };
             if let Err(e) = result {
                 tracing::error!(dataset = %ds, error = %e, "cannot destroy half-made base image");
             }
@@ -946,7 +1101,7 @@ impl Drop for Cleanup<'_> {
     }
 }
 
-/// Per-name locks: operations on one volume are serialized against gc and each other.
+/// Per-name locks: operations on one name are serialized against gc and each other.
 #[derive(Debug, Default)]
 struct Locks(Mutex<HashMap<String, Arc<Mutex<()>>>>);
 
@@ -1022,7 +1177,7 @@ fn snapshots_of(dataset: &str) -> Result<Vec<String>> {
     ])?;
     Ok(out
         .lines()
-        .filter(|l| l.starts_with(dataset) && l[dataset.len()..].starts_with('@'))
+        .filter(|l| l.strip_prefix(dataset).is_some_and(|r| r.starts_with('@')))
         .map(str::to_string)
         .collect())
 }
@@ -1030,25 +1185,6 @@ fn snapshots_of(dataset: &str) -> Result<Vec<String>> {
 /// A numeric property; `-` (unset) is 0.
 fn num(v: &str) -> u64 {
     v.trim().parse().unwrap_or(0)
-}
-
-/// `vol:<name>:<n>` or `img:<name>:<n>`.
-fn parse_parked(component: &str) -> Option<(&str, &str, u64)> {
-    let mut it = component.splitn(3, ':');
-    let tag = it.next()?;
-    let name = it.next()?;
-    let n = it.next()?.parse().ok()?;
-    matches!(tag, "vol" | "img").then_some((tag, name, n))
-}
-
-fn not_found(e: SnapshotError, kind: &'static str, name: &str) -> SnapshotError {
-    match cmd::stderr_of(&e) {
-        Some(s) if s.contains("does not exist") => SnapshotError::NotFound {
-            kind,
-            name: name.to_string(),
-        },
-        _ => e,
-    }
 }
 
 fn busy(e: SnapshotError, kind: &str, name: &str) -> SnapshotError {
@@ -1063,7 +1199,7 @@ fn busy(e: SnapshotError, kind: &str, name: &str) -> SnapshotError {
 
 fn check_dataset_name(ds: &str) -> Result<()> {
     let ok = ds.contains('/')
-        && ds.len() < 200
+        && ds.len() < 160
         && ds.split('/').all(|c| {
             !c.is_empty()
                 && c != "."
@@ -1079,16 +1215,9 @@ fn check_dataset_name(ds: &str) -> Result<()> {
     }
 }
 
-fn absolute(p: &Path) -> Result<PathBuf> {
-    std::path::absolute(p).map_err(|source| SnapshotError::Io {
-        context: format!("cannot make {} absolute", p.display()),
-        source,
-    })
-}
-
 fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
-        .filter(|s| !s.contains(['\t', '\n', ' ']))
+        .filter(|s| !s.contains(['\t', '\n', ' ', ',']))
         .ok_or_else(|| {
             SnapshotError::Unsupported(format!(
                 "zfs mountpoint {} must be plain UTF-8 without spaces",
@@ -1097,18 +1226,13 @@ fn path_str(p: &Path) -> Result<&str> {
         })
 }
 
+fn io(context: String, source: std::io::Error) -> SnapshotError {
+    SnapshotError::Io { context, source }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_parked_names() {
-        assert_eq!(parse_parked("vol:a.b-c:3"), Some(("vol", "a.b-c", 3)));
-        assert_eq!(parse_parked("img:base:12"), Some(("img", "base", 12)));
-        assert_eq!(parse_parked("vol:a"), None);
-        assert_eq!(parse_parked("other:a:1"), None);
-        assert_eq!(parse_parked("vol:a:x"), None);
-    }
 
     #[test]
     fn dataset_names_are_checked() {
@@ -1126,5 +1250,38 @@ mod tests {
     fn unset_numbers_are_zero() {
         assert_eq!(num("-"), 0);
         assert_eq!(num("1234\n"), 1234);
+    }
+
+    fn inc(n: u64, parked: bool, snaps: &[(&str, bool)]) -> Incarnation {
+        Incarnation {
+            n,
+            dataset: format!("p/s/volumes/v/{n}"),
+            parked,
+            mountpoint: "/m/volumes/v".into(),
+            mounted: !parked,
+            snaps: snaps
+                .iter()
+                .map(|(s, d)| Snap {
+                    name: s.to_string(),
+                    destroyed: *d,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn snapshots_resolve_to_the_live_incarnation_first_then_the_newest_parked() {
+        let incs = [
+            inc(1, true, &[("a", false), ("b", false)]),
+            inc(2, true, &[("a", false), ("c", true)]),
+            inc(3, false, &[("b", false)]),
+        ];
+        let find = |s| Zfs::find_snapshot(&incs, s).map(|l| (l.dataset, l.live));
+        assert_eq!(find("b"), Some(("p/s/volumes/v/3".into(), true)));
+        assert_eq!(find("a"), Some(("p/s/volumes/v/2".into(), false)));
+        assert_eq!(find("c"), None, "hidden snapshots are not found");
+        assert_eq!(find("z"), None);
+        assert_eq!(Zfs::next_n(&incs), 4);
+        assert_eq!(Zfs::next_n(&[]), 1);
     }
 }

@@ -7,7 +7,10 @@ use common::{for_each_backend, make_base, read, write};
 use sandtree_storage::{Entry, Kind, SnapshotError};
 
 fn snap(vol: &str, name: &str) -> Entry {
-    Entry::Snapshot { volume: vol.into(), name: name.into() }
+    Entry::Snapshot {
+        volume: vol.into(),
+        name: name.into(),
+    }
 }
 
 #[test]
@@ -20,11 +23,24 @@ fn destroying_a_volume_keeps_its_clones_and_snapshots() {
         let c = b.clone_snapshot("v", "s", "c").unwrap();
 
         b.destroy_volume("v").unwrap();
-        assert_eq!(read(&c.join("f")), "from v", "clone broken by destroying its origin volume");
+        assert_eq!(
+            read(&c.join("f")),
+            "from v",
+            "clone broken by destroying its origin volume"
+        );
         let list = b.list().unwrap();
-        assert!(!list.contains(&Entry::Volume { name: "v".into() }), "{list:?}");
-        assert!(list.contains(&snap("v", "s")), "snapshot gone with its volume: {list:?}");
-        assert!(matches!(b.volume_path("v"), Err(SnapshotError::NotFound { kind: "volume", .. })));
+        assert!(
+            !list.contains(&Entry::Volume { name: "v".into() }),
+            "{list:?}"
+        );
+        assert!(
+            list.contains(&snap("v", "s")),
+            "snapshot gone with its volume: {list:?}"
+        );
+        assert!(matches!(
+            b.volume_path("v"),
+            Err(SnapshotError::NotFound { kind: "volume", .. })
+        ));
 
         // Still addressable by (vol, snap).
         let c2 = b.clone_snapshot("v", "s", "c2").unwrap();
@@ -33,9 +49,22 @@ fn destroying_a_volume_keeps_its_clones_and_snapshots() {
         // Destroying a snapshot that has clones works too, and the clones stay whole.
         b.destroy_snapshot("v", "s").unwrap();
         assert!(!b.list().unwrap().contains(&snap("v", "s")));
-        assert!(matches!(b.clone_snapshot("v", "s", "c3"), Err(SnapshotError::NotFound { kind: "snapshot", .. })));
-        assert!(matches!(b.destroy_snapshot("v", "s"), Err(SnapshotError::NotFound { .. })));
-        assert_eq!(gc_until_stable(&**b), 0, "nothing can be reaped while clones exist");
+        assert!(matches!(
+            b.clone_snapshot("v", "s", "c3"),
+            Err(SnapshotError::NotFound {
+                kind: "snapshot",
+                ..
+            })
+        ));
+        assert!(matches!(
+            b.destroy_snapshot("v", "s"),
+            Err(SnapshotError::NotFound { .. })
+        ));
+        assert_eq!(
+            gc_until_stable(&**b),
+            0,
+            "nothing can be reaped while clones exist"
+        );
         assert_eq!(read(&c.join("f")), "from v");
         assert_eq!(read(&c2.join("f")), "from v");
 
@@ -93,15 +122,27 @@ fn a_volume_name_can_be_reused_but_snapshot_names_stay_unique() {
         assert!(!v.join("gen").exists(), "a new volume starts from its base");
         write(&v.join("gen"), b"new");
         let e = b.snapshot("v", "s").unwrap_err();
-        assert!(matches!(&e, SnapshotError::Exists { kind: "snapshot", name } if name == "v@s"), "{e:?}");
+        assert!(
+            matches!(&e, SnapshotError::Exists { kind: "snapshot", name } if name == "v@s"),
+            "{e:?}"
+        );
         b.snapshot("v", "t").unwrap();
-        assert_eq!(read(&b.clone_snapshot("v", "s", "old").unwrap().join("gen")), "old");
-        assert_eq!(read(&b.clone_snapshot("v", "t", "new").unwrap().join("gen")), "new");
+        assert_eq!(
+            read(&b.clone_snapshot("v", "s", "old").unwrap().join("gen")),
+            "old"
+        );
+        assert_eq!(
+            read(&b.clone_snapshot("v", "t", "new").unwrap().join("gen")),
+            "new"
+        );
 
         // Destroy the current volume too: both generations' snapshots stay addressable.
         b.destroy_volume("v").unwrap();
         let list = b.list().unwrap();
-        assert!(list.contains(&snap("v", "s")) && list.contains(&snap("v", "t")), "{list:?}");
+        assert!(
+            list.contains(&snap("v", "s")) && list.contains(&snap("v", "t")),
+            "{list:?}"
+        );
         for vol in ["old", "new"] {
             b.destroy_volume(vol).unwrap();
         }
@@ -120,7 +161,13 @@ fn destroying_a_base_keeps_its_volumes() {
         b.destroy_base("img").unwrap();
         assert!(!b.has_base("img").unwrap());
         assert_eq!(read(&v.join("etc/hostname")), "base");
-        assert!(matches!(b.create_volume("w", "img"), Err(SnapshotError::NotFound { kind: "base image", .. })));
+        assert!(matches!(
+            b.create_volume("w", "img"),
+            Err(SnapshotError::NotFound {
+                kind: "base image",
+                ..
+            })
+        ));
         assert_eq!(b.gc().unwrap(), 0, "the base is still needed by v");
         // The name is free again.
         make_base(&**b, "img");

@@ -88,15 +88,3 @@ fn background_worker_fork4_btrfs() {
         );
     }
 }
-
-#[test]
-fn counter_daemon_fork4_zfs_fuse() {
-    if require_sandbox_host() && require_zfs() {
-        fork4(
-            Storage::Zfs,
-            "shell-counter-daemon",
-            "echo tick > q; sleep 0.2; cat count",
-            5,
-        );
-    }
-}
