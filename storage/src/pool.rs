@@ -31,8 +31,11 @@ pub struct Mount {
 
 /// The mount at exactly `path` (the topmost one if several are stacked), if any.
 pub fn mount_at(path: &Path) -> Result<Option<Mount>> {
-    let path = std::fs::canonicalize(path)
-        .map_err(|source| io(format!("cannot resolve {}", path.display()), source))?;
+    let path = match std::fs::canonicalize(path) {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(io(format!("cannot resolve {}", path.display()), source)),
+    };
     Ok(mounts()?.into_iter().rev().find(|m| m.mount_point == path))
 }
 

@@ -266,9 +266,6 @@ impl Zfs {
 
     /// Creates a container dataset (never mounted) if it is missing.
     fn ensure_container(&self, full: &str) -> Result<()> {
-        if exists(full)? {
-            return Ok(());
-        }
         match zfs([
             "create",
             "-o",
@@ -499,7 +496,10 @@ impl Zfs {
         origin: Option<&str>,
         n: u64,
     ) -> Result<PathBuf> {
-        self.ensure_container(&self.container(family, name))?;
+        if n == 1 {
+            // The first incarnation: the container may not exist yet.
+            self.ensure_container(&self.container(family, name))?;
+        }
         let dataset = format!("{}/{n}", self.container(family, name));
         let mountpoint = self.mountpoint(family, name);
         let mp = format!("mountpoint={}", path_str(&mountpoint)?);
@@ -523,13 +523,16 @@ impl Zfs {
             }
             tracing::debug!(dataset, error = %e, "dataset made but not mounted; mounting again");
         }
-        let v = get(&dataset, &["mountpoint", "mounted"])?;
+        // Both create and clone mount the new dataset; check the mount table, which costs no
+        // zfs command, and mount only if it is not there.
+        let mounted = crate::pool::mount_at(&mountpoint)?
+            .is_some_and(|m| m.source == dataset && m.fstype.contains("zfs"));
         let inc = Incarnation {
             n,
             dataset,
             parked: false,
-            mountpoint: v[0].clone(),
-            mounted: v[1] == "yes",
+            mountpoint: path_str(&mountpoint)?.to_string(),
+            mounted,
             snaps: Vec::new(),
         };
         self.ensure_mounted(&inc, family, name)
@@ -1049,18 +1052,27 @@ impl SnapshotBackend for Zfs {
 
     fn gc(&self) -> Result<usize> {
         let _gc = self.gc_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // Reaping one object can free another (a clone's origin, a chain of clones), so repeat
+        // until a pass removes nothing. Volumes go first: they are what holds a base.
         let mut removed = 0;
-        for family in [Family::Images, Family::Volumes] {
-            for name in self.names(family)? {
-                match self
-                    .locks
-                    .with(&family.lock_key(&name), || self.gc_name(family, &name))
-                {
-                    Ok(n) => removed += n,
-                    Err(e) => {
-                        tracing::warn!(name, kind = family.kind(), error = %e, "gc could not finish")
+        loop {
+            let mut pass = 0;
+            for family in [Family::Volumes, Family::Images] {
+                for name in self.names(family)? {
+                    match self
+                        .locks
+                        .with(&family.lock_key(&name), || self.gc_name(family, &name))
+                    {
+                        Ok(n) => pass += n,
+                        Err(e) => {
+                            tracing::warn!(name, kind = family.kind(), error = %e, "gc could not finish")
+                        }
                     }
                 }
+            }
+            removed += pass;
+            if pass == 0 {
+                break;
             }
         }
         if removed > 0 {

@@ -43,6 +43,8 @@ pub fn is_root() -> bool {
 /// One backend under test, with whatever must be torn down after it.
 pub struct Fixture {
     pub backend: Box<dyn SnapshotBackend>,
+    /// Opens the same backend again, as a restarted service would.
+    reopen: Box<dyn Fn() -> Box<dyn SnapshotBackend>>,
     /// Dropped after `backend`.
     _guard: Guard,
 }
@@ -50,6 +52,11 @@ pub struct Fixture {
 impl Fixture {
     pub fn kind(&self) -> Kind {
         self.backend.kind()
+    }
+
+    /// A second handle on the same storage, opened from scratch.
+    pub fn reopen(&self) -> Box<dyn SnapshotBackend> {
+        (self.reopen)()
     }
 }
 
@@ -141,9 +148,14 @@ impl Drop for ZfsPool {
 
 pub fn dir_fixture() -> Fixture {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let backend = dir::Dir::open(&tmp.path().join("dir")).expect("open dir backend");
+    let root = tmp.path().join("dir");
+    let backend = dir::Dir::open(&root).expect("open dir backend");
+    let reopen = Box::new(move || {
+        Box::new(dir::Dir::open(&root).expect("reopen dir")) as Box<dyn SnapshotBackend>
+    });
     Fixture {
         backend: Box::new(backend),
+        reopen,
         _guard: Guard::Dir(tmp),
     }
 }
@@ -173,8 +185,13 @@ pub fn btrfs_fixture() -> Option<Fixture> {
     }
     let lp = BtrfsLoop::new().expect("make btrfs loop image");
     let backend = btrfs::Btrfs::open(&lp.mnt).expect("open btrfs backend");
+    let mnt = lp.mnt.clone();
+    let reopen = Box::new(move || {
+        Box::new(btrfs::Btrfs::open(&mnt).expect("reopen btrfs")) as Box<dyn SnapshotBackend>
+    });
     Some(Fixture {
         backend: Box::new(backend),
+        reopen,
         _guard: Guard::Btrfs(lp),
     })
 }
@@ -230,15 +247,23 @@ pub fn zfs_pool() -> Option<ZfsPool> {
 pub fn zfs_fixture() -> Option<Fixture> {
     let p = zfs_pool()?;
     let backend = zfs::Zfs::open(&p.dataset(), &p.state_dir()).expect("open zfs backend");
+    let (ds, state) = (p.dataset(), p.state_dir());
+    let reopen = Box::new(move || {
+        Box::new(zfs::Zfs::open(&ds, &state).expect("reopen zfs")) as Box<dyn SnapshotBackend>
+    });
     Some(Fixture {
         backend: Box::new(backend),
+        reopen,
         _guard: Guard::Zfs(p),
     })
 }
 
+/// A backend kind and the function that makes a fresh fixture of it.
+type Maker = (&'static str, fn() -> Option<Fixture>);
+
 /// Runs `body` against a fresh backend of every kind that can run here.
 pub fn for_each_backend(body: impl Fn(&Fixture)) {
-    let makers: [(&str, fn() -> Option<Fixture>); 3] = [
+    let makers: [Maker; 3] = [
         ("dir", || Some(dir_fixture())),
         ("btrfs", btrfs_fixture),
         ("zfs", zfs_fixture),
