@@ -5,6 +5,17 @@
 //! with its standard input closed, and is logged at debug level with its duration. A failure
 //! becomes [`SnapshotError::Command`] carrying the full command line, the exit status and the
 //! trimmed standard error.
+//!
+//! # zfs-fuse
+//!
+//! When the zfs-fuse daemon is running, every `zfs` and `zpool` command runs under one host-wide
+//! lock ([`ZFS_FUSE_LOCK`], taken with flock(1)), across threads and processes. zfs-fuse hands
+//! each new mount to its FUSE listener threads through a pipe with two `write`s (a header, then
+//! the mountpoint); two mounts at once interleave those writes, a listener thread then reads a
+//! garbage length and blocks in `read` forever while holding the listener mutex, and every FUSE
+//! request on every zfs-fuse mount of the host hangs until the daemon is restarted. (Seen here:
+//! a listener blocked in `read(6, buf, 0x656d7304)` after parallel tests mounted clones.)
+//! OpenZFS has no such problem and gets no lock.
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
@@ -12,6 +23,48 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use crate::{Result, SnapshotError};
+
+/// The lock file that serializes zfs and zpool commands while zfs-fuse runs (see module docs).
+pub const ZFS_FUSE_LOCK: &str = "/run/lock/sandtree-zfs-fuse.lock";
+
+/// How long a zfs or zpool command waits for [`ZFS_FUSE_LOCK`] before failing.
+const ZFS_FUSE_LOCK_WAIT_SECS: &str = "300";
+
+/// Whether zfs and zpool commands must be serialized: zfs-fuse is the zfs here and flock(1)
+/// exists. Probed once per process.
+pub fn zfs_fuse_serialized() -> bool {
+    static PROBE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PROBE.get_or_init(|| {
+        let fuse = zfs_fuse_running();
+        let flock = find_program("flock").is_some();
+        if fuse && !flock {
+            tracing::warn!(
+                "zfs-fuse runs but flock(1) is missing: zfs commands are not serialized"
+            );
+        }
+        if let Some(dir) = Path::new(ZFS_FUSE_LOCK).parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        fuse && flock
+    })
+}
+
+/// Whether a process named `zfs-fuse` runs on this host.
+pub fn zfs_fuse_running() -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .any(|e| {
+            std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "zfs-fuse")
+        })
+}
 
 /// Runs `program` with `args` and returns its standard output (lossily decoded as UTF-8).
 pub fn run<I, S>(program: &str, args: I) -> Result<String>
@@ -24,9 +77,22 @@ where
         .map(|a| a.as_ref().to_os_string())
         .collect();
     let line = command_line(program, &args);
+    if matches!(program, "zfs" | "zpool") && zfs_fuse_serialized() {
+        let mut wrapped: Vec<OsString> = ["-w", ZFS_FUSE_LOCK_WAIT_SECS, ZFS_FUSE_LOCK, program]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        wrapped.extend(args);
+        return run_as("flock", &wrapped, line);
+    }
+    run_as(program, &args, line)
+}
+
+/// Runs `program` with `args`, naming it `line` in logs and errors.
+fn run_as(program: &str, args: &[OsString], line: String) -> Result<String> {
     let started = Instant::now();
     let output = Command::new(program)
-        .args(&args)
+        .args(args)
         .env("LC_ALL", "C")
         .stdin(Stdio::null())
         .output()

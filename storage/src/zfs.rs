@@ -204,7 +204,16 @@ impl Zfs {
                 return Err(e);
             }
             tracing::info!(dataset, "creating zfs dataset");
-            zfs(["create", "-p", "-o", "atime=off", dataset])?;
+            // Made by us, so never mounted: only the incarnations below it are.
+            zfs([
+                "create",
+                "-p",
+                "-o",
+                "atime=off",
+                "-o",
+                "canmount=off",
+                dataset,
+            ])?;
         }
         let v = get(dataset, &[PROP_LAYOUT, "atime"])?;
         match v[0].as_str() {
@@ -475,16 +484,15 @@ impl Zfs {
         Ok(PathBuf::from(&inc.mountpoint))
     }
 
+    /// Unmounts `dataset`; not being mounted is fine.
     fn unmount(&self, dataset: &str) -> Result<()> {
-        if get(dataset, &["mounted"])?[0] == "yes" {
-            match zfs_retry(["unmount", dataset]) {
-                Ok(_) => {}
-                Err(e)
-                    if cmd::stderr_of(&e).is_some_and(|s| s.contains("not currently mounted")) => {}
-                Err(e) => return Err(busy(e, "dataset", dataset)),
+        match zfs_retry(["unmount", dataset]) {
+            Err(e) if cmd::stderr_of(&e).is_some_and(|s| s.contains("not currently mounted")) => {
+                Ok(())
             }
+            Err(e) => Err(busy(e, "dataset", dataset)),
+            Ok(_) => Ok(()),
         }
-        Ok(())
     }
 
     /// Makes a new live incarnation of `name` by `zfs create` (no origin) or `zfs clone`, and
@@ -547,7 +555,9 @@ impl Zfs {
         inc: &Incarnation,
         all: &[Incarnation],
     ) -> Result<()> {
-        self.unmount(&inc.dataset)?;
+        if inc.mounted {
+            self.unmount(&inc.dataset)?;
+        }
         if inc.snaps.is_empty() {
             destroy_dataset(&inc.dataset)?;
             if all.len() == 1 {
@@ -710,6 +720,11 @@ impl SnapshotBackend for Zfs {
         let how = match self.accounting {
             Accounting::Written => "written property",
             Accounting::Ledger => "space ledger, no written property",
+        };
+        let how = if cmd::zfs_fuse_serialized() {
+            format!("{how}; zfs-fuse, commands serialized")
+        } else {
+            how.to_string()
         };
         format!(
             "zfs dataset {} mounted under {} ({how})",

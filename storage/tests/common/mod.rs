@@ -213,7 +213,7 @@ pub fn zfs_missing() -> Option<String> {
                 }
             }
             if cmd::run("zpool", ["list", "-H"]).is_ok() {
-                return None;
+                return zfs_fuse_wedged();
             }
             let Some(daemon) = cmd::find_program("zfs-fuse") else {
                 return Some("zfs commands fail and there is no zfs-fuse daemon to start".into());
@@ -227,13 +227,57 @@ pub fn zfs_missing() -> Option<String> {
             }
             for _ in 0..50 {
                 if cmd::run("zpool", ["list", "-H"]).is_ok() {
-                    return None;
+                    return zfs_fuse_wedged();
                 }
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
             Some("zfs-fuse was started but zpool still fails".into())
         })
         .clone()
+}
+
+/// zfs-fuse can wedge for good (see `sandtree_storage::cmd`): its commands still answer, but
+/// every FUSE request on its mounts hangs. Tests would then hang too, so probe a fresh mount
+/// once, with a timeout, and report a wedged daemon as a reason instead.
+fn zfs_fuse_wedged() -> Option<String> {
+    if !cmd::zfs_fuse_running() {
+        return None;
+    }
+    const WEDGED: &str = "zfs-fuse is wedged: I/O on a fresh mount hangs (a known zfs-fuse bug \
+                          after concurrent mounts); restart the zfs-fuse daemon";
+    // A probe pool left by an earlier probe could not be destroyed because the daemon was
+    // wedged; if it still cannot be, the daemon still is, and another probe would leak another.
+    let pools = cmd::run("zpool", ["list", "-H", "-o", "name"]).unwrap_or_default();
+    for old in pools.lines().filter(|p| p.starts_with("stprobe")) {
+        if cmd::run("timeout", ["30", "zpool", "destroy", "-f", old]).is_err() {
+            return Some(WEDGED.into());
+        }
+    }
+    let dir = tempfile::tempdir().ok()?;
+    let name = format!("stprobe{}", std::process::id());
+    let mnt = dir.path().join("mnt");
+    if let Err(e) = pool::create_file_pool(&name, &dir.path().join("probe.img"), 64 << 20) {
+        return Some(format!("cannot create a zfs-fuse probe pool: {e}"));
+    }
+    let mounted = cmd::run(
+        "zfs",
+        ["set", &format!("mountpoint={}", mnt.display()), &name],
+    );
+    let script = format!("echo ok > {0}/probe && cat {0}/probe", mnt.display());
+    let io = cmd::run("timeout", ["10", "sh", "-c", &script]);
+    if io.is_err() {
+        // Detach the hung mount in the kernel; the daemon is of no help any more.
+        let _ = cmd::run(
+            "umount",
+            [std::ffi::OsStr::new("-l"), "-c".as_ref(), mnt.as_os_str()],
+        );
+    }
+    let _ = cmd::run("timeout", ["30", "zpool", "destroy", "-f", &name]);
+    match (mounted, io) {
+        (Ok(_), Ok(out)) if out.trim() == "ok" => None,
+        (Err(e), _) => Some(format!("zfs-fuse cannot mount a probe dataset: {e}")),
+        _ => Some(WEDGED.into()),
+    }
 }
 
 pub fn zfs_pool() -> Option<ZfsPool> {
