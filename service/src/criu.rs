@@ -75,13 +75,8 @@ impl Criu {
                 bin: PathBuf::from(p),
             };
         }
-        let path = std::env::var("PATH").unwrap_or_default();
-        let bin = path
-            .split(':')
-            .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"])
-            .map(|d| Path::new(d).join("criu"))
-            .find(|p| p.is_file())
-            .unwrap_or_else(|| PathBuf::from("criu"));
+        let bin =
+            sandtree_storage::cmd::find_program("criu").unwrap_or_else(|| PathBuf::from("criu"));
         Criu { bin }
     }
 

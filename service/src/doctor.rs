@@ -205,11 +205,5 @@ pub fn probes() -> Vec<Probe> {
 }
 
 fn which(tool: &str) -> Option<String> {
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"])
-        .map(|d| Path::new(d).join(tool))
-        .find(|p| p.is_file())
-        .map(|p| p.display().to_string())
+    sandtree_storage::cmd::find_program(tool).map(|p| p.display().to_string())
 }
