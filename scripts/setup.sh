@@ -17,7 +17,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 PKGS=(
   clang llvm libbpf-dev linux-libc-dev btrfs-progs zfs-fuse busybox-static debootstrap runc
-  iptables iproute2 protobuf-compiler pkg-config build-essential xz-utils dpkg-dev curl ca-certificates
+  patch iptables iproute2 protobuf-compiler pkg-config build-essential xz-utils dpkg-dev curl ca-certificates
   # CRIU build dependencies (MACHINE-NOTES)
   libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler python3-protobuf libnl-3-dev libnet1-dev
   libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev python3
@@ -36,9 +36,14 @@ else
 fi
 
 # ---- CRIU ------------------------------------------------------------------------------------------
+# Our patches to CRIU (scripts/patches/criu-$CRIU_VERSION-*.patch) are part of the cache key.
+PATCHES=("$(dirname "$0")"/patches/criu-"$CRIU_VERSION"-*.patch)
+CRIU_BUILD="$CRIU_VERSION-$(cat "${PATCHES[@]}" | sha256sum | cut -c1-12)"
+CRIU_CACHED="$CACHE/criu-$CRIU_BUILD/criu"
+
 have_criu() {
   local bin="$CRIU_PREFIX/sbin/criu"
-  [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -q "Version: $CRIU_VERSION"
+  [ -x "$bin" ] && [ -x "$CRIU_CACHED" ] && cmp -s "$bin" "$CRIU_CACHED"
 }
 
 debian_mirror() {
@@ -56,7 +61,7 @@ debian_mirror() {
 }
 
 build_criu() {
-  local cached="$CACHE/criu-$CRIU_VERSION/criu"
+  local cached="$CRIU_CACHED"
   if [ -x "$cached" ] && "$cached" --version 2>/dev/null | grep -q "Version: $CRIU_VERSION"; then
     log "criu $CRIU_VERSION: using cached build $cached"
   else
@@ -88,6 +93,11 @@ SRC
     echo "$want  $work/dl/$tarball" | sha256sum -c --quiet - || { echo "$tarball: sha256 mismatch" >&2; exit 1; }
     rm -rf "$work/build" && mkdir -p "$work/build"
     tar -xJf "$work/dl/$tarball" -C "$work/build" --strip-components=1
+    local p
+    for p in "${PATCHES[@]}"; do
+      log "criu $CRIU_VERSION: applying $(basename "$p")"
+      patch -d "$work/build" -p1 --quiet <"$p" || { echo "patch $p does not apply" >&2; exit 1; }
+    done
     log "criu $CRIU_VERSION: building (about 2 minutes)"
     # Debian's python3 must be used for the build (it has python3-protobuf), not a pyenv shim.
     (cd "$work/build" && PATH=/usr/sbin:/usr/bin:/sbin:/bin make -j"$(nproc)" criu >"$work/build.log" 2>&1) ||
@@ -111,4 +121,4 @@ if ! pgrep -x zfs-fuse >/dev/null; then
   zfs-fuse
   for _ in $(seq 50); do zpool list >/dev/null 2>&1 && break; sleep 0.1; done
 fi
-log "done: $("$CRIU_PREFIX/sbin/criu" --version | head -n1)"
+log "done: $("$CRIU_PREFIX/sbin/criu" --version | head -n1) (build $CRIU_BUILD)"

@@ -303,6 +303,7 @@ impl<'t> WriteTables<'t> {
             kind,
             state,
             bytes: 0,
+            image_bytes: 0,
             snapshot: None,
             images: None,
             timings_ms: None,
@@ -619,6 +620,7 @@ impl Tree {
             node.snapshot = artifacts.snapshot;
             node.images = artifacts.images;
             node.bytes = artifacts.bytes;
+            node.image_bytes = artifacts.image_bytes;
             node.timings_ms = artifacts.timings;
             put_node(&mut t.nodes, &node)?;
             Ok(node)

@@ -352,6 +352,9 @@ pub struct Node {
     pub state: NodeState,
     /// Checkpoint bytes (snapshot bytes + CRIU image bytes).
     pub bytes: u64,
+    /// The CRIU image part of `bytes` (full nodes).
+    #[serde(default)]
+    pub image_bytes: u64,
     /// Filesystem snapshot, once committed.
     pub snapshot: Option<SnapshotRef>,
     /// CRIU image directory, once committed (full checkpoints).
@@ -375,6 +378,9 @@ pub struct NodeArtifacts {
     pub images: Option<String>,
     /// Total checkpoint bytes.
     pub bytes: u64,
+    /// The CRIU image part of `bytes`.
+    #[serde(default)]
+    pub image_bytes: u64,
     /// Timings.
     pub timings: Option<NodeTimings>,
 }

@@ -151,7 +151,7 @@ fn crash_child() {
     let mut i = 0u64;
     while std::time::Instant::now() < deadline {
         i += 1;
-        let kind = if i % 3 == 0 {
+        let kind = if i.is_multiple_of(3) {
             NodeKind::Full
         } else {
             NodeKind::Fs
@@ -160,7 +160,7 @@ fn crash_child() {
             .append_turn(&ep, step(&format!("s{i}"), VerdictKind::Fs, Some(kind)))
             .unwrap();
         let node = node.unwrap().id;
-        if i % 5 == 0 {
+        if i.is_multiple_of(5) {
             // Left pending (a checkpoint still in flight), with a later turn.
             tree.append_turn(&ep, step("shared", VerdictKind::None, None))
                 .unwrap();
@@ -168,7 +168,7 @@ fn crash_child() {
         }
         tree.commit_node(node, artifacts(node, i)).unwrap();
         println!("committed {}", node.0);
-        if i % 7 == 0 {
+        if i.is_multiple_of(7) {
             let forks = tree.fork(&ep, rec.turn, 2).unwrap();
             println!("forked {}", forks.len());
         }

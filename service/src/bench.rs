@@ -48,6 +48,17 @@ pub struct BenchArgs {
     /// Data dir of the private service (default: a fresh temporary dir, removed afterwards).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Run the service with --verify-verdicts (auto verdicts cross-checked and upgraded; the
+    /// confusion table then no longer shows the inspector alone).
+    #[arg(long)]
+    verify_verdicts: bool,
+    /// Runs of the syscall-heavy command for the inspector overhead, with the programs attached
+    /// and without (a second service with --no-inspector); 0 skips it.
+    #[arg(long, default_value_t = 7)]
+    overhead_runs: usize,
+    /// The syscall-heavy command, run in the debian image.
+    #[arg(long, default_value = "find / -xdev | wc -l")]
+    overhead_cmd: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -99,7 +110,12 @@ pub struct Managed {
 }
 
 impl Managed {
-    pub async fn start(data_dir: &Path, storage: &str, remove_data: bool) -> Result<Managed> {
+    pub async fn start(
+        data_dir: &Path,
+        storage: &str,
+        remove_data: bool,
+        extra: &[&str],
+    ) -> Result<Managed> {
         std::fs::create_dir_all(data_dir)?;
         let data_dir = data_dir.canonicalize()?;
         let socket = data_dir.join("sandtree.sock");
@@ -117,6 +133,7 @@ impl Managed {
             .arg(&socket)
             .arg("--data-dir")
             .arg(&data_dir)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -246,6 +263,8 @@ struct PolicyResult {
     checkpoint_ms_p50: f64,
     checkpoint_ms_p99: f64,
     mismatches: Vec<String>,
+    /// Per trajectory: (checkpoint bytes, CRIU image bytes) of its original run.
+    per_trajectory: std::collections::BTreeMap<String, (u64, u64)>,
     /// Verdict vs ground-truth label counts: label -> verdict -> n.
     confusion: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u32>>,
 }
@@ -315,6 +334,23 @@ async fn run_one(
             .or_default() += 1;
         original.push(obs(&r));
     }
+    // Traffic of the original run alone (stats waits for pending checkpoints).
+    let st = c
+        .stats(pb::StatsRequest {})
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    let e = st
+        .per_episode
+        .iter()
+        .find(|e| e.id == ep)
+        .context("stats lack the episode")?;
+    res.checkpoint_bytes += e.checkpoint_bytes;
+    res.nodes_fs += e.nodes_fs;
+    res.nodes_full += e.nodes_full;
+    res.turns_shared += e.turns_shared;
+    res.per_trajectory
+        .insert(t.name.clone(), (e.checkpoint_bytes, e.image_bytes));
     // Recovery correctness: fork at t, replay t+1.., compare.
     for t0 in sample_points(t.turns.len(), args.fork_points, seed) {
         let s = Instant::now();
@@ -404,7 +440,12 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         ),
     };
     let started = Instant::now();
-    let mut svc = Managed::start(&data_dir, &args.storage, remove).await?;
+    let extra: &[&str] = if args.verify_verdicts {
+        &["--verify-verdicts"]
+    } else {
+        &[]
+    };
+    let mut svc = Managed::start(&data_dir, &args.storage, remove, extra).await?;
     let mut c = connect(&svc.socket).await?;
     let mut images: Vec<&str> = suite.iter().map(|t| t.image.as_str()).collect();
     images.sort();
@@ -419,11 +460,6 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
             ..Default::default()
         };
         let mut seed = args.seed;
-        let before = c
-            .stats(pb::StatsRequest {})
-            .await
-            .map_err(rpc_err)?
-            .into_inner();
         for t in &suite {
             eprintln!(
                 "[{:>5.0}s] {policy:<4} {} ({} turns)",
@@ -440,29 +476,41 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
             .await
             .map_err(rpc_err)?
             .into_inner();
-        // Traffic of the original runs only: episodes of this policy that were not forked.
-        let originals = after
-            .per_episode
-            .iter()
-            .filter(|e| &e.policy == policy && !before.per_episode.iter().any(|b| b.id == e.id));
-        for e in originals {
-            res.checkpoint_bytes += e.checkpoint_bytes;
-            res.nodes_fs += e.nodes_fs;
-            res.nodes_full += e.nodes_full;
-            res.turns_shared += e.turns_shared;
-        }
         res.checkpoint_ms_p50 = after.checkpoint_ms_p50;
         res.checkpoint_ms_p99 = after.checkpoint_ms_p99;
         results.push(res);
     }
+    let inspector = c
+        .stats(pb::StatsRequest {})
+        .await
+        .map_err(rpc_err)?
+        .into_inner()
+        .inspector;
     drop(c);
     svc.stop();
+    let overhead = if args.overhead_runs > 0 {
+        Some(
+            inspector_overhead(&args, &data_dir)
+                .await
+                .context("inspector overhead")?,
+        )
+    } else {
+        None
+    };
     let runc = if args.runc_iterations > 0 {
         Some(runc_baseline(args.runc_iterations).context("runc baseline")?)
     } else {
         None
     };
-    let report = report(&args, &suite, &results, runc.as_ref(), started.elapsed());
+    let report = report(
+        &args,
+        &suite,
+        &results,
+        runc.as_ref(),
+        &inspector,
+        overhead.as_ref(),
+        started.elapsed(),
+    );
     println!("{}", report.1);
     if let Some(out) = &args.out {
         std::fs::create_dir_all(out)?;
@@ -473,6 +521,88 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         std::fs::write(out.join("report.md"), &report.1)?;
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Serialize)]
+struct Overhead {
+    cmd: String,
+    /// Command durations (ms) with the inspector's programs attached and the sandbox watched.
+    with_ms: Vec<f64>,
+    /// The same without the programs (a service with --no-inspector).
+    without_ms: Vec<f64>,
+    /// BPF map bytes of the one watched sandbox after the runs.
+    sandbox_map_bytes: u64,
+    /// BPF map bytes of the inspector in all (preallocated).
+    bpf_map_bytes: u64,
+}
+
+/// Runs `overhead_cmd` in a debian sandbox on btrfs, under a service with the inspector and then
+/// under one without it, on one data dir next to the bench's.
+async fn inspector_overhead(args: &BenchArgs, data_dir: &Path) -> Result<Overhead> {
+    let dir = data_dir.with_file_name(format!(
+        "{}-overhead",
+        data_dir.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let mut out = Overhead {
+        cmd: args.overhead_cmd.clone(),
+        with_ms: Vec::new(),
+        without_ms: Vec::new(),
+        sandbox_map_bytes: 0,
+        bpf_map_bytes: 0,
+    };
+    for with in [true, false] {
+        let extra: &[&str] = if with { &[] } else { &["--no-inspector"] };
+        // The first service keeps the data dir (and its debian image) for the second.
+        let mut svc = Managed::start(&dir, "btrfs", !with, extra).await?;
+        let mut c = connect(&svc.socket).await?;
+        ensure_image(&mut c, "debian").await?;
+        let ep = c
+            .create_episode(pb::CreateEpisodeRequest {
+                image: "debian".into(),
+                policy: "none".into(),
+            })
+            .await
+            .map_err(rpc_err)?
+            .into_inner()
+            .id;
+        step(&mut c, &ep, &args.overhead_cmd).await?; // warm the page cache
+        for i in 0..args.overhead_runs {
+            let r = step(&mut c, &ep, &args.overhead_cmd).await?;
+            if r.exit_code != 0 {
+                bail!("`{}` failed: {}", args.overhead_cmd, r.stderr.trim());
+            }
+            eprintln!(
+                "  overhead {} run {}: {} ms",
+                if with { "with" } else { "without" },
+                i + 1,
+                r.duration_ms
+            );
+            let v = if with {
+                &mut out.with_ms
+            } else {
+                &mut out.without_ms
+            };
+            v.push(r.duration_ms as f64);
+        }
+        if with {
+            let st = c
+                .stats(pb::StatsRequest {})
+                .await
+                .map_err(rpc_err)?
+                .into_inner();
+            if !st.inspector_loaded {
+                bail!("the inspector is not loaded: {}", st.inspector);
+            }
+            out.sandbox_map_bytes = st.sandbox_map_bytes;
+            out.bpf_map_bytes = st.bpf_map_bytes;
+        }
+        c.delete_episode(pb::DeleteEpisodeRequest { episode: ep })
+            .await
+            .map_err(rpc_err)?;
+        drop(c);
+        svc.stop();
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Serialize)]
@@ -487,6 +617,8 @@ fn report(
     suite: &[Trajectory],
     results: &[PolicyResult],
     runc: Option<&RuncResult>,
+    inspector: &str,
+    overhead: Option<&Overhead>,
     wall: Duration,
 ) -> (serde_json::Value, String) {
     let turns: usize = suite.iter().map(|t| t.turns.len()).sum();
@@ -566,6 +698,72 @@ fn report(
             );
         }
     }
+    md += &format!("\ninspector: {inspector}\n");
+    let daemon_free: Vec<&str> = suite
+        .iter()
+        .filter(|t| t.turns.iter().all(|x| x.effect != "proc"))
+        .map(|t| t.name.as_str())
+        .collect();
+    let mut verdict_json = serde_json::Map::new();
+    for r in results.iter().filter(|r| r.policy == "auto") {
+        let m = |label: &str, verdict: &str| {
+            r.confusion
+                .get(label)
+                .and_then(|m| m.get(verdict))
+                .copied()
+                .unwrap_or(0)
+        };
+        let unsafe_n = m("fs", "none") + m("proc", "none") + m("proc", "fs");
+        let none_labelled: u32 = r.confusion.get("none").map_or(0, |m| m.values().sum());
+        let wasteful = m("none", "fs") + m("none", "proc");
+        md += &format!(
+            "- auto verdicts: unsafe {unsafe_n} (label fs/proc, verdict none; or label proc, verdict fs), wasteful {wasteful} of {none_labelled} none-labelled turns = {:.1}%\n",
+            100.0 * wasteful as f64 / none_labelled.max(1) as f64
+        );
+        let sum = |names: &[&str], pick: fn(&(u64, u64)) -> u64, res: &PolicyResult| -> u64 {
+            res.per_trajectory
+                .iter()
+                .filter(|(n, _)| names.contains(&n.as_str()))
+                .map(|(_, v)| pick(v))
+                .sum()
+        };
+        if let Some(full) = results.iter().find(|x| x.policy == "full") {
+            let (a, f) = (
+                sum(&daemon_free, |v| v.0, r),
+                sum(&daemon_free, |v| v.0, full),
+            );
+            md += &format!(
+                "- checkpoint bytes auto/full on the {} daemon-free trajectories: {a} / {f} = {:.2}%\n",
+                daemon_free.len(),
+                100.0 * a as f64 / f.max(1) as f64
+            );
+            let images: u64 = r.per_trajectory.values().map(|v| v.1).sum();
+            md += &format!(
+                "- auto checkpoint bytes over the whole suite: {} ({:.2}% of full's {}); CRIU images of the daemon turns: {images} B = {:.1}% of auto's bytes\n",
+                r.checkpoint_bytes,
+                100.0 * r.checkpoint_bytes as f64 / full.checkpoint_bytes.max(1) as f64,
+                full.checkpoint_bytes,
+                100.0 * images as f64 / r.checkpoint_bytes.max(1) as f64
+            );
+            verdict_json.insert("daemon_free_auto_bytes".into(), a.into());
+            verdict_json.insert("daemon_free_full_bytes".into(), f.into());
+            verdict_json.insert("auto_image_bytes".into(), images.into());
+        }
+        verdict_json.insert("unsafe".into(), unsafe_n.into());
+        verdict_json.insert("wasteful".into(), wasteful.into());
+        verdict_json.insert("none_labelled".into(), none_labelled.into());
+    }
+    if let Some(o) = overhead {
+        let (w, wo) = (pct(&o.with_ms, 0.5), pct(&o.without_ms, 0.5));
+        md += &format!(
+            "- inspector overhead on `{}` (debian, btrfs, {} runs each, median command time): {w:.0} ms with the programs attached vs {wo:.0} ms without = {:+.1}%\n- bpf map memory: {} B per watched sandbox (after the runs), {} B preallocated for the host\n",
+            o.cmd,
+            o.with_ms.len(),
+            100.0 * (w / wo.max(1e-9) - 1.0),
+            o.sandbox_map_bytes,
+            o.bpf_map_bytes
+        );
+    }
     for r in results.iter().filter(|r| !r.mismatches.is_empty()) {
         md += &format!("\nmismatches under {}:\n", r.policy);
         for m in &r.mismatches {
@@ -590,6 +788,10 @@ fn report(
         "runc": runc.map(|rc| serde_json::json!({"checkpoint_ms_p50": pct(&rc.checkpoint_ms, 0.5), "restore_ms_p50": pct(&rc.restore_ms, 0.5),
             "fork_ms_p50": pct(&rc.fork_ms, 0.5), "fork_ms_p99": pct(&rc.fork_ms, 0.99)})),
         "wall_s": wall.as_secs_f64(),
+        "inspector": inspector,
+        "auto_verdicts": verdict_json,
+        "overhead": overhead,
+        "per_trajectory_bytes": results.iter().map(|r| (r.policy.clone(), r.per_trajectory.clone())).collect::<std::collections::BTreeMap<_, _>>(),
     });
     (json, md)
 }
@@ -708,7 +910,7 @@ pub async fn demo(data_dir: PathBuf) -> Result<std::process::ExitCode> {
         "== sandtree demo (data dir {}, embedded loop-backed btrfs storage)",
         data_dir.display()
     );
-    let svc = Managed::start(&data_dir, "btrfs", false).await?;
+    let svc = Managed::start(&data_dir, "btrfs", false, &[]).await?;
     let mut c = connect(&svc.socket).await?;
     ensure_image(&mut c, "busybox").await?;
     let ep = c

@@ -221,7 +221,11 @@ pub async fn stats(socket: &Path, json: bool) -> Result<ExitCode> {
             "nodes_full": r.nodes_full, "turns_shared": r.turns_shared, "per_episode": per,
             "timings_ms": {"dump_p50": r.dump_ms_p50, "dump_p99": r.dump_ms_p99, "snapshot_p50": r.snapshot_ms_p50,
             "snapshot_p99": r.snapshot_ms_p99, "restore_p50": r.restore_ms_p50, "restore_p99": r.restore_ms_p99,
-            "checkpoint_p50": r.checkpoint_ms_p50, "checkpoint_p99": r.checkpoint_ms_p99}})
+            "checkpoint_p50": r.checkpoint_ms_p50, "checkpoint_p99": r.checkpoint_ms_p99},
+            "inspector": {"status": r.inspector, "loaded": r.inspector_loaded, "bpf_map_bytes": r.bpf_map_bytes,
+            "watched_sandboxes": r.watched_sandboxes, "sandbox_map_bytes": r.sandbox_map_bytes,
+            "verdicts_checked": r.verdicts_checked, "verdicts_unsafe": r.verdicts_unsafe,
+            "verdicts_fs_without_change": r.verdicts_fs_without_change}})
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -233,6 +237,16 @@ pub async fn stats(socket: &Path, json: bool) -> Result<ExitCode> {
         "dump p50/p99 {:.1}/{:.1} ms  snapshot {:.1}/{:.1} ms  restore {:.1}/{:.1} ms  checkpoint {:.1}/{:.1} ms",
         r.dump_ms_p50, r.dump_ms_p99, r.snapshot_ms_p50, r.snapshot_ms_p99, r.restore_ms_p50, r.restore_ms_p99, r.checkpoint_ms_p50, r.checkpoint_ms_p99
     );
+    println!(
+        "{}; {} watched sandboxes use {} B of bpf maps",
+        r.inspector, r.watched_sandboxes, r.sandbox_map_bytes
+    );
+    if r.verdicts_checked > 0 {
+        println!(
+            "verdicts cross-checked {}  UNSAFE {}  fs without a storage change {}",
+            r.verdicts_checked, r.verdicts_unsafe, r.verdicts_fs_without_change
+        );
+    }
     for e in r.per_episode {
         println!(
             "  {}  {:<4}  {:<7}  turn {:>3}  bytes {:>10}  fs {:>3}  full {:>3}  shared {:>3}",
@@ -330,7 +344,10 @@ pub async fn doctor(socket: &Path, json: bool) -> Result<ExitCode> {
     let probes = tokio::task::spawn_blocking(crate::doctor::probes).await?;
     let storage = match connect(socket).await {
         Ok(mut c) => match c.health(pb::HealthRequest {}).await {
-            Ok(h) => format!("service at {}: storage {}", socket.display(), h.into_inner().storage),
+            Ok(h) => {
+                let h = h.into_inner();
+                format!("service at {}: storage {}; {}", socket.display(), h.storage, h.inspector)
+            }
             Err(e) => format!("service at {} answered with an error: {}", socket.display(), e.message()),
         },
         Err(_) => format!("service not running at {}; `sandtree serve` defaults to the loop-backed btrfs image in {}", socket.display(), crate::DEFAULT_DATA_DIR),

@@ -113,6 +113,24 @@ pub fn probes() -> Vec<Probe> {
         "/sys/fs/bpf",
         "mount -t bpf bpf /sys/fs/bpf",
     ));
+    // The real thing: load and attach the programs, then drop them.
+    let (ok, detail) = match sandtree_ebpf::Inspector::load() {
+        Ok(i) => (
+            true,
+            format!(
+                "programs load and attach ({} KiB of maps)",
+                i.map_memory_bytes() / 1024
+            ),
+        ),
+        Err(e) => (false, e.to_string()),
+    };
+    v.push(probe(
+        "bpf: inspector",
+        false,
+        ok,
+        detail,
+        "without the inspector the auto policy uses the conservative verdict (surviving processes, storage changes): more checkpoints, never fewer",
+    ));
     let clang = output("clang", &["--version"]).map(|s| first_line(&s));
     v.push(probe(
         "clang",

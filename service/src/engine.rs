@@ -22,6 +22,7 @@ use sandtree_storage::SnapshotBackend;
 use tokio::sync::{Mutex, Semaphore};
 use tracing::{info, warn};
 
+use crate::inspect::{Verdicts, Watch};
 use crate::runtime::{ExecSpec, Runtime, Sandbox};
 
 /// Errors of engine operations; `server.rs` maps them to gRPC codes in one place.
@@ -63,6 +64,8 @@ struct Live {
     id: EpisodeId,
     policy: Policy,
     sandbox: Sandbox,
+    /// The inspector's hold on the sandbox.
+    watch: Watch,
     volume: String,
     session: Session,
     turn: u32,
@@ -109,6 +112,7 @@ pub struct Engine {
     pub tree: Arc<Tree>,
     pub storage: Arc<dyn SnapshotBackend>,
     pub runtime: Arc<Runtime>,
+    pub verdicts: Arc<Verdicts>,
     pub config: Config,
     pub timings: Arc<Timings>,
     live: StdMutex<HashMap<EpisodeId, Arc<Mutex<Live>>>>,
@@ -129,6 +133,7 @@ impl Engine {
         tree: Tree,
         storage: Arc<dyn SnapshotBackend>,
         runtime: Runtime,
+        verdicts: Verdicts,
         config: Config,
     ) -> anyhow::Result<Engine> {
         std::fs::create_dir_all(config.data_dir.join("images"))?;
@@ -136,6 +141,7 @@ impl Engine {
             tree: Arc::new(tree),
             storage,
             runtime: Arc::new(runtime),
+            verdicts: Arc::new(verdicts),
             slots: Arc::new(Semaphore::new(config.checkpoint_slots.max(1))),
             config,
             timings: Arc::default(),
@@ -234,8 +240,8 @@ impl Engine {
         let ep = self.tree.create_episode(image, policy, env)?;
         let (_, node, session) = self.tree.rewind(&ep.id, 0)?;
         match self.materialize(&ep.id, &node, 0).await {
-            Ok((sandbox, volume)) => {
-                self.insert_live(&ep.id, policy, sandbox, volume, session, 0);
+            Ok((sandbox, watch, volume)) => {
+                self.insert_live(&ep.id, policy, (sandbox, watch), volume, session, 0);
                 Ok(ep.id)
             }
             Err(e) => {
@@ -249,7 +255,7 @@ impl Engine {
         &self,
         id: &EpisodeId,
         policy: Policy,
-        sandbox: Sandbox,
+        (sandbox, watch): (Sandbox, Watch),
         volume: String,
         session: Session,
         turn: u32,
@@ -258,6 +264,7 @@ impl Engine {
             id: id.clone(),
             policy,
             sandbox,
+            watch,
             volume,
             session,
             turn,
@@ -275,13 +282,15 @@ impl Engine {
         id: &EpisodeId,
         node: &Node,
         seq: u64,
-    ) -> Result<(Sandbox, String)> {
+    ) -> Result<(Sandbox, Watch, String)> {
         let volume = format!("{}-{seq}", id.as_str());
         let (storage, runtime, vol) = (self.storage.clone(), self.runtime.clone(), volume.clone());
         let node = node.clone();
         let images = node.images.clone().map(PathBuf::from);
         let timings = self.timings.clone();
-        let sandbox = blocking(move || {
+        let restored = matches!(node.kind, NodeKind::Full);
+        let verdicts = self.verdicts.clone();
+        let (sandbox, watch) = blocking(move || {
             let t = Instant::now();
             let root = match (&node.kind, &node.snapshot) {
                 (NodeKind::Base { image }, _) => storage.create_volume(&vol, image)?,
@@ -298,7 +307,8 @@ impl Engine {
             match sb {
                 Ok(sb) => {
                     record(&timings.restore, t.elapsed().as_secs_f64() * 1e3);
-                    Ok(sb)
+                    let watch = verdicts.attach(&sb, restored);
+                    Ok((sb, watch))
                 }
                 Err(e) => {
                     let _ = storage.destroy_volume(&vol);
@@ -308,7 +318,7 @@ impl Engine {
         })
         .await?;
         self.tree.set_volume(id, Some(volume.clone()))?;
-        Ok((sandbox, volume))
+        Ok((sandbox, watch, volume))
     }
 
     pub async fn step(
@@ -397,56 +407,35 @@ impl Engine {
         })
     }
 
-    /// The conservative verdict (until the eBPF inspector lands): proc when any process other
-    /// than init outlives the turn; fs when the storage layer saw a change since the last
-    /// snapshot; none otherwise. `full` always checkpoints everything; `none` never does.
+    /// The turn's verdict. The inspector's epoch ends here under every policy; `full` always
+    /// checkpoints everything and `none` never does, whatever the inspector saw.
     async fn verdict(&self, l: &Live) -> Result<Verdict> {
-        match l.policy {
-            Policy::None => Ok(Verdict {
-                kind: VerdictKind::None,
-                reasons: vec!["policy none: chat-only".into()],
-            }),
-            Policy::Full => Ok(Verdict {
-                kind: VerdictKind::Proc,
-                reasons: vec!["policy full: checkpoint every turn".into()],
-            }),
-            Policy::Auto => {
-                let (runtime, storage, sb, vol) = (
-                    self.runtime.clone(),
-                    self.storage.clone(),
-                    l.sandbox.clone(),
-                    l.volume.clone(),
-                );
-                blocking(move || {
-                    let survivors = runtime.survivors(&sb)?;
-                    if !survivors.is_empty() {
-                        let shown: Vec<String> =
-                            survivors.iter().take(4).map(|p| p.to_string()).collect();
-                        return Ok(Verdict {
-                            kind: VerdictKind::Proc,
-                            reasons: vec![format!(
-                                "proc: {} process(es) outlive the turn (host pids {})",
-                                survivors.len(),
-                                shown.join(",")
-                            )],
-                        });
-                    }
-                    if storage.changed_since_last_snapshot(&vol)? {
-                        return Ok(Verdict {
-                            kind: VerdictKind::Fs,
-                            reasons: vec![format!(
-                                "fs: volume {vol} changed since its last snapshot"
-                            )],
-                        });
-                    }
-                    Ok(Verdict {
-                        kind: VerdictKind::None,
-                        reasons: vec![],
-                    })
-                })
-                .await
+        let (verdicts, storage, sb, vol, watch, policy) = (
+            self.verdicts.clone(),
+            self.storage.clone(),
+            l.sandbox.clone(),
+            l.volume.clone(),
+            l.watch,
+            l.policy,
+        );
+        blocking(move || match policy {
+            Policy::Auto => verdicts.judge(watch, &sb, storage.as_ref(), &vol),
+            Policy::None | Policy::Full => {
+                let seen = verdicts.observe(watch, &sb);
+                let (kind, what) = if policy == Policy::None {
+                    (VerdictKind::None, "policy none: chat-only")
+                } else {
+                    (VerdictKind::Proc, "policy full: checkpoint every turn")
+                };
+                let mut reasons = vec![what.to_string()];
+                if let Some(v) = seen {
+                    reasons.push(format!("inspector: {:?}", v.kind).to_lowercase());
+                    reasons.extend(v.reasons);
+                }
+                Ok(Verdict { kind, reasons })
             }
-        }
+        })
+        .await
     }
 
     fn spawn_checkpoint(&self, l: &Live, node: Node) -> tokio::task::JoinHandle<()> {
@@ -458,15 +447,23 @@ impl Engine {
             self.timings.clone(),
         );
         let (sb, vol, episode) = (l.sandbox.clone(), l.volume.clone(), l.id.clone());
+        let (verdicts, watch) = (self.verdicts.clone(), l.watch);
         let images = self.images_dir(node.id);
         tokio::spawn(async move {
             let _permit = slots.acquire_owned().await;
             let node_id = node.id;
             let kind = node.kind.clone();
             let r = tokio::task::spawn_blocking(move || {
-                checkpoint(
-                    &storage, &runtime, &timings, &sb, &vol, &kind, node_id, &images,
-                )
+                let ckpt = Checkpoint {
+                    storage: &storage,
+                    runtime: &runtime,
+                    verdicts: &verdicts,
+                    watch,
+                    timings: &timings,
+                    sb: &sb,
+                    vol: &vol,
+                };
+                ckpt.take(&kind, node_id, &images)
             })
             .await
             .map_err(|e| anyhow!("checkpoint task panicked: {e}"))
@@ -507,8 +504,8 @@ impl Engine {
         let mut results = Vec::with_capacity(forks.len());
         for (ep, node, session) in forks {
             results.push(match self.materialize(&ep.id, &node, 0).await {
-                Ok((sb, vol)) => {
-                    self.insert_live(&ep.id, ep.policy, sb, vol, session, turn);
+                Ok((sb, w, vol)) => {
+                    self.insert_live(&ep.id, ep.policy, (sb, w), vol, session, turn);
                     Ok(ep.id)
                 }
                 Err(e) => {
@@ -568,32 +565,35 @@ impl Engine {
             .and_then(|s| s.parse::<u64>().ok())
             .map_or(1, |s| s + 1);
         if let Some(g) = &_guard {
-            self.teardown(&g.sandbox, &g.volume).await;
+            self.teardown(&g.sandbox, g.watch, &g.volume).await;
         }
         self.live.lock().expect("live lock").remove(id);
         let (ep, node, session) = self.tree.rewind(id, turn)?;
-        let (sb, vol) = match self.materialize(id, &node, seq).await {
+        let (sb, w, vol) = match self.materialize(id, &node, seq).await {
             Ok(x) => x,
             Err(e) => {
                 let _ = self.tree.set_status(id, EpisodeStatus::Stopped);
                 return Err(e);
             }
         };
-        self.insert_live(id, ep.policy, sb, vol, session, turn);
+        self.insert_live(id, ep.policy, (sb, w), vol, session, turn);
         drop(_guard);
         self.gc().await;
         Ok(())
     }
 
-    async fn teardown(&self, sb: &Sandbox, volume: &str) {
-        let (runtime, storage, sb, vol) = (
+    async fn teardown(&self, sb: &Sandbox, watch: Watch, volume: &str) {
+        let (runtime, storage, verdicts, sb, vol) = (
             self.runtime.clone(),
             self.storage.clone(),
+            self.verdicts.clone(),
             sb.clone(),
             volume.to_string(),
         );
         let r = blocking(move || {
-            runtime.destroy(&sb)?;
+            let destroyed = runtime.destroy(&sb);
+            verdicts.detach(watch);
+            destroyed?;
             storage.destroy_volume(&vol)?;
             Ok(())
         })
@@ -610,7 +610,7 @@ impl Engine {
             if let Some(p) = l.pending.take() {
                 let _ = p.await;
             }
-            self.teardown(&l.sandbox, &l.volume).await;
+            self.teardown(&l.sandbox, l.watch, &l.volume).await;
         } else {
             self.tree.episode(id)?;
         }
@@ -696,93 +696,113 @@ impl Engine {
             self.live.lock().expect("live lock").drain().collect();
         for (id, live) in all {
             let l = live.lock().await;
-            self.teardown(&l.sandbox, &l.volume).await;
+            self.teardown(&l.sandbox, l.watch, &l.volume).await;
             let _ = self.tree.set_status(&id, EpisodeStatus::Stopped);
             let _ = self.tree.set_volume(&id, None);
         }
     }
 }
 
-/// Takes one node's checkpoint. fs: freeze, snapshot, thaw. full: CRIU dump with the snapshot
-/// inside the post-dump notification. Artifacts are synced to disk before this returns.
-#[allow(clippy::too_many_arguments)]
-fn checkpoint(
-    storage: &Arc<dyn SnapshotBackend>,
-    runtime: &Runtime,
-    timings: &Timings,
-    sb: &Sandbox,
-    vol: &str,
-    kind: &NodeKind,
-    node: NodeId,
-    images: &Path,
-) -> anyhow::Result<NodeArtifacts> {
-    let started = Instant::now();
-    let snap = format!("n{}", node.0);
-    let mut t = NodeTimings::default();
-    let (snap_bytes, image_bytes, images_path) = match kind {
-        NodeKind::Fs => {
-            let f = Instant::now();
-            sb.cgroup.freeze(true)?;
-            t.freeze_ms = f.elapsed().as_millis() as u64;
-            let s = Instant::now();
-            let r = storage.snapshot(vol, &snap);
-            let _ = sb.cgroup.freeze(false);
-            let info = r?;
-            t.snapshot_ms = s.elapsed().as_millis() as u64;
-            record(&timings.snapshot, s.elapsed().as_secs_f64() * 1e3);
-            (info.bytes, 0, None)
-        }
-        NodeKind::Full => {
-            std::fs::create_dir_all(images)?;
-            let mut info = None;
-            let stats = runtime.checkpoint(sb, images, || {
-                info = Some(storage.snapshot(vol, &snap).map_err(|e| e.to_string())?);
-                Ok(())
-            });
-            let stats = match stats {
-                Ok(s) => s,
-                Err(e) => {
-                    // Keep CRIU's log for the operator; the partial images go.
-                    let logs = images.parent().unwrap_or(images).join("failed-logs");
-                    let _ = std::fs::create_dir_all(&logs);
-                    let _ = std::fs::rename(
-                        images.join("dump.log"),
-                        logs.join(format!("n{}-dump.log", node.0)),
-                    );
-                    let _ = std::fs::remove_dir_all(images);
-                    if info.is_some() {
-                        let _ = storage.destroy_snapshot(vol, &snap);
+/// What taking one sandbox's checkpoint needs.
+struct Checkpoint<'a> {
+    storage: &'a Arc<dyn SnapshotBackend>,
+    runtime: &'a Runtime,
+    verdicts: &'a Verdicts,
+    watch: Watch,
+    timings: &'a Timings,
+    sb: &'a Sandbox,
+    vol: &'a str,
+}
+
+impl Checkpoint<'_> {
+    /// Takes one node's checkpoint. fs: freeze, snapshot, thaw. full: CRIU dump with the snapshot
+    /// inside the post-dump notification. Artifacts are synced to disk before this returns.
+    fn take(&self, kind: &NodeKind, node: NodeId, images: &Path) -> anyhow::Result<NodeArtifacts> {
+        let Checkpoint {
+            storage,
+            runtime,
+            verdicts,
+            watch,
+            timings,
+            sb,
+            vol,
+        } = *self;
+        let started = Instant::now();
+        let snap = format!("n{}", node.0);
+        let mut t = NodeTimings::default();
+        let (snap_bytes, image_bytes, images_path) = match kind {
+            NodeKind::Fs => {
+                let f = Instant::now();
+                sb.cgroup.freeze(true)?;
+                t.freeze_ms = f.elapsed().as_millis() as u64;
+                let s = Instant::now();
+                let r = storage.snapshot(vol, &snap);
+                let _ = sb.cgroup.freeze(false);
+                let info = r?;
+                t.snapshot_ms = s.elapsed().as_millis() as u64;
+                record(&timings.snapshot, s.elapsed().as_secs_f64() * 1e3);
+                (info.bytes, 0, None)
+            }
+            NodeKind::Full => {
+                std::fs::create_dir_all(images)?;
+                let mut info = None;
+                // The inspector does not record while CRIU's parasite runs in the sandbox; the
+                // cgroup is frozen before CRIU lets the processes go and thawed once it records
+                // again, so nothing they do after the dump is missed.
+                let stats = verdicts.dump_window(watch, sb, || {
+                    runtime.checkpoint(sb, images, || {
+                        info = Some(storage.snapshot(vol, &snap).map_err(|e| e.to_string())?);
+                        sb.cgroup.request_freeze().map_err(|e| e.to_string())?;
+                        Ok(())
+                    })
+                });
+                let stats = match stats {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Keep CRIU's log for the operator; the partial images go.
+                        let logs = images.parent().unwrap_or(images).join("failed-logs");
+                        let _ = std::fs::create_dir_all(&logs);
+                        let _ = std::fs::rename(
+                            images.join("dump.log"),
+                            logs.join(format!("n{}-dump.log", node.0)),
+                        );
+                        let _ = std::fs::remove_dir_all(images);
+                        if info.is_some() {
+                            let _ = storage.destroy_snapshot(vol, &snap);
+                        }
+                        return Err(e);
                     }
-                    return Err(e);
-                }
-            };
-            let info = info.context("criu finished the dump without a post-dump notification")?;
-            sync_dir(images)?;
-            t.snapshot_ms = stats.hook_ms as u64;
-            t.dump_ms = (stats.dump_ms - stats.hook_ms).max(0.0) as u64;
-            record(&timings.dump, stats.dump_ms - stats.hook_ms);
-            record(&timings.snapshot, stats.hook_ms);
-            (
-                info.bytes,
-                stats.image_bytes,
-                Some(images.to_string_lossy().into_owned()),
-            )
-        }
-        NodeKind::Base { .. } => anyhow::bail!("base nodes are not checkpointed"),
-    };
-    // The snapshot is made durable before the node is committed.
-    sync_fs(&sb.rootfs);
-    t.total_ms = started.elapsed().as_millis() as u64;
-    record(&timings.checkpoint, started.elapsed().as_secs_f64() * 1e3);
-    Ok(NodeArtifacts {
-        snapshot: Some(SnapshotRef {
-            volume: vol.to_string(),
-            snap,
-        }),
-        images: images_path,
-        bytes: snap_bytes + image_bytes,
-        timings: Some(t),
-    })
+                };
+                let info =
+                    info.context("criu finished the dump without a post-dump notification")?;
+                sync_dir(images)?;
+                t.snapshot_ms = stats.hook_ms as u64;
+                t.dump_ms = (stats.dump_ms - stats.hook_ms).max(0.0) as u64;
+                record(&timings.dump, stats.dump_ms - stats.hook_ms);
+                record(&timings.snapshot, stats.hook_ms);
+                (
+                    info.bytes,
+                    stats.image_bytes,
+                    Some(images.to_string_lossy().into_owned()),
+                )
+            }
+            NodeKind::Base { .. } => anyhow::bail!("base nodes are not checkpointed"),
+        };
+        // The snapshot is made durable before the node is committed.
+        sync_fs(&sb.rootfs);
+        t.total_ms = started.elapsed().as_millis() as u64;
+        record(&timings.checkpoint, started.elapsed().as_secs_f64() * 1e3);
+        Ok(NodeArtifacts {
+            snapshot: Some(SnapshotRef {
+                volume: vol.to_string(),
+                snap,
+            }),
+            images: images_path,
+            bytes: snap_bytes + image_bytes,
+            image_bytes,
+            timings: Some(t),
+        })
+    }
 }
 
 fn sync_dir(dir: &Path) -> anyhow::Result<()> {

@@ -204,6 +204,31 @@ pub fn debian_mirror() -> Result<String> {
 }
 
 fn populate_debian(root: &Path, progress: Progress) -> Result<()> {
+    // scripts/rootfs-cache.sh keeps the same debootstrap under the host cache: copy it.
+    let cache = std::env::var_os("SANDTREE_CACHE")
+        .map_or_else(|| PathBuf::from("/var/cache/sandtree"), PathBuf::from)
+        .join("rootfs/debian");
+    if cache.join(".complete").exists() {
+        progress(format!(
+            "copying the cached debootstrap at {}",
+            cache.display()
+        ));
+        let out = Command::new("cp")
+            .arg("-a")
+            .arg(cache.join("."))
+            .arg(root)
+            .output()
+            .context("run cp")?;
+        if !out.status.success() {
+            bail!(
+                "copying {} failed: {}",
+                cache.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let _ = fs::remove_file(root.join(".complete"));
+        return Ok(());
+    }
     let mirror = debian_mirror()?;
     progress(format!(
         "debootstrap bookworm from {mirror} (about a minute)"

@@ -6,6 +6,7 @@ mod criu;
 mod doctor;
 mod engine;
 mod images;
+mod inspect;
 mod runtime;
 mod server;
 
@@ -47,6 +48,13 @@ enum Cmd {
         /// Checkpoints that may run at once on this host.
         #[arg(long, default_value_t = 2)]
         checkpoint_slots: usize,
+        /// Do not load the eBPF inspector: auto uses the conservative verdict.
+        #[arg(long)]
+        no_inspector: bool,
+        /// Cross-check every auto verdict against the storage layer and the process table;
+        /// an inspector verdict that would have been unsafe is logged loudly and upgraded.
+        #[arg(long)]
+        verify_verdicts: bool,
     },
     /// Create an episode; prints its id.
     Create {
@@ -183,8 +191,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             storage,
             step_timeout,
             checkpoint_slots,
+            no_inspector,
+            verify_verdicts,
         } => {
-            serve(socket, data_dir, storage, step_timeout, checkpoint_slots).await?;
+            let verdicts = inspect::Verdicts::new(!no_inspector, verify_verdicts);
+            let config = engine::Config {
+                data_dir: data_dir.clone(),
+                default_timeout_ms: step_timeout * 1000,
+                out_cap: 1 << 20,
+                checkpoint_slots,
+            };
+            serve(socket, config, storage, verdicts).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Create {
@@ -232,15 +249,16 @@ fn instance_tag(data_dir: &std::path::Path) -> String {
 
 async fn serve(
     socket: PathBuf,
-    data_dir: PathBuf,
+    mut config: engine::Config,
     spec: sandtree_storage::StorageSpec,
-    step_timeout: u64,
-    checkpoint_slots: usize,
+    verdicts: inspect::Verdicts,
 ) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
+    let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("create data dir {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
+    config.data_dir = data_dir.clone();
     if let Some(p) = doctor::probes().iter().find(|p| p.required && !p.ok) {
         anyhow::bail!("requirement missing: {}: {} ({})", p.name, p.detail, p.fix);
     }
@@ -254,17 +272,8 @@ async fn serve(
     let tree = sandtree_branching::Tree::open(data_dir.join("sandtree.redb"))?;
     let runtime = runtime::Runtime::new(&instance_tag(&data_dir), Default::default())?;
     tracing::info!(criu = %runtime.criu.bin.display(), cgroup = %runtime.layout.v2_parent.display(), "runtime ready");
-    tracing::warn!("eBPF inspector not built in yet: the auto policy uses the conservative storage/process verdict");
     let engine = std::sync::Arc::new(engine::Engine::new(
-        tree,
-        storage,
-        runtime,
-        engine::Config {
-            data_dir: data_dir.clone(),
-            default_timeout_ms: step_timeout * 1000,
-            out_cap: 1 << 20,
-            checkpoint_slots,
-        },
+        tree, storage, runtime, verdicts, config,
     )?);
     let e2 = engine.clone();
     let msg = tokio::task::spawn_blocking(move || e2.reconcile()).await??;

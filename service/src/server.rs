@@ -120,6 +120,7 @@ impl pb::sandtree_server::Sandtree for Api {
                     fix: p.fix,
                 })
                 .collect(),
+            inspector: self.engine.verdicts.status(),
         }))
     }
 
@@ -256,6 +257,7 @@ impl pb::sandtree_server::Sandtree for Api {
                 status: ep.status.to_string(),
                 turn: ep.turn,
                 checkpoint_bytes: mine.iter().map(|n| n.bytes).sum(),
+                image_bytes: mine.iter().map(|n| n.image_bytes).sum(),
                 nodes_fs: mine
                     .iter()
                     .filter(|n| n.kind == sandtree_branching::NodeKind::Fs)
@@ -273,6 +275,17 @@ impl pb::sandtree_server::Sandtree for Api {
             resp.episodes += 1;
             resp.per_episode.push(s);
         }
+        let v = &e.verdicts;
+        resp.inspector = v.status();
+        resp.inspector_loaded = v.inspector_loaded();
+        resp.bpf_map_bytes = v.map_memory_bytes();
+        let (watched, bytes) = v.sandbox_map_bytes();
+        resp.watched_sandboxes = watched as u32;
+        resp.sandbox_map_bytes = bytes;
+        let c = v.counts();
+        resp.verdicts_checked = c.checked;
+        resp.verdicts_unsafe = c.unsafe_disagreements;
+        resp.verdicts_fs_without_change = c.fs_without_change;
         let t = &e.timings;
         resp.dump_ms_p50 = percentile(&t.dump, 0.5);
         resp.dump_ms_p99 = percentile(&t.dump, 0.99);

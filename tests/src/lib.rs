@@ -135,7 +135,14 @@ impl Service {
             .open(self.dir.join("serve.log"))
             .unwrap();
         let child = Command::new(bin())
-            .args(["serve", "--storage", &self.storage, "--data-dir"])
+            // Tests cross-check every auto verdict: an unsafe one is logged and upgraded.
+            .args([
+                "serve",
+                "--verify-verdicts",
+                "--storage",
+                &self.storage,
+                "--data-dir",
+            ])
             .arg(self.dir.join("data"))
             .arg("--socket")
             .arg(&self.socket)

@@ -1,5 +1,8 @@
 //! Every public trajectory runs to the end through `sandtree step`, on btrfs and on zfs-fuse,
-//! with the outputs its commands imply.
+//! with the outputs its commands imply; and the eBPF inspector's verdicts are checked against
+//! the trajectories' effect labels: no unsafe verdict (label fs or proc, verdict none; label
+//! proc, verdict fs), wasteful verdicts (label none, verdict fs or proc) on at most 10% of the
+//! none-labelled turns, and no verdict that the service's own cross-check had to upgrade.
 
 use sandtree_tests::*;
 
@@ -35,6 +38,14 @@ const EXPECT: &[(&str, usize, &str)] = &[
 
 fn run_all(storage: Storage) {
     let svc = Service::start(storage);
+    let stats: serde_json::Value =
+        serde_json::from_str(&svc.ok(&["stats", "--json"])).expect("stats json");
+    assert_eq!(
+        stats["inspector"]["loaded"], true,
+        "the eBPF inspector must load on CI hosts: {}",
+        stats["inspector"]["status"]
+    );
+    let (mut unsafe_turns, mut wasteful, mut none_labelled) = (Vec::new(), 0, 0);
     for t in trajectories() {
         let ep = svc.create(&t.image, "auto");
         for (i, turn) in t.turns.iter().enumerate() {
@@ -58,6 +69,29 @@ fn run_all(storage: Storage) {
                     turn.cmd
                 );
             }
+            let verdict = r["verdict"].as_str().unwrap().to_string();
+            let reasons = r["reasons"].to_string();
+            let what = format!(
+                "{} turn {} `{}`: label {}, verdict {verdict} {reasons}",
+                t.name,
+                i + 1,
+                turn.cmd,
+                turn.effect
+            );
+            let missed = match (turn.effect.as_str(), verdict.as_str()) {
+                ("fs" | "proc", "none") | ("proc", "fs") => true,
+                _ => reasons.contains("UNSAFE"),
+            };
+            if missed {
+                unsafe_turns.push(what.clone());
+            }
+            if turn.effect == "none" {
+                none_labelled += 1;
+                if verdict != "none" {
+                    wasteful += 1;
+                    eprintln!("wasteful: {what}");
+                }
+            }
             // `diff` of two different files exits 1 inside an `; echo`; every turn's shell exits 0.
             assert_eq!(
                 r["exit_code"],
@@ -70,6 +104,26 @@ fn run_all(storage: Storage) {
         }
         svc.ok(&["delete", &ep]);
     }
+    eprintln!(
+        "verdicts: {} unsafe, {wasteful} wasteful of {none_labelled} none-labelled turns",
+        unsafe_turns.len()
+    );
+    assert!(
+        unsafe_turns.is_empty(),
+        "unsafe verdicts:\n{}",
+        unsafe_turns.join("\n")
+    );
+    assert!(
+        wasteful * 10 <= none_labelled,
+        "{wasteful} wasteful verdicts of {none_labelled} none-labelled turns is more than 10%"
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&svc.ok(&["stats", "--json"])).expect("stats json");
+    assert_eq!(stats["inspector"]["verdicts_unsafe"], 0, "{stats}");
+    assert!(
+        stats["inspector"]["verdicts_checked"].as_u64().unwrap() > 100,
+        "{stats}"
+    );
 }
 
 #[test]

@@ -58,6 +58,7 @@ pub fn artifacts(node: NodeId, bytes: u64) -> NodeArtifacts {
         }),
         images: None,
         bytes,
+        image_bytes: 0,
         timings: Some(NodeTimings {
             freeze_ms: 1,
             snapshot_ms: 2,

@@ -243,6 +243,12 @@ impl Cgroup {
             .collect())
     }
 
+    /// Asks the kernel to freeze the sandbox without waiting for it (its processes may be
+    /// ptrace-stopped by CRIU; they freeze as soon as CRIU lets them go).
+    pub fn request_freeze(&self) -> Result<()> {
+        write_file(&self.v2.join("cgroup.freeze"), "1")
+    }
+
     /// Freezes (or thaws) the sandbox and waits until the kernel reports it frozen.
     pub fn freeze(&self, on: bool) -> Result<()> {
         write_file(&self.v2.join("cgroup.freeze"), if on { "1" } else { "0" })?;

@@ -109,16 +109,6 @@ impl Runtime {
         self.shim("exec", &spec)
     }
 
-    /// Processes in the sandbox other than its init.
-    pub fn survivors(&self, sb: &Sandbox) -> Result<Vec<u32>> {
-        Ok(sb
-            .cgroup
-            .pids()?
-            .into_iter()
-            .filter(|&p| p != sb.init_pid)
-            .collect())
-    }
-
     /// CRIU dump (leave running); `post_dump` runs while the sandbox is frozen.
     pub fn checkpoint(
         &self,
