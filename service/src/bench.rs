@@ -56,9 +56,12 @@ pub struct BenchArgs {
     /// and without (a second service with --no-inspector); 0 skips it.
     #[arg(long, default_value_t = 7)]
     overhead_runs: usize,
-    /// The syscall-heavy command, run in the debian image.
-    #[arg(long, default_value = "find / -xdev | wc -l")]
-    overhead_cmd: String,
+    /// The syscall-heavy commands, run in the debian image (repeat the flag for several).
+    #[arg(long, default_values_t = [
+        "for i in 1 2 3 4 5 6 7 8 9 10; do find / -xdev; done | wc -l".to_string(),
+        "tar c /usr | wc -c".to_string(),
+    ])]
+    overhead_cmd: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -489,16 +492,29 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
     drop(c);
     svc.stop();
     let overhead = if args.overhead_runs > 0 {
-        Some(
-            inspector_overhead(&args, &data_dir)
-                .await
-                .context("inspector overhead")?,
-        )
+        match inspector_overhead(&args, &data_dir).await {
+            Ok(o) => Some(o),
+            Err(e) => {
+                eprintln!("warning: inspector overhead failed: {e:#}");
+                None
+            }
+        }
     } else {
         None
     };
     let runc = if args.runc_iterations > 0 {
-        Some(runc_baseline(args.runc_iterations).context("runc baseline")?)
+        eprintln!(
+            "runc baseline: {} checkpoint/restore iterations",
+            args.runc_iterations
+        );
+        match runc_baseline(args.runc_iterations) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                // The measured results above are still worth the report.
+                eprintln!("warning: runc baseline failed: {e:#}");
+                None
+            }
+        }
     } else {
         None
     };
@@ -524,29 +540,40 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
 }
 
 #[derive(Debug, Serialize)]
-struct Overhead {
+struct OverheadCmd {
     cmd: String,
     /// Command durations (ms) with the inspector's programs attached and the sandbox watched.
     with_ms: Vec<f64>,
     /// The same without the programs (a service with --no-inspector).
     without_ms: Vec<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Overhead {
+    cmds: Vec<OverheadCmd>,
     /// BPF map bytes of the one watched sandbox after the runs.
     sandbox_map_bytes: u64,
     /// BPF map bytes of the inspector in all (preallocated).
     bpf_map_bytes: u64,
 }
 
-/// Runs `overhead_cmd` in a debian sandbox on btrfs, under a service with the inspector and then
-/// under one without it, on one data dir next to the bench's.
+/// Runs the overhead commands in a debian sandbox on btrfs, under a service with the inspector
+/// and then under one without it, on one data dir next to the bench's.
 async fn inspector_overhead(args: &BenchArgs, data_dir: &Path) -> Result<Overhead> {
     let dir = data_dir.with_file_name(format!(
         "{}-overhead",
         data_dir.file_name().unwrap_or_default().to_string_lossy()
     ));
     let mut out = Overhead {
-        cmd: args.overhead_cmd.clone(),
-        with_ms: Vec::new(),
-        without_ms: Vec::new(),
+        cmds: args
+            .overhead_cmd
+            .iter()
+            .map(|c| OverheadCmd {
+                cmd: c.clone(),
+                with_ms: Vec::new(),
+                without_ms: Vec::new(),
+            })
+            .collect(),
         sandbox_map_bytes: 0,
         bpf_map_bytes: 0,
     };
@@ -565,24 +592,30 @@ async fn inspector_overhead(args: &BenchArgs, data_dir: &Path) -> Result<Overhea
             .map_err(rpc_err)?
             .into_inner()
             .id;
-        step(&mut c, &ep, &args.overhead_cmd).await?; // warm the page cache
-        for i in 0..args.overhead_runs {
-            let r = step(&mut c, &ep, &args.overhead_cmd).await?;
-            if r.exit_code != 0 {
-                bail!("`{}` failed: {}", args.overhead_cmd, r.stderr.trim());
+        for oc in &mut out.cmds {
+            step(&mut c, &ep, &oc.cmd).await?; // warm the page cache
+            for _ in 0..args.overhead_runs {
+                let r = step(&mut c, &ep, &oc.cmd).await?;
+                if r.exit_code != 0 {
+                    bail!("`{}` failed: {}", oc.cmd, r.stderr.trim());
+                }
+                let v = if with {
+                    &mut oc.with_ms
+                } else {
+                    &mut oc.without_ms
+                };
+                v.push(r.duration_ms as f64);
             }
             eprintln!(
-                "  overhead {} run {}: {} ms",
-                if with { "with" } else { "without" },
-                i + 1,
-                r.duration_ms
+                "  overhead `{}` {}: median {:.0} ms",
+                oc.cmd,
+                if with {
+                    "with the inspector"
+                } else {
+                    "without"
+                },
+                pct(if with { &oc.with_ms } else { &oc.without_ms }, 0.5)
             );
-            let v = if with {
-                &mut out.with_ms
-            } else {
-                &mut out.without_ms
-            };
-            v.push(r.duration_ms as f64);
         }
         if with {
             let st = c
@@ -754,14 +787,18 @@ fn report(
         verdict_json.insert("none_labelled".into(), none_labelled.into());
     }
     if let Some(o) = overhead {
-        let (w, wo) = (pct(&o.with_ms, 0.5), pct(&o.without_ms, 0.5));
+        for oc in &o.cmds {
+            let (w, wo) = (pct(&oc.with_ms, 0.5), pct(&oc.without_ms, 0.5));
+            md += &format!(
+                "- inspector overhead on `{}` (debian, btrfs, {} runs each, median command time): {w:.0} ms with the programs attached vs {wo:.0} ms without = {:+.1}%\n",
+                oc.cmd,
+                oc.with_ms.len(),
+                100.0 * (w / wo.max(1e-9) - 1.0),
+            );
+        }
         md += &format!(
-            "- inspector overhead on `{}` (debian, btrfs, {} runs each, median command time): {w:.0} ms with the programs attached vs {wo:.0} ms without = {:+.1}%\n- bpf map memory: {} B per watched sandbox (after the runs), {} B preallocated for the host\n",
-            o.cmd,
-            o.with_ms.len(),
-            100.0 * (w / wo.max(1e-9) - 1.0),
-            o.sandbox_map_bytes,
-            o.bpf_map_bytes
+            "- bpf map memory: {} B for the watched sandbox (after the runs), {} B preallocated for the host\n",
+            o.sandbox_map_bytes, o.bpf_map_bytes
         );
     }
     for r in results.iter().filter(|r| !r.mismatches.is_empty()) {
@@ -800,18 +837,28 @@ fn report(
 fn runc_baseline(n: usize) -> Result<RuncResult> {
     let dir = std::env::temp_dir().join(format!("sandtree-runc-{}", std::process::id()));
     let _cleanup = scopeguard(dir.clone());
+    std::fs::create_dir_all(&dir)?;
     let run = |args: &[&str], cwd: &Path| -> Result<()> {
-        let out = Command::new("runc")
+        // No pipes and no files for stdio: a detached container (run -d, restore -d) inherits
+        // runc's stdio; a pipe would make us wait for the container to exit, and a file outside
+        // the container is an external file that CRIU refuses to dump. runc logs to --log.
+        let log = dir.join("runc.log");
+        let _ = std::fs::remove_file(&log);
+        let st = Command::new("runc")
+            .arg("--log")
+            .arg(&log)
             .args(args)
             .current_dir(cwd)
             .stdin(Stdio::null())
-            .output()
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
             .context("run runc (apt-get install runc)")?;
-        if !out.status.success() {
+        if !st.success() {
             bail!(
                 "runc {} failed: {}",
                 args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
+                std::fs::read_to_string(&log).unwrap_or_default().trim()
             );
         }
         Ok(())

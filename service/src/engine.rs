@@ -501,19 +501,23 @@ impl Engine {
         }
         self.settle(src).await;
         let forks = self.tree.fork(src, turn, count as usize)?;
-        let mut results = Vec::with_capacity(forks.len());
-        for (ep, node, session) in forks {
-            results.push(match self.materialize(&ep.id, &node, 0).await {
-                Ok((sb, w, vol)) => {
-                    self.insert_live(&ep.id, ep.policy, (sb, w), vol, session, turn);
-                    Ok(ep.id)
+        // The copies are cloned and restored concurrently (each in its own cgroup and
+        // namespaces); the checkpoint slots do not apply to restores.
+        let results = futures_util::future::join_all(forks.into_iter().map(
+            |(ep, node, session)| async move {
+                match self.materialize(&ep.id, &node, 0).await {
+                    Ok((sb, w, vol)) => {
+                        self.insert_live(&ep.id, ep.policy, (sb, w), vol, session, turn);
+                        Ok(ep.id)
+                    }
+                    Err(e) => {
+                        let _ = self.tree.delete_episode(&ep.id);
+                        Err(e)
+                    }
                 }
-                Err(e) => {
-                    let _ = self.tree.delete_episode(&ep.id);
-                    Err(e)
-                }
-            });
-        }
+            },
+        ))
+        .await;
         let mut ids = Vec::new();
         let mut first_err = None;
         for r in results {
