@@ -173,6 +173,16 @@ impl Engine {
     /// sandboxes, volumes, unreferenced snapshots and CRIU images, abandoned pending nodes).
     pub fn reconcile(&self) -> anyhow::Result<String> {
         let reaped = self.runtime.reap_leftovers();
+        // A running episode without a volume never got its sandbox: a create or fork was cut
+        // off before it answered, so no client knows the id. Drop it, or it would pin the
+        // snapshots and images it was forked from.
+        let mut unborn = 0usize;
+        for ep in self.tree.list_episodes(false)? {
+            if ep.status == EpisodeStatus::Running && ep.volume.is_none() {
+                self.tree.delete_episode(&ep.id)?;
+                unborn += 1;
+            }
+        }
         let report = self.tree.reconcile()?;
         let mut referenced: std::collections::HashSet<(String, String)> = Default::default();
         let mut images: std::collections::HashSet<String> = Default::default();
@@ -217,7 +227,7 @@ impl Engine {
         }
         self.storage.gc()?;
         Ok(format!(
-            "reconciled: {} sandboxes reaped, {} episodes stopped, {} pending nodes abandoned, {} orphans removed",
+            "reconciled: {} sandboxes reaped, {unborn} unborn episodes dropped, {} episodes stopped, {} pending nodes abandoned, {} orphans removed",
             reaped.len(),
             report.stopped.len(),
             report.abandoned.len(),
@@ -704,6 +714,7 @@ impl Engine {
             let _ = self.tree.set_status(&id, EpisodeStatus::Stopped);
             let _ = self.tree.set_volume(&id, None);
         }
+        self.runtime.layout.remove_parents();
     }
 }
 

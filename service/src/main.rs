@@ -278,6 +278,8 @@ async fn serve(
     let e2 = engine.clone();
     let msg = tokio::task::spawn_blocking(move || e2.reconcile()).await??;
     tracing::info!("{msg}");
+    // Nodes that only dropped or deleted episodes reached are freed now, not at the next delete.
+    engine.gc().await;
 
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)?;

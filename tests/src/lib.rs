@@ -82,6 +82,7 @@ pub struct Service {
     pub socket: PathBuf,
     pool: Option<String>,
     storage: String,
+    extra: Vec<String>,
 }
 
 /// Storage for a test service.
@@ -93,6 +94,11 @@ pub enum Storage {
 
 impl Service {
     pub fn start(storage: Storage) -> Service {
+        Service::start_with(storage, &[])
+    }
+
+    /// Like [`Service::start`], with extra `serve` flags.
+    pub fn start_with(storage: Storage, extra: &[&str]) -> Service {
         let dir = std::env::temp_dir().join(unique("sandtree-test-"));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("s.sock");
@@ -103,17 +109,10 @@ impl Service {
                     .args(["-c", "pgrep -x zfs-fuse >/dev/null || zfs-fuse"])
                     .status();
                 let name = unique("sttest");
-                let img = dir.join("zpool.img");
-                let f = std::fs::File::create(&img).unwrap();
-                f.set_len(4 << 30).unwrap();
-                let st = Command::new("zpool")
-                    .args(["create", "-m"])
-                    .arg(dir.join("zmnt"))
-                    .arg(&name)
-                    .arg(&img)
-                    .status()
-                    .unwrap();
-                assert!(st.success(), "zpool create {name}");
+                // The storage crate's helper takes the host-wide zfs-fuse lock, as the service
+                // does: a mount racing another one wedges zfs-fuse.
+                sandtree_storage::pool::create_file_pool(&name, &dir.join("zpool.img"), 4 << 30)
+                    .unwrap_or_else(|e| panic!("zpool create {name}: {e}"));
                 (format!("zfs:{name}/sandtree"), Some(name))
             }
         };
@@ -123,6 +122,7 @@ impl Service {
             socket,
             pool,
             storage: spec,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         s.spawn();
         s
@@ -146,6 +146,7 @@ impl Service {
             .arg(self.dir.join("data"))
             .arg("--socket")
             .arg(&self.socket)
+            .args(&self.extra)
             .env("SANDTREE_LOG", "info,sandtree=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -256,10 +257,16 @@ impl Drop for Service {
             let _ = c.wait();
         }
         if let Some(p) = self.pool.take() {
-            let _ = Command::new("zpool").args(["destroy", "-f", &p]).status();
+            if let Err(e) = sandtree_storage::pool::destroy_file_pool(&p) {
+                eprintln!("warning: cannot destroy test pool {p}: {e}");
+            }
         }
         let mnt = self.dir.join("data/storage/mnt");
-        let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&mnt)
+            .stderr(Stdio::null())
+            .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

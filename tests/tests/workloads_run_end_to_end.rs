@@ -36,6 +36,9 @@ const EXPECT: &[(&str, usize, &str)] = &[
     ("repair-background-worker", 9, "3"),
 ];
 
+/// Trajectories say 1000 ms; a fifth of it keeps the test short.
+const THINK: std::time::Duration = std::time::Duration::from_millis(200);
+
 fn run_all(storage: Storage) {
     let svc = Service::start(storage);
     let stats: serde_json::Value =
@@ -49,6 +52,9 @@ fn run_all(storage: Storage) {
     for t in trajectories() {
         let ep = svc.create(&t.image, "auto");
         for (i, turn) in t.turns.iter().enumerate() {
+            // A short think time, as a trainer's: background jobs that a turn starts settle
+            // before the next turn (their start-up otherwise lands in the next turn's verdict).
+            std::thread::sleep(THINK);
             let r = svc.step(&ep, &turn.cmd);
             assert_eq!(r["turn"], i as u64 + 1, "{} turn numbering", t.name);
             assert_eq!(

@@ -124,6 +124,15 @@ impl Layout {
         Ok(layout)
     }
 
+    /// Removes this instance's parent cgroups when no sandbox is left in them (service stop).
+    /// Only `sandtree/<instance>` goes; a `sandtree` dir shared with other instances stays.
+    pub fn remove_parents(&self) {
+        let dirs = std::iter::once(&self.v2_parent).chain(self.v1_parents.iter().map(|(_, p)| p));
+        for d in dirs {
+            let _ = fs::remove_dir(d);
+        }
+    }
+
     fn create_parents(&self) -> Result<()> {
         fs::create_dir_all(&self.v2_parent).map_err(io_err(&self.v2_parent, "mkdir"))?;
         if self.pure_v2 {
