@@ -377,12 +377,7 @@ impl Engine {
             cwd: res.cwd.clone().unwrap_or_else(|| l.session.cwd.clone()),
             env: res.env.clone().unwrap_or_else(|| l.session.env.clone()),
         };
-        let verdict = self.verdict(&l).await?;
-        let new_node = match verdict.kind {
-            VerdictKind::None => None,
-            VerdictKind::Fs => Some(NodeKind::Fs),
-            VerdictKind::Proc => Some(NodeKind::Full),
-        };
+        let (verdict, new_node) = self.verdict(&l).await?;
         let observation = Observation {
             stdout: res.stdout,
             stderr: res.stderr,
@@ -419,7 +414,11 @@ impl Engine {
 
     /// The turn's verdict. The inspector's epoch ends here under every policy; `full` always
     /// checkpoints everything and `none` never does, whatever the inspector saw.
-    async fn verdict(&self, l: &Live) -> Result<Verdict> {
+    ///
+    /// Returns the verdict and the node the turn needs. An fs turn in a sandbox where processes
+    /// other than init are alive needs a full node: a node must restore the whole sandbox, and
+    /// those processes' state is only in a CRIU image.
+    async fn verdict(&self, l: &Live) -> Result<(Verdict, Option<NodeKind>)> {
         let (verdicts, storage, sb, vol, watch, policy) = (
             self.verdicts.clone(),
             self.storage.clone(),
@@ -429,7 +428,25 @@ impl Engine {
             l.policy,
         );
         blocking(move || match policy {
-            Policy::Auto => verdicts.judge(watch, &sb, storage.as_ref(), &vol),
+            Policy::Auto => {
+                let mut v = verdicts.judge(watch, &sb, storage.as_ref(), &vol)?;
+                let node = match v.kind {
+                    VerdictKind::None => None,
+                    VerdictKind::Proc => Some(NodeKind::Full),
+                    VerdictKind::Fs => {
+                        let others = sb.cgroup.pids()?.into_iter().any(|p| p != sb.init_pid);
+                        if others {
+                            v.reasons.push(
+                                "full node: processes other than init are alive, and a restore needs their image with the snapshot".into(),
+                            );
+                            Some(NodeKind::Full)
+                        } else {
+                            Some(NodeKind::Fs)
+                        }
+                    }
+                };
+                Ok((v, node))
+            }
             Policy::None | Policy::Full => {
                 let seen = verdicts.observe(watch, &sb);
                 let (kind, what) = if policy == Policy::None {
@@ -442,7 +459,8 @@ impl Engine {
                     reasons.push(format!("inspector: {:?}", v.kind).to_lowercase());
                     reasons.extend(v.reasons);
                 }
-                Ok(Verdict { kind, reasons })
+                let node = (policy == Policy::Full).then_some(NodeKind::Full);
+                Ok((Verdict { kind, reasons }, node))
             }
         })
         .await

@@ -111,3 +111,29 @@ fn without_the_inspector_auto_is_conservative_and_says_so() {
     expect(&svc, &ep, "true", "proc", "conservative:");
     svc.ok(&["delete", &ep]);
 }
+
+/// An fs turn while a daemon runs: the turn changed only files, but its node must still bring
+/// the daemon back (the bench found this in shell-httpd: a fork of the fs turn had no server).
+#[test]
+fn a_fork_of_an_fs_turn_beside_a_daemon_has_the_daemon() {
+    if !require_sandbox_host() {
+        return;
+    }
+    let svc = Service::start(Storage::Btrfs);
+    let ep = svc.create("busybox", "auto");
+    expect(
+        &svc,
+        &ep,
+        "sleep 1000 & sleep 0.2",
+        "proc",
+        "outlives the turn",
+    );
+    let r = svc.step(&ep, "echo x > /tmp/f");
+    assert_eq!(r["verdict"], "fs", "{r}");
+    assert!(r["reasons"].to_string().contains("full node"), "{r}");
+    let fork = svc.ok(&["fork", &ep, "--turn", "2"]).trim().to_string();
+    let r = svc.step(&fork, "cat /tmp/f; pidof sleep >/dev/null && echo daemon");
+    assert_eq!(r["stdout"], "x\ndaemon\n", "{r}");
+    svc.ok(&["delete", &fork]);
+    svc.ok(&["delete", &ep]);
+}
