@@ -195,6 +195,10 @@ pub async fn tree(socket: &Path, episode: String, json: bool) -> Result<ExitCode
             "{:>4}  {:>5}  {:<6}  {:<7}  {:>10}  {:<9}  {:>4}  {}",
             t.turn, t.node, t.kind, t.verdict, t.bytes, t.state, t.exit_code, action
         );
+        // Why: the verdict's reasons (syscall classes, sample paths, pids), a few per turn.
+        for reason in t.reasons.iter().take(3) {
+            println!("{:>13}{reason}", "");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -272,7 +272,15 @@ fn zfs_fuse_wedged() -> Option<String> {
             [std::ffi::OsStr::new("-l"), "-c".as_ref(), mnt.as_os_str()],
         );
     }
-    let _ = cmd::run("timeout", ["30", "zpool", "destroy", "-f", &name]);
+    if io.is_ok() {
+        // Retries while busy (zfs-fuse reports a just-used mount busy for a moment).
+        if let Err(e) = pool::destroy_file_pool(&name) {
+            eprintln!("warning: cannot destroy the probe pool {name}: {e}");
+        }
+    } else {
+        // A wedged daemon may never answer: do not wait for it.
+        let _ = cmd::run("timeout", ["30", "zpool", "destroy", "-f", &name]);
+    }
     match (mounted, io) {
         (Ok(_), Ok(out)) if out.trim() == "ok" => None,
         (Err(e), _) => Some(format!("zfs-fuse cannot mount a probe dataset: {e}")),
