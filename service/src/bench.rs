@@ -339,7 +339,7 @@ async fn run_one(
     }
     // Traffic of the original run alone (stats waits for pending checkpoints).
     let st = c
-        .stats(pb::StatsRequest {})
+        .stats(pb::StatsRequest::default())
         .await
         .map_err(rpc_err)?
         .into_inner();
@@ -474,8 +474,11 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
                 .await
                 .with_context(|| format!("{} under {policy}", t.name))?;
         }
+        // This policy's checkpoints only: the samples are cleared for the next one.
         let after = c
-            .stats(pb::StatsRequest {})
+            .stats(pb::StatsRequest {
+                reset_timings: true,
+            })
             .await
             .map_err(rpc_err)?
             .into_inner();
@@ -484,7 +487,7 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         results.push(res);
     }
     let inspector = c
-        .stats(pb::StatsRequest {})
+        .stats(pb::StatsRequest::default())
         .await
         .map_err(rpc_err)?
         .into_inner()
@@ -619,7 +622,7 @@ async fn inspector_overhead(args: &BenchArgs, data_dir: &Path) -> Result<Overhea
         }
         if with {
             let st = c
-                .stats(pb::StatsRequest {})
+                .stats(pb::StatsRequest::default())
                 .await
                 .map_err(rpc_err)?
                 .into_inner();
@@ -1045,7 +1048,7 @@ pub async fn demo(data_dir: PathBuf) -> Result<std::process::ExitCode> {
         );
     }
     let s = c
-        .stats(pb::StatsRequest {})
+        .stats(pb::StatsRequest::default())
         .await
         .map_err(rpc_err)?
         .into_inner();

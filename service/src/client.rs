@@ -206,7 +206,7 @@ pub async fn tree(socket: &Path, episode: String, json: bool) -> Result<ExitCode
 pub async fn stats(socket: &Path, json: bool) -> Result<ExitCode> {
     let r = connect(socket)
         .await?
-        .stats(pb::StatsRequest {})
+        .stats(pb::StatsRequest::default())
         .await
         .map_err(rpc_err)?
         .into_inner();

@@ -82,6 +82,14 @@ pub struct Timings {
     pub checkpoint: StdMutex<Vec<f64>>,
 }
 
+impl Timings {
+    pub fn reset(&self) {
+        for v in [&self.dump, &self.snapshot, &self.restore, &self.checkpoint] {
+            v.lock().expect("timings lock").clear();
+        }
+    }
+}
+
 pub fn percentile(v: &StdMutex<Vec<f64>>, p: f64) -> f64 {
     let mut v = v.lock().expect("timings lock").clone();
     if v.is_empty() {

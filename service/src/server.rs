@@ -241,8 +241,9 @@ impl pb::sandtree_server::Sandtree for Api {
 
     async fn stats(
         &self,
-        _: Request<pb::StatsRequest>,
+        req: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
+        let reset = req.into_inner().reset_timings;
         self.engine.settle_all().await;
         let e = &self.engine;
         let nodes = e.tree.all_nodes().map_err(|x| status(x.into()))?;
@@ -295,6 +296,9 @@ impl pb::sandtree_server::Sandtree for Api {
         resp.restore_ms_p99 = percentile(&t.restore, 0.99);
         resp.checkpoint_ms_p50 = percentile(&t.checkpoint, 0.5);
         resp.checkpoint_ms_p99 = percentile(&t.checkpoint, 0.99);
+        if reset {
+            t.reset();
+        }
         Ok(Response::new(resp))
     }
 
