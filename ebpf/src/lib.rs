@@ -476,6 +476,21 @@ impl Inspector {
         cgroup_id: u64,
         alive: &dyn Fn(u32) -> bool,
     ) -> Result<TurnEffects, InspectorError> {
+        self.end_turn_quiet(cgroup_id, alive, &|| false)
+    }
+
+    /// [`Inspector::end_turn`], skipping the grace period (a global RCU grace period, about
+    /// 10 ms) when `quiet` says, *after* the epoch switch, that no process but the sandbox init
+    /// is left in the cgroup. That is safe: a task runs its own programs before it leaves its
+    /// cgroup at exit (`cgroup_exit` comes after the exit tracepoint), the cgroup's css_set lock
+    /// orders those writes before the caller's read of `cgroup.procs`, and the init's own
+    /// programs never write epoch stats (it is neither counted nor long-lived).
+    pub fn end_turn_quiet(
+        &self,
+        cgroup_id: u64,
+        alive: &dyn Fn(u32) -> bool,
+        quiet: &dyn Fn() -> bool,
+    ) -> Result<TurnEffects, InspectorError> {
         let map_err = |op| {
             move |source| InspectorError::Map {
                 cgroup: cgroup_id,
@@ -496,7 +511,9 @@ impl Inspector {
             }
         }
         let closed = self.update_config(cgroup_id, |c| c.epoch += 1)?.epoch;
-        grace_period();
+        if !quiet() {
+            grace_period();
+        }
 
         // After the grace period no program writes to the closed epoch any more: every program
         // that read the old epoch has finished, and later ones see the new one.

@@ -338,3 +338,31 @@ fn no_event_is_lost_across_turn_boundaries() {
     assert!(turns > 5, "only {turns} turns");
     assert_eq!(writes, 50, "appends counted over {turns} turns");
 }
+
+/// The fast path (no grace period once only init is left): 50 short turns back to back, each
+/// writing one file; every write lands in its own turn and none leaks into the next one.
+#[test]
+fn quiet_turn_ends_skip_the_grace_period_and_lose_nothing() {
+    let Some(insp) = inspector() else { return };
+    let sb = Sandbox::new(insp, "quiet");
+    let dir = TmpPath::new("quiet");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let mut skipped = 0;
+    for i in 0..50 {
+        sb.sh_ok(&format!("echo {i} > {}/f{i}", dir.0));
+        let (e, fast) = sb.end_turn_quiet();
+        skipped += usize::from(fast);
+        assert_eq!(e.fs_classes.get("open"), Some(&1), "turn {i}: {e:#?}");
+        assert_eq!(e.fs_classes.get("write"), Some(&1), "turn {i}: {e:#?}");
+        assert!(
+            e.sample_paths
+                .iter()
+                .any(|p| p.ends_with(&format!("/f{i}"))),
+            "turn {i}: {e:#?}"
+        );
+        sb.sh_ok("true");
+        let (e, _) = sb.end_turn_quiet();
+        assert_kind(&e, VerdictKind::None);
+    }
+    assert_eq!(skipped, 50, "the cgroup was empty after every command");
+}

@@ -234,7 +234,14 @@ impl Verdicts {
             return None;
         };
         let live: BTreeSet<u32> = sb.cgroup.pids().unwrap_or_default().into_iter().collect();
-        match insp.end_turn(id, &|pid| live.contains(&pid)) {
+        // Only init left (read after the epoch switch): no program can still write the
+        // closed epoch, and the grace period can be skipped.
+        let quiet = || {
+            sb.cgroup
+                .pids()
+                .is_ok_and(|p| p.iter().all(|&pid| pid == sb.init_pid))
+        };
+        match insp.end_turn_quiet(id, &|pid| live.contains(&pid), &quiet) {
             Ok(effects) => {
                 let (kind, mut reasons) = sandtree_ebpf::verdict(&effects);
                 reasons.truncate(MAX_REASONS);

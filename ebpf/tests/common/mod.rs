@@ -173,6 +173,24 @@ impl Sandbox {
     pub fn end_turn(&self) -> sandtree_ebpf::TurnEffects {
         self.inspector.end_turn(self.id, &alive).expect("end_turn")
     }
+
+    /// `end_turn` without the grace period when the cgroup is empty after the switch (the
+    /// service's fast path; a test cgroup has no init).
+    pub fn end_turn_quiet(&self) -> (sandtree_ebpf::TurnEffects, bool) {
+        let skipped = std::cell::Cell::new(false);
+        let quiet = || {
+            let empty = fs::read_to_string(self.path.join("cgroup.procs"))
+                .map(|s| s.trim().is_empty())
+                .unwrap_or(false);
+            skipped.set(empty);
+            empty
+        };
+        let e = self
+            .inspector
+            .end_turn_quiet(self.id, &alive, &quiet)
+            .expect("end_turn_quiet");
+        (e, skipped.get())
+    }
 }
 
 impl Drop for Sandbox {
