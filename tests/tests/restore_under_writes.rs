@@ -144,8 +144,9 @@ fn restore_under_writes(storage: Storage, turns: u32, count: u32, rounds: u32) -
 #[test]
 fn restore_under_writes_btrfs() {
     if require_sandbox_host() {
-        let n = restore_under_writes(Storage::Btrfs, 10, 3, 1);
-        assert_eq!(n, 30);
+        // 100 restores: every one of 10 turns forked 5 ways, twice.
+        let n = restore_under_writes(Storage::Btrfs, 10, 5, 2);
+        assert_eq!(n, 100);
     }
 }
 
