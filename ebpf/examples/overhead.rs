@@ -5,12 +5,11 @@
 //! the BPF programs, with them and the cgroup watched, and with them but the cgroup not watched
 //! (the cost for every other process on the host). Prints the medians.
 
-use std::ffi::CString;
+mod common;
+
 use std::fs;
-use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use sandtree_ebpf::{verdict, Inspector, SandboxConfig};
@@ -22,29 +21,8 @@ const COMMANDS: [&str; 3] = [
 ];
 
 fn run_in(cgroup: &Path, cmd: &str) -> Duration {
-    let procs = CString::new(
-        cgroup
-            .join("cgroup.procs")
-            .into_os_string()
-            .into_encoded_bytes(),
-    )
-    .expect("path");
-    let mut c = Command::new("sh");
-    c.arg("-c")
-        .arg(cmd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    // SAFETY: only async-signal-safe syscalls on memory allocated before the fork.
-    unsafe {
-        c.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::close(fd);
-            Ok(())
-        });
-    }
+    let mut c = common::sh_in(cgroup, cmd);
+    c.stdout(Stdio::null());
     let t = Instant::now();
     let st = c.status().expect("sh");
     let d = t.elapsed();
@@ -62,16 +40,8 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(5);
-    let root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.join("cgroup.controllers").exists())
-        .expect("no cgroup v2 hierarchy");
-    let watched = root.join(format!("sandtree-overhead-w-{}", std::process::id()));
-    let other = root.join(format!("sandtree-overhead-o-{}", std::process::id()));
-    fs::create_dir(&watched).expect("mkdir");
-    fs::create_dir(&other).expect("mkdir");
-    let id = fs::metadata(&watched).expect("stat").ino();
+    let (watched, id) = common::leaf(&format!("sandtree-overhead-w-{}", std::process::id()));
+    let (other, _) = common::leaf(&format!("sandtree-overhead-o-{}", std::process::id()));
 
     for cmd in COMMANDS {
         run_in(&watched, cmd); // warm the page cache

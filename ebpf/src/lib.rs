@@ -211,6 +211,22 @@ fn load_error(e: &dyn std::error::Error) -> InspectorError {
     }
 }
 
+/// [`InspectorError::Map`] for a failed operation `op` on the map entries of sandbox `cgroup`.
+fn map_err(cgroup: u64, op: &'static str) -> impl FnOnce(MapError) -> InspectorError {
+    move |source| InspectorError::Map { cgroup, op, source }
+}
+
+/// Reading the config of sandbox `cgroup` failed: not found means it is not watched.
+fn config_err(cgroup: u64) -> impl FnOnce(MapError) -> InspectorError {
+    move |e| {
+        if is_not_found(&e) {
+            InspectorError::NotWatched(cgroup)
+        } else {
+            map_err(cgroup, "reading its config")(e)
+        }
+    }
+}
+
 fn is_not_found(e: &MapError) -> bool {
     match e {
         MapError::KeyNotFound => true,
@@ -338,18 +354,11 @@ impl Inspector {
     /// Starts watching a sandbox cgroup (its processes from now on, in epoch 1). Watching a
     /// watched cgroup again updates its config and keeps its epoch.
     pub fn watch(&self, cgroup_id: u64, cfg: SandboxConfig) -> Result<(), InspectorError> {
-        let map_err = |op| {
-            move |source| InspectorError::Map {
-                cgroup: cgroup_id,
-                op,
-                source,
-            }
-        };
         let mut inner = self.lock();
         let old = match inner.watched.get(&cgroup_id, 0) {
             Ok(c) => Some(c),
             Err(e) if is_not_found(&e) => None,
-            Err(e) => return Err(map_err("reading its config")(e)),
+            Err(e) => return Err(map_err(cgroup_id, "reading its config")(e)),
         };
         let epoch = old.map_or(1, |c| c.epoch);
         let seen = match inner.overflow.get(&cgroup_id, 0) {
@@ -358,10 +367,10 @@ impl Inspector {
                 inner
                     .overflow
                     .insert(cgroup_id, 0, 0)
-                    .map_err(map_err("adding its overflow counter"))?;
+                    .map_err(map_err(cgroup_id, "adding its overflow counter"))?;
                 0
             }
-            Err(e) => return Err(map_err("reading its overflow counter")(e)),
+            Err(e) => return Err(map_err(cgroup_id, "reading its overflow counter")(e)),
         };
         inner.seen_overflow.entry(cgroup_id).or_insert(seen);
         let key = EpochKey {
@@ -372,7 +381,7 @@ impl Inspector {
             inner
                 .stats
                 .insert(key, EpochStats::default(), 0)
-                .map_err(map_err("adding its epoch stats"))?;
+                .map_err(map_err(cgroup_id, "adding its epoch stats"))?;
         }
         let config = Config {
             epoch,
@@ -383,24 +392,21 @@ impl Inspector {
         inner
             .watched
             .insert(cgroup_id, config, 0)
-            .map_err(map_err("adding it to the watched cgroups"))
+            .map_err(map_err(cgroup_id, "adding it to the watched cgroups"))
     }
 
     /// Stops watching a sandbox cgroup and removes all its map entries (a no-op if not watched).
     pub fn unwatch(&self, cgroup_id: u64) -> Result<(), InspectorError> {
-        let map_err = |op| {
-            move |source| InspectorError::Map {
-                cgroup: cgroup_id,
-                op,
-                source,
-            }
-        };
         {
             let mut inner = self.lock();
             match inner.watched.remove(&cgroup_id) {
                 Ok(()) => {}
                 Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(map_err("removing it from the watched cgroups")(e)),
+                Err(e) => {
+                    return Err(map_err(cgroup_id, "removing it from the watched cgroups")(
+                        e,
+                    ))
+                }
             }
         }
         grace_period();
@@ -409,7 +415,7 @@ impl Inspector {
         match inner.overflow.remove(&cgroup_id) {
             Ok(()) => {}
             Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(map_err("removing its overflow counter")(e)),
+            Err(e) => return Err(map_err(cgroup_id, "removing its overflow counter")(e)),
         }
         let keys: Vec<EpochKey> = inner
             .stats
@@ -421,10 +427,10 @@ impl Inspector {
             match inner.stats.remove(&k) {
                 Ok(()) => {}
                 Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(map_err("removing its epoch stats")(e)),
+                Err(e) => return Err(map_err(cgroup_id, "removing its epoch stats")(e)),
             }
         }
-        remove_births(&mut inner, cgroup_id).map_err(map_err("removing its processes"))
+        remove_births(&mut inner, cgroup_id).map_err(map_err(cgroup_id, "removing its processes"))
     }
 
     fn update_config(
@@ -433,27 +439,16 @@ impl Inspector {
         f: impl FnOnce(&mut Config),
     ) -> Result<Config, InspectorError> {
         let mut inner = self.lock();
-        let mut cfg = inner.watched.get(&cgroup_id, 0).map_err(|e| {
-            if is_not_found(&e) {
-                InspectorError::NotWatched(cgroup_id)
-            } else {
-                InspectorError::Map {
-                    cgroup: cgroup_id,
-                    op: "reading its config",
-                    source: e,
-                }
-            }
-        })?;
+        let mut cfg = inner
+            .watched
+            .get(&cgroup_id, 0)
+            .map_err(config_err(cgroup_id))?;
         let old = cfg;
         f(&mut cfg);
         inner
             .watched
             .insert(cgroup_id, cfg, 0)
-            .map_err(|source| InspectorError::Map {
-                cgroup: cgroup_id,
-                op: "updating its config",
-                source,
-            })?;
+            .map_err(map_err(cgroup_id, "updating its config"))?;
         Ok(old)
     }
 
@@ -491,13 +486,6 @@ impl Inspector {
         alive: &dyn Fn(u32) -> bool,
         quiet: &dyn Fn() -> bool,
     ) -> Result<TurnEffects, InspectorError> {
-        let map_err = |op| {
-            move |source| InspectorError::Map {
-                cgroup: cgroup_id,
-                op,
-                source,
-            }
-        };
         {
             // Creating the next epoch's stats here saves the BPF side the allocation; if the map
             // is full, the BPF side retries and counts an overflow.
@@ -531,11 +519,11 @@ impl Inspector {
                 match inner.stats.remove(&key) {
                     Ok(()) => {}
                     Err(e) if is_not_found(&e) => {}
-                    Err(e) => return Err(map_err("removing its epoch stats")(e)),
+                    Err(e) => return Err(map_err(cgroup_id, "removing its epoch stats")(e)),
                 }
             }
             Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(map_err("reading its epoch stats")(e)),
+            Err(e) => return Err(map_err(cgroup_id, "reading its epoch stats")(e)),
         }
         let mut effects = summarize(&all);
 
@@ -554,7 +542,7 @@ impl Inspector {
         let now = match inner.overflow.get(&cgroup_id, 0) {
             Ok(n) => n,
             Err(e) if is_not_found(&e) => 0,
-            Err(e) => return Err(map_err("reading its overflow counter")(e)),
+            Err(e) => return Err(map_err(cgroup_id, "reading its overflow counter")(e)),
         };
         let seen = inner.seen_overflow.insert(cgroup_id, now).unwrap_or(0);
         effects.overflow = now.saturating_sub(seen);
@@ -564,22 +552,12 @@ impl Inspector {
     /// After a CRIU restore: every process of the sandbox now counts as long-lived.
     pub fn mark_all_long_lived(&self, cgroup_id: u64) -> Result<(), InspectorError> {
         let mut inner = self.lock();
-        if let Err(e) = inner.watched.get(&cgroup_id, 0) {
-            return Err(if is_not_found(&e) {
-                InspectorError::NotWatched(cgroup_id)
-            } else {
-                InspectorError::Map {
-                    cgroup: cgroup_id,
-                    op: "reading its config",
-                    source: e,
-                }
-            });
-        }
-        remove_births(&mut inner, cgroup_id).map_err(|source| InspectorError::Map {
-            cgroup: cgroup_id,
-            op: "forgetting its process births",
-            source,
-        })
+        inner
+            .watched
+            .get(&cgroup_id, 0)
+            .map_err(config_err(cgroup_id))?;
+        remove_births(&mut inner, cgroup_id)
+            .map_err(map_err(cgroup_id, "forgetting its process births"))
     }
 
     /// BPF map memory of the inspector, from the map definitions: max_entries * (key + value),
