@@ -1,12 +1,34 @@
 //! A node forked 4 ways gives 4 live copies that run at once, each with its own daemon and its
-//! own in-memory counter; rewind brings files, processes and the shell session back.
+//! own in-memory counter; rewind brings files, processes and the shell session back; then
+//! everything is deleted. On btrfs and on zfs-fuse.
+//!
+//! On zfs-fuse this is the fork → rewind → delete path that used to wedge the daemon (renames of
+//! parked volumes); the zfs backend no longer renames and serializes zfs commands. A watchdog
+//! turns a wedged daemon into a failure instead of a hung test.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sandtree_tests::*;
 
+/// Longer than any healthy run on this machine (about 10 s) by far.
+const WEDGE_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// Forks turn `upto` of trajectory `traj` 4 ways and checks the copies, the source and a rewind;
+/// prints the time of each phase.
 fn fork4(storage: Storage, traj: &str, tick: &str, upto: usize) {
+    let t0 = Instant::now();
+    let mut phases: Vec<(&str, Duration)> = Vec::new();
+    let mut mark = |name: &'static str, since: &mut Instant| {
+        phases.push((name, since.elapsed()));
+        *since = Instant::now();
+    };
+    let mut since = Instant::now();
     let svc = Service::start(storage);
     let t = trajectories().into_iter().find(|t| t.name == traj).unwrap();
     let ep = svc.create(&t.image, "auto");
+    mark("start+create", &mut since);
     let mut outs = Vec::new();
     for turn in &t.turns[..upto] {
         outs.push(
@@ -17,12 +39,14 @@ fn fork4(storage: Storage, traj: &str, tick: &str, upto: usize) {
         );
     }
     let before: u64 = outs.last().unwrap().trim().parse().expect("counter");
+    mark("turns", &mut since);
     let forks: Vec<String> = svc
         .ok(&["fork", &ep, "--turn", &upto.to_string(), "--count", "4"])
         .lines()
         .map(String::from)
         .collect();
     assert_eq!(forks.len(), 4);
+    mark("fork x4", &mut since);
     // All four copies at once: fork k ticks k+1 times; each counter continues from `before`.
     std::thread::scope(|s| {
         for (k, f) in forks.iter().enumerate() {
@@ -44,13 +68,14 @@ fn fork4(storage: Storage, traj: &str, tick: &str, upto: usize) {
             });
         }
     });
+    mark("forks step", &mut since);
     // The source kept its own counter.
     let r = svc.step(&ep, tick);
     assert_eq!(
         r["stdout"].as_str().unwrap().trim().parse::<u64>().unwrap(),
         before + 1
     );
-    // Rewind the source to just before the daemon existed... and then to after.
+    // Rewind the source to before its tick: the daemon comes back with the old counter.
     svc.ok(&["rewind", &ep, "--turn", &upto.to_string()]);
     let r = svc.step(&ep, tick);
     assert_eq!(
@@ -60,8 +85,74 @@ fn fork4(storage: Storage, traj: &str, tick: &str, upto: usize) {
     );
     let tree: serde_json::Value = serde_json::from_str(&svc.ok(&["tree", &ep, "--json"])).unwrap();
     assert_eq!(tree["turn"], upto as u64 + 1);
+    mark("source tick+rewind", &mut since);
     for f in forks.iter().chain([&ep]) {
         svc.ok(&["delete", f]);
+    }
+    assert_eq!(svc.ok(&["list"]).trim(), "", "every episode deleted");
+    mark("delete x5", &mut since);
+    drop(svc);
+    mark("stop+destroy pool", &mut since);
+    let phases: Vec<String> = phases
+        .iter()
+        .map(|(n, d)| format!("{n} {:.1}s", d.as_secs_f64()))
+        .collect();
+    eprintln!(
+        "{traj} fork4: {:.1}s ({})",
+        t0.elapsed().as_secs_f64(),
+        phases.join(", ")
+    );
+}
+
+/// Runs `f`; if it has not finished after [`WEDGE_TIMEOUT`], reports a probably wedged zfs-fuse
+/// and exits the test process (a wedged daemon never answers, so the test would hang forever;
+/// recovery needs a restart of zfs-fuse, see the storage crate's `cmd` docs).
+fn with_watchdog(f: impl FnOnce()) {
+    let done = Arc::new(AtomicBool::new(false));
+    let d = done.clone();
+    std::thread::spawn(move || {
+        let t = Instant::now();
+        while t.elapsed() < WEDGE_TIMEOUT {
+            if d.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        eprintln!(
+            "FAILED: no progress after {WEDGE_TIMEOUT:?}: zfs-fuse is probably wedged (zfs \
+             commands or I/O on its mounts hang); restart zfs-fuse to recover"
+        );
+        std::process::exit(101);
+    });
+    f();
+    done.store(true, Ordering::Relaxed);
+}
+
+#[test]
+fn counter_daemon_fork4_zfs_fuse() {
+    if require_sandbox_host() && require_zfs() {
+        with_watchdog(|| {
+            fork4(
+                Storage::Zfs,
+                "shell-counter-daemon",
+                "echo tick > q; sleep 0.2; cat count",
+                5,
+            )
+        });
+    }
+}
+
+#[test]
+fn background_worker_fork4_zfs_fuse() {
+    if require_sandbox_host() && require_zfs() {
+        with_watchdog(|| {
+            fork4(
+                Storage::Zfs,
+                "repair-background-worker",
+                "touch go; sleep 0.5; cat out",
+                4,
+            )
+        });
     }
 }
 
