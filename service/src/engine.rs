@@ -437,13 +437,12 @@ impl Engine {
         );
         blocking(move || match policy {
             Policy::Auto => {
-                let mut v = verdicts.judge(watch, &sb, storage.as_ref(), &vol)?;
+                let (mut v, others) = verdicts.judge(watch, &sb, storage.as_ref(), &vol)?;
                 let node = match v.kind {
                     VerdictKind::None => None,
                     VerdictKind::Proc => Some(NodeKind::Full),
                     VerdictKind::Fs => {
-                        let others = sb.cgroup.pids()?.into_iter().any(|p| p != sb.init_pid);
-                        if others {
+                        if !others.is_empty() {
                             v.reasons.push(
                                 "full node: processes other than init are alive, and a restore needs their image with the snapshot".into(),
                             );

@@ -177,7 +177,7 @@ impl Verdicts {
                 self.survivors
                     .lock()
                     .expect("survivors lock")
-                    .insert(id, survivors(sb).into_iter().collect());
+                    .insert(id, survivors(sb).unwrap_or_default().into_iter().collect());
                 Watch {
                     cgroup_id: Some(id),
                 }
@@ -226,22 +226,33 @@ impl Verdicts {
     /// Ends the turn's epoch and returns the inspector's verdict, if it watches the sandbox
     /// (policies `none` and `full`, which do not act on it).
     pub fn observe(&self, w: Watch, sb: &Sandbox) -> Option<Verdict> {
-        self.inspect(w, sb).map(|(_, v)| v)
+        self.inspect(w, sb).map(|(_, v, _)| v)
     }
 
-    fn inspect(&self, w: Watch, sb: &Sandbox) -> Option<(u64, Verdict)> {
+    /// Ends the turn's epoch: (cgroup id, the inspector's verdict, the sandbox's processes other
+    /// than init right after the epoch switch).
+    fn inspect(&self, w: Watch, sb: &Sandbox) -> Option<(u64, Verdict, anyhow::Result<Vec<u32>>)> {
         let (Some(insp), Some(id)) = (&self.inspector, w.cgroup_id) else {
             return None;
         };
-        let live: BTreeSet<u32> = sb.cgroup.pids().unwrap_or_default().into_iter().collect();
-        // Only init left (read after the epoch switch): no program can still write the
-        // closed epoch, and the grace period can be skipped.
+        // The sandbox's processes are read once, right after the epoch switch. Only init left:
+        // no program can still write the closed epoch, and the grace period can be skipped.
+        let after = std::cell::RefCell::new(None);
         let quiet = || {
-            sb.cgroup
-                .pids()
-                .is_ok_and(|p| p.iter().all(|&pid| pid == sb.init_pid))
+            let pids = sb.cgroup.pids();
+            let quiet = pids
+                .as_ref()
+                .is_ok_and(|p| p.iter().all(|&pid| pid == sb.init_pid));
+            *after.borrow_mut() = Some(pids);
+            quiet
         };
-        match insp.end_turn_quiet(id, &|pid| live.contains(&pid), &quiet) {
+        let alive = |pid: u32| {
+            after
+                .borrow()
+                .as_ref()
+                .is_some_and(|p| p.as_ref().is_ok_and(|p| p.contains(&pid)))
+        };
+        match insp.end_turn_quiet(id, &alive, &quiet) {
             Ok(effects) => {
                 let (kind, mut reasons) = sandtree_ebpf::verdict(&effects);
                 reasons.truncate(MAX_REASONS);
@@ -250,7 +261,14 @@ impl Verdicts {
                     sandtree_ebpf::VerdictKind::Fs => VerdictKind::Fs,
                     sandtree_ebpf::VerdictKind::Proc => VerdictKind::Proc,
                 };
-                Some((id, Verdict { kind, reasons }))
+                let others = match after.take() {
+                    Some(Ok(pids)) => Ok(pids.into_iter().filter(|&p| p != sb.init_pid).collect()),
+                    Some(Err(e)) => Err(e.into()),
+                    None => Err(anyhow::anyhow!(
+                        "the inspector did not ask for the processes"
+                    )),
+                };
+                Some((id, Verdict { kind, reasons }, others))
             }
             Err(e) => {
                 warn!(cgroup_id = id, error = %e, "inspector failed at the turn boundary: conservative verdict");
@@ -259,27 +277,30 @@ impl Verdicts {
         }
     }
 
-    /// The verdict on the turn that just ended, for policy `auto`. `vol` is the sandbox's volume.
+    /// The verdict on the turn that just ended, for policy `auto`, and the sandbox's processes
+    /// other than init at the turn's end. `vol` is the sandbox's volume.
     pub fn judge(
         &self,
         w: Watch,
         sb: &Sandbox,
         storage: &dyn SnapshotBackend,
         vol: &str,
-    ) -> anyhow::Result<Verdict> {
-        let Some((id, mut verdict)) = self.inspect(w, sb) else {
-            return conservative(sb, storage, vol);
+    ) -> anyhow::Result<(Verdict, Vec<u32>)> {
+        let Some((id, mut verdict, others)) = self.inspect(w, sb) else {
+            let others = survivors(sb)?;
+            return Ok((conservative(&others, storage, vol)?, others));
         };
-        let now: BTreeSet<u32> = survivors(sb).into_iter().collect();
+        let others = others?;
+        if !self.verify {
+            return Ok((verdict, others));
+        }
+        let now: BTreeSet<u32> = others.iter().copied().collect();
         let before = self
             .survivors
             .lock()
             .expect("survivors lock")
             .insert(id, now.clone())
             .unwrap_or_default();
-        if !self.verify {
-            return Ok(verdict);
-        }
         self.checked.fetch_add(1, Ordering::Relaxed);
         let new_procs: Vec<u32> = now.difference(&before).copied().collect();
         let gone: Vec<u32> = before.difference(&now).copied().collect();
@@ -322,27 +343,26 @@ impl Verdicts {
                 .reasons
                 .push("verify: the storage layer saw no change".into());
         }
-        Ok(verdict)
+        Ok((verdict, others))
     }
 }
 
 /// Host pids in the sandbox other than its init.
-fn survivors(sb: &Sandbox) -> Vec<u32> {
-    sb.cgroup
-        .pids()
-        .unwrap_or_default()
+fn survivors(sb: &Sandbox) -> anyhow::Result<Vec<u32>> {
+    Ok(sb
+        .cgroup
+        .pids()?
         .into_iter()
         .filter(|&p| p != sb.init_pid)
-        .collect()
+        .collect())
 }
 
-/// The conservative verdict (no inspector).
-pub fn conservative(
-    sb: &Sandbox,
+/// The conservative verdict (no inspector), given the processes other than init.
+fn conservative(
+    survivors: &[u32],
     storage: &dyn SnapshotBackend,
     vol: &str,
 ) -> anyhow::Result<Verdict> {
-    let survivors = survivors(sb);
     if !survivors.is_empty() {
         let shown: Vec<String> = survivors.iter().take(4).map(|p| p.to_string()).collect();
         return Ok(Verdict {
