@@ -420,6 +420,16 @@ impl Zfs {
             })
     }
 
+    /// The live incarnation among `incs` (all of `name`), or NotFound.
+    fn live_in<'a>(incs: &'a [Incarnation], family: Family, name: &str) -> Result<&'a Incarnation> {
+        incs.iter()
+            .find(|i| !i.parked)
+            .ok_or_else(|| SnapshotError::NotFound {
+                kind: family.kind(),
+                name: name.to_string(),
+            })
+    }
+
     /// Finds live snapshot `vol@snap`: on the live incarnation, else on the newest parked one.
     fn find_snapshot(incs: &[Incarnation], snap: &str) -> Option<SnapLoc> {
         let pick = incs
@@ -851,10 +861,7 @@ impl SnapshotBackend for Zfs {
         self.check_len(Family::Volumes, &[vol, snap])?;
         self.locks.with(&Family::Volumes.lock_key(vol), || {
             let incs = self.incarnations(Family::Volumes, vol)?;
-            let live = incs
-                .iter()
-                .find(|i| !i.parked)
-                .ok_or_else(|| SnapshotError::NotFound { kind: "volume", name: vol.to_string() })?;
+            let live = Self::live_in(&incs, Family::Volumes, vol)?;
             // `(vol, snap)` names one snapshot across every incarnation of `vol`.
             if incs.iter().any(|i| i.has_live_snap(snap)) {
                 return Err(SnapshotError::Exists { kind: "snapshot", name: format!("{vol}@{snap}") });
@@ -919,13 +926,7 @@ impl SnapshotBackend for Zfs {
         validate_name(snap)?;
         self.locks.with(&Family::Volumes.lock_key(vol), || {
             let incs = self.incarnations(Family::Volumes, vol)?;
-            let live = incs
-                .iter()
-                .find(|i| !i.parked)
-                .ok_or_else(|| SnapshotError::NotFound {
-                    kind: "volume",
-                    name: vol.to_string(),
-                })?;
+            let live = Self::live_in(&incs, Family::Volumes, vol)?;
             let loc = Self::find_snapshot(&incs, snap)
                 .ok_or_else(|| Self::snapshot_not_found(vol, snap))?;
             if loc.live && live.snaps.last().is_some_and(|s| s.name == snap) {
@@ -981,13 +982,7 @@ impl SnapshotBackend for Zfs {
         validate_name(vol)?;
         self.locks.with(&Family::Volumes.lock_key(vol), || {
             let incs = self.incarnations(Family::Volumes, vol)?;
-            let live = incs
-                .iter()
-                .find(|i| !i.parked)
-                .ok_or_else(|| SnapshotError::NotFound {
-                    kind: "volume",
-                    name: vol.to_string(),
-                })?;
+            let live = Self::live_in(&incs, Family::Volumes, vol)?;
             self.retire(Family::Volumes, vol, live, &incs)?;
             tracing::info!(vol, "destroyed zfs volume");
             Ok(())
