@@ -214,14 +214,8 @@ impl Service {
         if have.lines().any(|l| l == name) {
             return;
         }
-        // scripts/rootfs-cache.sh keeps a debootstrapped debian rootfs; importing it is much
-        // faster than bootstrapping once per test service.
-        let cached = Path::new("/var/cache/sandtree/rootfs").join(name);
-        if name == "debian" && cached.join(".complete").exists() {
-            self.ok(&["image", "import", name, cached.to_str().unwrap()]);
-        } else {
-            self.ok(&["image", "build", name]);
-        }
+        // `image build debian` copies the debootstrap that scripts/rootfs-cache.sh keeps.
+        self.ok(&["image", "build", name]);
     }
 
     pub fn create(&self, image: &str, policy: &str) -> String {
