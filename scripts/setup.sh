@@ -6,6 +6,7 @@
 #   - tracefs / bpffs mounts, and the zfs-fuse daemon.
 # No registry host is named here: the Debian mirror is read from the machine's apt configuration.
 set -euo pipefail
+. "$(dirname "$0")/lib/debian-mirror.sh"
 
 CRIU_VERSION=4.1.1
 CACHE=${SANDTREE_CACHE:-/var/cache/sandtree}
@@ -44,20 +45,6 @@ CRIU_CACHED="$CACHE/criu-$CRIU_BUILD/criu"
 have_criu() {
   local bin="$CRIU_PREFIX/sbin/criu"
   [ -x "$bin" ] && [ -x "$CRIU_CACHED" ] && cmp -s "$bin" "$CRIU_CACHED"
-}
-
-debian_mirror() {
-  # First Debian (not -security) URI in the apt configuration, deb822 or one-line format.
-  local m
-  m=$(grep -hE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}' |
-      grep -v -- '-security' | grep -E '/debian/?$' | head -n1 || true)
-  if [ -z "$m" ]; then
-    m=$(grep -hE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
-        awk '{for(i=2;i<=NF;i++) if ($i ~ /^(https?|file):/) {print $i; exit}}' |
-        grep -v -- '-security' | grep -E '/debian/?$' | head -n1 || true)
-  fi
-  [ -n "$m" ] || { echo "cannot find a Debian mirror in /etc/apt; add one to sources.list" >&2; return 1; }
-  echo "${m%/}"
 }
 
 build_criu() {
