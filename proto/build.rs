@@ -13,8 +13,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(false)
         .build_server(false)
-        .compile_protos(&["criu/rpc.proto"], &["."])?;
+        .compile_protos(&["criu/rpc.proto", "criu/pagemap.proto"], &["."])?;
     println!("cargo:rerun-if-changed=sandtree/v1/sandtree.proto");
     println!("cargo:rerun-if-changed=criu/rpc.proto");
+    println!("cargo:rerun-if-changed=criu/pagemap.proto");
     Ok(())
 }

@@ -304,6 +304,8 @@ impl<'t> WriteTables<'t> {
             state,
             bytes: 0,
             image_bytes: 0,
+            image_dumped_bytes: 0,
+            image_parent: None,
             snapshot: None,
             images: None,
             timings_ms: None,
@@ -621,6 +623,8 @@ impl Tree {
             node.images = artifacts.images;
             node.bytes = artifacts.bytes;
             node.image_bytes = artifacts.image_bytes;
+            node.image_dumped_bytes = artifacts.image_dumped_bytes;
+            node.image_parent = artifacts.image_parent;
             node.timings_ms = artifacts.timings;
             put_node(&mut t.nodes, &node)?;
             Ok(node)

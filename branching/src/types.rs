@@ -355,6 +355,14 @@ pub struct Node {
     /// The CRIU image part of `bytes` (full nodes).
     #[serde(default)]
     pub image_bytes: u64,
+    /// Bytes CRIU wrote for the image; more than `image_bytes` when pages equal to the image
+    /// parent's were left out (auto policy).
+    #[serde(default)]
+    pub image_dumped_bytes: u64,
+    /// The node whose image this one reads unchanged pages from (its image dir holds hard links
+    /// to that chain, so this is informational: freeing that node frees nothing this one needs).
+    #[serde(default)]
+    pub image_parent: Option<NodeId>,
     /// Filesystem snapshot, once committed.
     pub snapshot: Option<SnapshotRef>,
     /// CRIU image directory, once committed (full checkpoints).
@@ -381,6 +389,12 @@ pub struct NodeArtifacts {
     /// The CRIU image part of `bytes`.
     #[serde(default)]
     pub image_bytes: u64,
+    /// Bytes CRIU wrote for the image, before pages equal to the image parent's were left out.
+    #[serde(default)]
+    pub image_dumped_bytes: u64,
+    /// The node whose image this one reads unchanged pages from.
+    #[serde(default)]
+    pub image_parent: Option<NodeId>,
     /// Timings.
     pub timings: Option<NodeTimings>,
 }

@@ -1,4 +1,4 @@
-//! Generated protocol code: sandtree's gRPC API (`v1`) and CRIU's swrk RPC messages (`criu`).
+//! Generated protocol code: sandtree's gRPC API (`v1`) and CRIU's swrk RPC and page map image messages (`criu`).
 //! Only the service crate uses this; domain types live in `branching` and `storage`.
 
 #[allow(clippy::all, missing_docs)]

@@ -159,7 +159,9 @@ pub async fn tree(socket: &Path, episode: String, json: bool) -> Result<ExitCode
             .iter()
             .map(|t| {
                 serde_json::json!({"turn": t.turn, "action": t.action, "exit_code": t.exit_code, "verdict": t.verdict,
-                "reasons": t.reasons, "node": t.node, "kind": t.kind, "bytes": t.bytes, "state": t.state, "cwd": t.cwd})
+                "reasons": t.reasons, "node": t.node, "kind": t.kind, "bytes": t.bytes, "image_bytes": t.image_bytes,
+                "image_dumped_bytes": t.image_dumped_bytes, "image_parent": (t.image_parent > 0).then_some(t.image_parent),
+                "state": t.state, "cwd": t.cwd})
             })
             .collect();
         println!(
@@ -199,6 +201,12 @@ pub async fn tree(socket: &Path, episode: String, json: bool) -> Result<ExitCode
         for reason in t.reasons.iter().take(3) {
             println!("{:>13}{reason}", "");
         }
+        if t.image_parent > 0 {
+            println!(
+                "{:>13}image {} B kept of {} B dumped; unchanged pages read from node {}",
+                "", t.image_bytes, t.image_dumped_bytes, t.image_parent
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -216,7 +224,7 @@ pub async fn stats(socket: &Path, json: bool) -> Result<ExitCode> {
             .iter()
             .map(|e| {
                 serde_json::json!({"id": e.id, "policy": e.policy, "status": e.status, "turn": e.turn,
-                "checkpoint_bytes": e.checkpoint_bytes, "nodes_fs": e.nodes_fs, "nodes_full": e.nodes_full, "turns_shared": e.turns_shared})
+                "checkpoint_bytes": e.checkpoint_bytes, "image_bytes": e.image_bytes, "image_dumped_bytes": e.image_dumped_bytes, "nodes_fs": e.nodes_fs, "nodes_full": e.nodes_full, "turns_shared": e.turns_shared})
             })
             .collect();
         println!(
@@ -225,7 +233,9 @@ pub async fn stats(socket: &Path, json: bool) -> Result<ExitCode> {
             "nodes_full": r.nodes_full, "turns_shared": r.turns_shared, "per_episode": per,
             "timings_ms": {"dump_p50": r.dump_ms_p50, "dump_p99": r.dump_ms_p99, "snapshot_p50": r.snapshot_ms_p50,
             "snapshot_p99": r.snapshot_ms_p99, "restore_p50": r.restore_ms_p50, "restore_p99": r.restore_ms_p99,
-            "checkpoint_p50": r.checkpoint_ms_p50, "checkpoint_p99": r.checkpoint_ms_p99},
+            "checkpoint_p50": r.checkpoint_ms_p50, "checkpoint_p99": r.checkpoint_ms_p99,
+            "dedup_p50": r.dedup_ms_p50, "dedup_p99": r.dedup_ms_p99},
+            "image_bytes": r.image_bytes, "image_dumped_bytes": r.image_dumped_bytes,
             "inspector": {"status": r.inspector, "loaded": r.inspector_loaded, "bpf_map_bytes": r.bpf_map_bytes,
             "watched_sandboxes": r.watched_sandboxes, "sandbox_map_bytes": r.sandbox_map_bytes,
             "verdicts_checked": r.verdicts_checked, "verdicts_unsafe": r.verdicts_unsafe,
@@ -240,6 +250,10 @@ pub async fn stats(socket: &Path, json: bool) -> Result<ExitCode> {
     println!(
         "dump p50/p99 {:.1}/{:.1} ms  snapshot {:.1}/{:.1} ms  restore {:.1}/{:.1} ms  checkpoint {:.1}/{:.1} ms",
         r.dump_ms_p50, r.dump_ms_p99, r.snapshot_ms_p50, r.snapshot_ms_p99, r.restore_ms_p50, r.restore_ms_p99, r.checkpoint_ms_p50, r.checkpoint_ms_p99
+    );
+    println!(
+        "CRIU images: {} B kept of {} B dumped (auto leaves out pages equal to the image parent's; dedup p50/p99 {:.1}/{:.1} ms)",
+        r.image_bytes, r.image_dumped_bytes, r.dedup_ms_p50, r.dedup_ms_p99
     );
     println!(
         "{}; {} watched sandboxes use {} B of bpf maps",

@@ -50,6 +50,8 @@ pub struct Config {
     pub out_cap: usize,
     /// Checkpoints running at once on this host.
     pub checkpoint_slots: usize,
+    /// Longest parent-image chain behind an auto full node (`pages.rs`); 0: no page dedup.
+    pub max_image_chain: usize,
 }
 
 pub const DEFAULT_ENV: &[(&str, &str)] = &[
@@ -80,11 +82,18 @@ pub struct Timings {
     pub snapshot: StdMutex<Vec<f64>>,
     pub restore: StdMutex<Vec<f64>>,
     pub checkpoint: StdMutex<Vec<f64>>,
+    pub dedup: StdMutex<Vec<f64>>,
 }
 
 impl Timings {
     pub fn reset(&self) {
-        for v in [&self.dump, &self.snapshot, &self.restore, &self.checkpoint] {
+        for v in [
+            &self.dump,
+            &self.snapshot,
+            &self.restore,
+            &self.checkpoint,
+            &self.dedup,
+        ] {
             v.lock().expect("timings lock").clear();
         }
     }
@@ -484,6 +493,15 @@ impl Engine {
         let (sb, vol, episode) = (l.sandbox.clone(), l.volume.clone(), l.id.clone());
         let (verdicts, watch) = (self.verdicts.clone(), l.watch);
         let images = self.images_dir(node.id);
+        // auto keeps only the pages a dump changed; full stays the naive per-turn baseline that
+        // writes every image whole.
+        let image_parent = match (l.policy, &node.kind) {
+            (Policy::Auto, NodeKind::Full) if self.config.max_image_chain > 0 => {
+                self.image_parent(node.parent)
+            }
+            _ => None,
+        };
+        let max_chain = self.config.max_image_chain;
         tokio::spawn(async move {
             let _permit = slots.acquire_owned().await;
             let node_id = node.id;
@@ -498,7 +516,12 @@ impl Engine {
                     sb: &sb,
                     vol: &vol,
                 };
-                ckpt.take(&kind, node_id, &images)
+                ckpt.take(
+                    &kind,
+                    node_id,
+                    &images,
+                    image_parent.map(|(n, d)| (n, d, max_chain)),
+                )
             })
             .await
             .map_err(|e| anyhow!("checkpoint task panicked: {e}"))
@@ -515,6 +538,21 @@ impl Engine {
                 }
             }
         })
+    }
+
+    /// The nearest committed full node a sandbox state descends from: the image a new dump is
+    /// deduplicated against.
+    fn image_parent(&self, from: Option<NodeId>) -> Option<(NodeId, PathBuf)> {
+        let mut cur = from;
+        while let Some(id) = cur {
+            let n = self.tree.node(id).ok()?;
+            if let (NodeKind::Full, NodeState::Committed, Some(i)) = (&n.kind, &n.state, &n.images)
+            {
+                return Some((id, PathBuf::from(i)));
+            }
+            cur = n.parent;
+        }
+        None
     }
 
     /// Waits for the pending checkpoint of a live episode, if any.
@@ -756,8 +794,15 @@ struct Checkpoint<'a> {
 
 impl Checkpoint<'_> {
     /// Takes one node's checkpoint. fs: freeze, snapshot, thaw. full: CRIU dump with the snapshot
-    /// inside the post-dump notification. Artifacts are synced to disk before this returns.
-    fn take(&self, kind: &NodeKind, node: NodeId, images: &Path) -> anyhow::Result<NodeArtifacts> {
+    /// inside the post-dump notification, then (with `image_parent`) the pages equal to that
+    /// image's are left out (`pages.rs`). Artifacts are synced to disk before this returns.
+    fn take(
+        &self,
+        kind: &NodeKind,
+        node: NodeId,
+        images: &Path,
+        image_parent: Option<(NodeId, PathBuf, usize)>,
+    ) -> anyhow::Result<NodeArtifacts> {
         let Checkpoint {
             storage,
             runtime,
@@ -770,6 +815,7 @@ impl Checkpoint<'_> {
         let started = Instant::now();
         let snap = format!("n{}", node.0);
         let mut t = NodeTimings::default();
+        let (mut image_dumped_bytes, mut image_parent_id) = (0, None);
         let (snap_bytes, image_bytes, images_path) = match kind {
             NodeKind::Fs => {
                 let f = Instant::now();
@@ -796,25 +842,43 @@ impl Checkpoint<'_> {
                         Ok(())
                     })
                 });
+                let fail = |e: anyhow::Error, snapped: bool| {
+                    // Keep CRIU's log for the operator; the partial images go.
+                    let logs = images.parent().unwrap_or(images).join("failed-logs");
+                    let _ = std::fs::create_dir_all(&logs);
+                    let _ = std::fs::rename(
+                        images.join("dump.log"),
+                        logs.join(format!("n{}-dump.log", node.0)),
+                    );
+                    let _ = std::fs::remove_dir_all(images);
+                    if snapped {
+                        let _ = storage.destroy_snapshot(vol, &snap);
+                    }
+                    Err(e)
+                };
                 let stats = match stats {
                     Ok(s) => s,
-                    Err(e) => {
-                        // Keep CRIU's log for the operator; the partial images go.
-                        let logs = images.parent().unwrap_or(images).join("failed-logs");
-                        let _ = std::fs::create_dir_all(&logs);
-                        let _ = std::fs::rename(
-                            images.join("dump.log"),
-                            logs.join(format!("n{}-dump.log", node.0)),
-                        );
-                        let _ = std::fs::remove_dir_all(images);
-                        if info.is_some() {
-                            let _ = storage.destroy_snapshot(vol, &snap);
-                        }
-                        return Err(e);
-                    }
+                    Err(e) => return fail(e, info.is_some()),
                 };
                 let info =
                     info.context("criu finished the dump without a post-dump notification")?;
+                image_dumped_bytes = stats.image_bytes;
+                if let Some((pid, pdir, max_chain)) = &image_parent {
+                    let d = Instant::now();
+                    match crate::pages::dedup_against(images, pdir, *max_chain) {
+                        Ok(s) if s.depth > 0 => {
+                            image_parent_id = Some(*pid);
+                            record(&timings.dedup, d.elapsed().as_secs_f64() * 1e3);
+                        }
+                        Ok(_) => {}
+                        Err(e @ crate::pages::PagesError::Inconsistent { .. }) => {
+                            return fail(e.into(), true)
+                        }
+                        Err(e) => {
+                            warn!(node = %node, parent = %pid, error = %e, "page dedup failed; the image is kept whole")
+                        }
+                    }
+                }
                 sync_dir(images)?;
                 t.snapshot_ms = stats.hook_ms as u64;
                 t.dump_ms = (stats.dump_ms - stats.hook_ms).max(0.0) as u64;
@@ -822,7 +886,7 @@ impl Checkpoint<'_> {
                 record(&timings.snapshot, stats.hook_ms);
                 (
                     info.bytes,
-                    stats.image_bytes,
+                    crate::pages::own_bytes(images),
                     Some(images.to_string_lossy().into_owned()),
                 )
             }
@@ -840,6 +904,8 @@ impl Checkpoint<'_> {
             images: images_path,
             bytes: snap_bytes + image_bytes,
             image_bytes,
+            image_dumped_bytes,
+            image_parent: image_parent_id,
             timings: Some(t),
         })
     }

@@ -7,6 +7,7 @@ mod doctor;
 mod engine;
 mod images;
 mod inspect;
+mod pages;
 mod runtime;
 mod server;
 
@@ -55,6 +56,10 @@ enum Cmd {
         /// an inspector verdict that would have been unsafe is logged loudly and upgraded.
         #[arg(long)]
         verify_verdicts: bool,
+        /// Longest chain of parent images an auto checkpoint may read unchanged pages from;
+        /// 0 keeps every CRIU image whole.
+        #[arg(long, default_value_t = pages::MAX_CHAIN)]
+        max_image_chain: usize,
     },
     /// Create an episode; prints its id.
     Create {
@@ -163,6 +168,15 @@ fn main() -> ExitCode {
             }
         };
     }
+    if !matches!(
+        cli.cmd,
+        Cmd::Serve { .. } | Cmd::Bench { .. } | Cmd::Demo { .. }
+    ) {
+        // Client commands end quietly when their output pipe closes (`sandtree stats | head`)
+        // instead of panicking on EPIPE.
+        // SAFETY: restores the default disposition of SIGPIPE before any thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SANDTREE_LOG")
@@ -193,6 +207,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             checkpoint_slots,
             no_inspector,
             verify_verdicts,
+            max_image_chain,
         } => {
             let verdicts = inspect::Verdicts::new(!no_inspector, verify_verdicts);
             let config = engine::Config {
@@ -200,6 +215,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 default_timeout_ms: step_timeout * 1000,
                 out_cap: 1 << 20,
                 checkpoint_slots,
+                max_image_chain,
             };
             serve(socket, config, storage, verdicts).await?;
             Ok(ExitCode::SUCCESS)

@@ -229,6 +229,12 @@ impl pb::sandtree_server::Sandtree for Api {
                     node: n.id.0,
                     kind: kind.into(),
                     bytes: if kind == "shared" { 0 } else { n.bytes },
+                    image_bytes: if kind == "shared" { 0 } else { n.image_bytes },
+                    image_dumped_bytes: if kind == "shared" { 0 } else { dumped(&n) },
+                    image_parent: match (kind, n.image_parent) {
+                        ("shared", _) | (_, None) => 0,
+                        (_, Some(p)) => p.0,
+                    },
                     state: match n.state {
                         sandtree_branching::NodeState::Failed { .. } => "failed".into(),
                         s => s.to_string(),
@@ -259,6 +265,7 @@ impl pb::sandtree_server::Sandtree for Api {
                 turn: ep.turn,
                 checkpoint_bytes: mine.iter().map(|n| n.bytes).sum(),
                 image_bytes: mine.iter().map(|n| n.image_bytes).sum(),
+                image_dumped_bytes: mine.iter().map(|n| dumped(n)).sum(),
                 nodes_fs: mine
                     .iter()
                     .filter(|n| n.kind == sandtree_branching::NodeKind::Fs)
@@ -270,6 +277,8 @@ impl pb::sandtree_server::Sandtree for Api {
                 turns_shared: shared,
             };
             resp.checkpoint_bytes += s.checkpoint_bytes;
+            resp.image_bytes += s.image_bytes;
+            resp.image_dumped_bytes += s.image_dumped_bytes;
             resp.nodes_fs += s.nodes_fs;
             resp.nodes_full += s.nodes_full;
             resp.turns_shared += s.turns_shared;
@@ -296,6 +305,8 @@ impl pb::sandtree_server::Sandtree for Api {
         resp.restore_ms_p99 = percentile(&t.restore, 0.99);
         resp.checkpoint_ms_p50 = percentile(&t.checkpoint, 0.5);
         resp.checkpoint_ms_p99 = percentile(&t.checkpoint, 0.99);
+        resp.dedup_ms_p50 = percentile(&t.dedup, 0.5);
+        resp.dedup_ms_p99 = percentile(&t.dedup, 0.99);
         if reset {
             t.reset();
         }
@@ -366,4 +377,10 @@ pub fn verdict_str(k: sandtree_branching::VerdictKind) -> &'static str {
         sandtree_branching::VerdictKind::Fs => "fs",
         sandtree_branching::VerdictKind::Proc => "proc",
     }
+}
+
+/// What CRIU wrote for a node's image (nodes committed before page dedup recorded only what
+/// they kept, which was everything).
+fn dumped(n: &sandtree_branching::Node) -> u64 {
+    n.image_dumped_bytes.max(n.image_bytes)
 }

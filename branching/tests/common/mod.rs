@@ -59,6 +59,8 @@ pub fn artifacts(node: NodeId, bytes: u64) -> NodeArtifacts {
         images: None,
         bytes,
         image_bytes: 0,
+        image_dumped_bytes: 0,
+        image_parent: None,
         timings: Some(NodeTimings {
             freeze_ms: 1,
             snapshot_ms: 2,
