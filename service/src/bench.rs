@@ -266,6 +266,11 @@ struct PolicyResult {
     checkpoint_ms_p50: f64,
     checkpoint_ms_p99: f64,
     mismatches: Vec<String>,
+    /// What CRIU wrote for the images of the original runs (auto keeps less: page dedup).
+    image_dumped_bytes: u64,
+    /// full only: its checkpoint bytes had each image kept only the pages that changed since
+    /// the previous turn's (priced with `pages::plan_against`, nothing rewritten).
+    priced_with_dedup: u64,
     /// Per trajectory: (checkpoint bytes, CRIU image bytes) of its original run.
     per_trajectory: std::collections::BTreeMap<String, (u64, u64)>,
     /// Verdict vs ground-truth label counts: label -> verdict -> n.
@@ -305,6 +310,7 @@ pub fn pct(v: &[f64], p: f64) -> f64 {
 /// Runs one trajectory under one policy, then checks recovery at the sampled fork points.
 async fn run_one(
     c: &mut Client,
+    data_dir: &Path,
     t: &Trajectory,
     policy: &str,
     args: &BenchArgs,
@@ -354,6 +360,10 @@ async fn run_one(
     res.turns_shared += e.turns_shared;
     res.per_trajectory
         .insert(t.name.clone(), (e.checkpoint_bytes, e.image_bytes));
+    res.image_dumped_bytes += e.image_dumped_bytes;
+    if policy == "full" {
+        res.priced_with_dedup += e.checkpoint_bytes - full_dedup_savings(c, data_dir, &ep).await?;
+    }
     // Recovery correctness: fork at t, replay t+1.., compare.
     for t0 in sample_points(t.turns.len(), args.fork_points, seed) {
         let s = Instant::now();
@@ -427,6 +437,33 @@ async fn run_one(
     Ok(())
 }
 
+/// Page bytes the whole images of a `full` episode would not hold had each kept only the pages
+/// that differ from the previous turn's image, chains capped as auto's are.
+async fn full_dedup_savings(c: &mut Client, data_dir: &Path, ep: &str) -> Result<u64> {
+    let tree = c
+        .tree(pb::TreeRequest {
+            episode: ep.to_string(),
+        })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    let images = data_dir.join("images");
+    let (mut saved, mut prev, mut depth) = (0u64, None::<PathBuf>, 0usize);
+    for t in tree.turns.iter().filter(|t| t.kind == "full") {
+        let dir = images.join(format!("n{}", t.node));
+        if let Some(p) = prev.as_ref().filter(|_| depth < crate::pages::MAX_CHAIN) {
+            let s = crate::pages::plan_against(&dir, p)
+                .with_context(|| format!("pricing {} against {}", dir.display(), p.display()))?;
+            saved += s.dumped_bytes - s.kept_bytes;
+            depth = if s.depth > 0 { depth + 1 } else { 0 };
+        } else {
+            depth = 0;
+        }
+        prev = Some(dir);
+    }
+    Ok(saved)
+}
+
 pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
     let suite = load_suite(&args.suite, args.filter.as_deref())?;
     let policies: Vec<String> = args
@@ -470,7 +507,7 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
                 t.name,
                 t.turns.len()
             );
-            run_one(&mut c, t, policy, &args, &mut seed, &mut res)
+            run_one(&mut c, &svc.data_dir, t, policy, &args, &mut seed, &mut res)
                 .await
                 .with_context(|| format!("{} under {policy}", t.name))?;
         }
@@ -704,6 +741,35 @@ fn report(
     if let Some(x) = ratio {
         md += &format!("\ncheckpoint traffic auto/full = {:.1}%\n", 100.0 * x);
     }
+    let find = |p: &str| results.iter().find(|r| r.policy == p);
+    let mut dedup_json = serde_json::Map::new();
+    if let (Some(a), Some(f)) = (find("auto"), find("full")) {
+        // The split of auto's saving between the verdicts and page dedup, and what page dedup
+        // would do for the whole-image baseline, all from this run.
+        let a_whole = a.checkpoint_bytes - a.per_trajectory.values().map(|v| v.1).sum::<u64>()
+            + a.image_dumped_bytes;
+        let fb = f.checkpoint_bytes.max(1) as f64;
+        md += &format!(
+            "- auto with every CRIU image kept whole (what CRIU wrote: {} B of images, {} B kept): {a_whole} B = {:.1}% of full\n",
+            a.image_dumped_bytes,
+            a.per_trajectory.values().map(|v| v.1).sum::<u64>(),
+            100.0 * a_whole as f64 / fb
+        );
+        md += &format!(
+            "- full priced with the same page dedup (each image against the previous turn's; nothing rewritten): {} B; auto / that = {:.1}%\n",
+            f.priced_with_dedup,
+            100.0 * a.checkpoint_bytes as f64 / f.priced_with_dedup.max(1) as f64
+        );
+        dedup_json.insert("auto_whole_images_bytes".into(), a_whole.into());
+        dedup_json.insert(
+            "auto_image_dumped_bytes".into(),
+            a.image_dumped_bytes.into(),
+        );
+        dedup_json.insert(
+            "full_priced_with_dedup_bytes".into(),
+            f.priced_with_dedup.into(),
+        );
+    }
     if let Some(rc) = runc {
         md += &format!(
             "\nrunc baseline (same run, busybox sandbox): checkpoint --leave-running p50 {:.0} ms, restore p50 {:.0} ms, fork (checkpoint+restore) p50/p99 {:.0}/{:.0} ms\n",
@@ -831,6 +897,7 @@ fn report(
         "inspector": inspector,
         "auto_verdicts": verdict_json,
         "overhead": overhead,
+        "page_dedup": dedup_json,
         "per_trajectory_bytes": results.iter().map(|r| (r.policy.clone(), r.per_trajectory.clone())).collect::<std::collections::BTreeMap<_, _>>(),
     });
     (json, md)

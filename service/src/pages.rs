@@ -308,6 +308,20 @@ fn pages_ids(dir: &Path) -> Result<BTreeSet<u32>> {
     Ok(ids)
 }
 
+/// Page bytes in the tasks' pages files of an image directory.
+fn present_bytes(dir: &Path) -> Result<u64> {
+    let mut n = 0;
+    for pid in task_pagemaps(dir)? {
+        n += read_pagemap(&dir.join(format!("pagemap-{pid}.img")))?
+            .entries
+            .iter()
+            .filter(|e| flags(e) & PE_PRESENT != 0)
+            .map(|e| u64::from(e.nr_pages) * PAGE as u64)
+            .sum::<u64>();
+    }
+    Ok(n)
+}
+
 /// What a dedup did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DedupStats {
@@ -350,35 +364,19 @@ pub fn dedup_against(dir: &Path, parent: &Path, max_chain: usize) -> Result<Dedu
     }
 }
 
-fn dedup_inner(dir: &Path, parent: &Path, max_chain: usize) -> Result<DedupStats> {
-    let mut stats = DedupStats::default();
+/// Compares the dump in `dir` page by page with the image in `parent` (and its chain), and
+/// plans each task's rewrite. Writes nothing.
+fn plan(dir: &Path, parent: &Path) -> Result<(DedupStats, Vec<Rewrite>)> {
     let pids = task_pagemaps(dir)?;
-    for &pid in &pids {
-        let m = read_pagemap(&dir.join(format!("pagemap-{pid}.img")))?;
-        stats.dumped_bytes += m
-            .entries
-            .iter()
-            .filter(|e| flags(e) & PE_PRESENT != 0)
-            .map(|e| u64::from(e.nr_pages) * PAGE as u64)
-            .sum::<u64>();
-    }
-    stats.kept_bytes = stats.dumped_bytes;
-    let depth = chain_depth(parent) + 1;
-    if depth > max_chain || !parent.is_dir() {
-        return Ok(stats);
-    }
-    let link = dir.join(PARENT);
-    if link.exists() {
-        return Err(PagesError::Format {
-            path: link,
-            msg: "the dump already has a parent".into(),
-        });
-    }
-    link_chain(parent, &link)?;
-
+    let dumped = present_bytes(dir)?;
+    let mut stats = DedupStats {
+        dumped_bytes: dumped,
+        kept_bytes: dumped,
+        depth: 0,
+    };
     let mut rewrites = Vec::new();
     for &pid in &pids {
-        let Some(prev) = PageSource::open(&link, pid)? else {
+        let Some(prev) = PageSource::open(parent, pid)? else {
             continue;
         };
         let old_map = read_pagemap(&dir.join(format!("pagemap-{pid}.img")))?;
@@ -447,9 +445,39 @@ fn dedup_inner(dir: &Path, parent: &Path, max_chain: usize) -> Result<DedupStats
             });
         }
     }
+    Ok((stats, rewrites))
+}
+
+/// What [`dedup_against`] would keep, without changing anything (the bench uses it to price
+/// the whole-image `full` baseline with page dedup).
+pub fn plan_against(dir: &Path, parent: &Path) -> Result<DedupStats> {
+    let (mut stats, rewrites) = plan(dir, parent)?;
+    stats.depth = usize::from(!rewrites.is_empty()) * (chain_depth(parent) + 1);
+    Ok(stats)
+}
+
+fn dedup_inner(dir: &Path, parent: &Path, max_chain: usize) -> Result<DedupStats> {
+    let depth = chain_depth(parent) + 1;
+    if depth > max_chain || !parent.is_dir() {
+        let dumped = present_bytes(dir)?;
+        return Ok(DedupStats {
+            dumped_bytes: dumped,
+            kept_bytes: dumped,
+            depth: 0,
+        });
+    }
+    let link = dir.join(PARENT);
+    if link.exists() {
+        return Err(PagesError::Format {
+            path: link,
+            msg: "the dump already has a parent".into(),
+        });
+    }
+    let (mut stats, mut rewrites) = plan(dir, parent)?;
     if rewrites.is_empty() {
         return Ok(DedupStats { depth: 0, ..stats });
     }
+    link_chain(parent, &link)?;
 
     // New pages files get fresh ids, so the dump stays intact until every task's pages are
     // written and verified; then each task's page map is switched over by one rename.
@@ -689,6 +717,23 @@ mod tests {
             );
         }
         assert_eq!(chain_depth(&dirs[MAX_CHAIN]), MAX_CHAIN);
+    }
+
+    #[test]
+    fn a_plan_prices_what_a_dedup_keeps_and_changes_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let (p, c) = (t.path().join("p"), t.path().join("c"));
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::create_dir_all(&c).unwrap();
+        write_task(&p, 1, 1, &[(A, vec![page(1), page(2), page(3)])]);
+        write_task(&c, 1, 1, &[(A, vec![page(1), page(7), page(3)])]);
+        let before = std::fs::read(c.join("pagemap-1.img")).unwrap();
+        let planned = plan_against(&c, &p).unwrap();
+        assert_eq!(std::fs::read(c.join("pagemap-1.img")).unwrap(), before);
+        assert!(!c.join(PARENT).exists());
+        let done = dedup_against(&c, &p, MAX_CHAIN).unwrap();
+        assert_eq!(planned, done);
+        assert_eq!(done.kept_bytes, PAGE as u64);
     }
 
     #[test]
