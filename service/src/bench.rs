@@ -52,6 +52,10 @@ pub struct BenchArgs {
     /// confusion table then no longer shows the inspector alone).
     #[arg(long)]
     verify_verdicts: bool,
+    /// Run the service with --no-inspector: auto uses the conservative verdict (what auto
+    /// costs without eBPF).
+    #[arg(long)]
+    no_inspector: bool,
     /// Runs of the syscall-heavy command for the inspector overhead, with the programs attached
     /// and without (a second service with --no-inspector); 0 skips it.
     #[arg(long, default_value_t = 7)]
@@ -480,12 +484,14 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         ),
     };
     let started = Instant::now();
-    let extra: &[&str] = if args.verify_verdicts {
-        &["--verify-verdicts"]
-    } else {
-        &[]
-    };
-    let mut svc = Managed::start(&data_dir, &args.storage, remove, extra).await?;
+    let mut extra = Vec::new();
+    if args.verify_verdicts {
+        extra.push("--verify-verdicts");
+    }
+    if args.no_inspector {
+        extra.push("--no-inspector");
+    }
+    let mut svc = Managed::start(&data_dir, &args.storage, remove, &extra).await?;
     let mut c = connect(&svc.socket).await?;
     let mut images: Vec<&str> = suite.iter().map(|t| t.image.as_str()).collect();
     images.sort();

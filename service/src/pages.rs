@@ -349,6 +349,13 @@ struct Rewrite {
 /// must not be used.
 pub fn dedup_against(dir: &Path, parent: &Path, max_chain: usize) -> Result<DedupStats> {
     let link = dir.join(PARENT);
+    if link.exists() {
+        // Not ours to clean up below.
+        return Err(PagesError::Format {
+            path: link,
+            msg: "the dump already has a parent".into(),
+        });
+    }
     let r = dedup_inner(dir, parent, max_chain);
     match r {
         Ok(s) if s.depth == 0 => {
@@ -380,6 +387,12 @@ fn plan(dir: &Path, parent: &Path) -> Result<(DedupStats, Vec<Rewrite>)> {
             continue;
         };
         let old_map = read_pagemap(&dir.join(format!("pagemap-{pid}.img")))?;
+        if old_map.entries.iter().any(|e| flags(e) & PE_PARENT != 0) {
+            return Err(PagesError::Format {
+                path: dir.join(format!("pagemap-{pid}.img")),
+                msg: "the dump already reads pages from a parent image".into(),
+            });
+        }
         let old = PageSource::from_parts(dir, old_map.clone(), None)?;
         let mut entries = Vec::with_capacity(old_map.entries.len());
         let mut new_pages = Vec::new();
@@ -467,12 +480,6 @@ fn dedup_inner(dir: &Path, parent: &Path, max_chain: usize) -> Result<DedupStats
         });
     }
     let link = dir.join(PARENT);
-    if link.exists() {
-        return Err(PagesError::Format {
-            path: link,
-            msg: "the dump already has a parent".into(),
-        });
-    }
     let (mut stats, mut rewrites) = plan(dir, parent)?;
     if rewrites.is_empty() {
         return Ok(DedupStats { depth: 0, ..stats });
@@ -734,6 +741,22 @@ mod tests {
         let done = dedup_against(&c, &p, MAX_CHAIN).unwrap();
         assert_eq!(planned, done);
         assert_eq!(done.kept_bytes, PAGE as u64);
+    }
+
+    #[test]
+    fn a_second_dedup_is_refused_and_breaks_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let (p, c) = (t.path().join("p"), t.path().join("c"));
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::create_dir_all(&c).unwrap();
+        write_task(&p, 1, 1, &[(A, vec![page(1), page(2)])]);
+        write_task(&c, 1, 1, &[(A, vec![page(1), page(3)])]);
+        dedup_against(&c, &p, MAX_CHAIN).unwrap();
+        let want = contents(&c, 1, &[A, A + PAGE as u64]);
+        assert!(dedup_against(&c, &p, MAX_CHAIN).is_err());
+        assert!(c.join(PARENT).is_dir());
+        assert_eq!(contents(&c, 1, &[A, A + PAGE as u64]), want);
+        assert_eq!(want, vec![Some(1), Some(3)]);
     }
 
     #[test]
