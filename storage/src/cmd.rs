@@ -49,7 +49,8 @@ pub fn zfs_fuse_serialized() -> bool {
     })
 }
 
-/// Whether a process named `zfs-fuse` runs on this host.
+/// Whether a process named `zfs-fuse` runs on this host (a zombie left by a killed daemon does
+/// not count).
 pub fn zfs_fuse_running() -> bool {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return false;
@@ -62,7 +63,14 @@ pub fn zfs_fuse_running() -> bool {
                 .all(|b| b.is_ascii_digit())
         })
         .any(|e| {
-            std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "zfs-fuse")
+            // /proc/<pid>/stat: "pid (comm) state ...".
+            std::fs::read_to_string(e.path().join("stat")).is_ok_and(|st| {
+                let (Some(open), Some(close)) = (st.find('('), st.rfind(')')) else {
+                    return false;
+                };
+                let state = st[close + 1..].trim_start().chars().next();
+                &st[open + 1..close] == "zfs-fuse" && !matches!(state, Some('Z' | 'X'))
+            })
         })
 }
 

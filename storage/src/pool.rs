@@ -199,9 +199,31 @@ pub fn unmount_btrfs_loop(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Starts the zfs-fuse daemon if it is installed and not running (as `scripts/setup.sh` does),
+/// and waits until zpool(8) answers. Without zfs-fuse installed this does nothing: the zfs is
+/// the kernel's, or missing, and the next zpool command says so.
+pub fn ensure_zfs_fuse() -> Result<()> {
+    if cmd::find_program("zfs-fuse").is_none() || cmd::zfs_fuse_running() {
+        return Ok(());
+    }
+    tracing::info!("starting the zfs-fuse daemon");
+    cmd::run("zfs-fuse", std::iter::empty::<&str>())?;
+    let mut last = None;
+    for _ in 0..50 {
+        match cmd::run("zpool", ["list", "-H"]) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(last.expect("at least one try"))
+}
+
 /// Creates zfs pool `name` on file `file` (made sparse, `size` bytes), with the root dataset not
-/// mounted (`-m none`). For tests and experiments: production pools are the admin's.
+/// mounted (`-m none`), starting zfs-fuse first if it is installed and not running. For tests
+/// and experiments: production pools are the admin's.
 pub fn create_file_pool(name: &str, file: &Path, size: u64) -> Result<()> {
+    ensure_zfs_fuse()?;
     if size < MIN_POOL_SIZE {
         return Err(SnapshotError::Unsupported(format!(
             "zfs pool file {} would be {size} bytes; zfs needs at least {MIN_POOL_SIZE}",

@@ -105,9 +105,6 @@ impl Service {
         let (spec, pool) = match storage {
             Storage::Btrfs => ("btrfs".to_string(), None),
             Storage::Zfs => {
-                let _ = Command::new("sh")
-                    .args(["-c", "pgrep -x zfs-fuse >/dev/null || zfs-fuse"])
-                    .status();
                 let name = unique("sttest");
                 // The storage crate's helper takes the host-wide zfs-fuse lock, as the service
                 // does: a mount racing another one wedges zfs-fuse.

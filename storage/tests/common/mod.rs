@@ -212,26 +212,13 @@ pub fn zfs_missing() -> Option<String> {
                     ));
                 }
             }
+            if let Err(e) = pool::ensure_zfs_fuse() {
+                return Some(format!("cannot start zfs-fuse: {e}"));
+            }
             if cmd::run("zpool", ["list", "-H"]).is_ok() {
                 return zfs_fuse_wedged();
             }
-            let Some(daemon) = cmd::find_program("zfs-fuse") else {
-                return Some("zfs commands fail and there is no zfs-fuse daemon to start".into());
-            };
-            eprintln!("starting {}", daemon.display());
-            if let Err(e) = cmd::run(
-                daemon.to_str().unwrap_or("zfs-fuse"),
-                std::iter::empty::<&str>(),
-            ) {
-                return Some(format!("cannot start zfs-fuse: {e}"));
-            }
-            for _ in 0..50 {
-                if cmd::run("zpool", ["list", "-H"]).is_ok() {
-                    return zfs_fuse_wedged();
-                }
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-            Some("zfs-fuse was started but zpool still fails".into())
+            Some("zpool fails and there is no zfs-fuse daemon to start".into())
         })
         .clone()
 }
