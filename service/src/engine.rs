@@ -52,6 +52,8 @@ pub struct Config {
     pub checkpoint_slots: usize,
     /// Longest parent-image chain behind an auto full node (`pages.rs`); 0: no page dedup.
     pub max_image_chain: usize,
+    /// Sandboxes restored (or started) at once on this host: `fork --count N` queues the rest.
+    pub restore_slots: usize,
 }
 
 pub const DEFAULT_ENV: &[(&str, &str)] = &[
@@ -134,6 +136,8 @@ pub struct Engine {
     pub timings: Arc<Timings>,
     live: StdMutex<HashMap<EpisodeId, Arc<Mutex<Live>>>>,
     slots: Arc<Semaphore>,
+    /// Host-wide restore slots (`Config::restore_slots`).
+    restores: Arc<Semaphore>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -160,6 +164,7 @@ impl Engine {
             runtime: Arc::new(runtime),
             verdicts: Arc::new(verdicts),
             slots: Arc::new(Semaphore::new(config.checkpoint_slots.max(1))),
+            restores: Arc::new(Semaphore::new(config.restore_slots.max(1))),
             config,
             timings: Arc::default(),
             live: StdMutex::default(),
@@ -317,6 +322,11 @@ impl Engine {
         let timings = self.timings.clone();
         let restored = matches!(node.kind, NodeKind::Full);
         let verdicts = self.verdicts.clone();
+        let _slot = self
+            .restores
+            .acquire()
+            .await
+            .expect("restore slots are never closed");
         let (sandbox, watch) = blocking(move || {
             let t = Instant::now();
             let root = match (&node.kind, &node.snapshot) {
@@ -575,7 +585,7 @@ impl Engine {
         self.settle(src).await;
         let forks = self.tree.fork(src, turn, count as usize)?;
         // The copies are cloned and restored concurrently (each in its own cgroup and
-        // namespaces); the checkpoint slots do not apply to restores.
+        // namespaces), up to the host's restore slots; the rest queue.
         let results = futures_util::future::join_all(forks.into_iter().map(
             |(ep, node, session)| async move {
                 match self.materialize(&ep.id, &node, 0).await {

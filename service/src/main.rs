@@ -60,6 +60,9 @@ enum Cmd {
         /// 0 keeps every CRIU image whole.
         #[arg(long, default_value_t = pages::MAX_CHAIN)]
         max_image_chain: usize,
+        /// Sandboxes restored or started at once on this host (fork --count N queues the rest).
+        #[arg(long, default_value_t = 4)]
+        restore_slots: usize,
     },
     /// Create an episode; prints its id.
     Create {
@@ -208,6 +211,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             no_inspector,
             verify_verdicts,
             max_image_chain,
+            restore_slots,
         } => {
             let verdicts = inspect::Verdicts::new(!no_inspector, verify_verdicts);
             let config = engine::Config {
@@ -216,6 +220,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 out_cap: 1 << 20,
                 checkpoint_slots,
                 max_image_chain,
+                restore_slots,
             };
             serve(socket, config, storage, verdicts).await?;
             Ok(ExitCode::SUCCESS)

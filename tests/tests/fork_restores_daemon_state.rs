@@ -1,6 +1,7 @@
 //! A node forked 4 ways gives 4 live copies that run at once, each with its own daemon and its
 //! own in-memory counter; rewind brings files, processes and the shell session back; then
-//! everything is deleted. On btrfs and on zfs-fuse.
+//! everything is deleted. On btrfs (once with a single restore slot, so the copies queue) and on
+//! zfs-fuse.
 //!
 //! On zfs-fuse this is the fork → rewind → delete path that used to wedge the daemon (renames of
 //! parked volumes); the zfs backend no longer renames and serializes zfs commands. A watchdog
@@ -16,8 +17,8 @@ use sandtree_tests::*;
 const WEDGE_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// Forks turn `upto` of trajectory `traj` 4 ways and checks the copies, the source and a rewind;
-/// prints the time of each phase.
-fn fork4(storage: Storage, traj: &str, tick: &str, upto: usize) {
+/// prints the time of each phase. `extra`: more `serve` flags.
+fn fork4(storage: Storage, extra: &[&str], traj: &str, tick: &str, upto: usize) {
     let t0 = Instant::now();
     let mut phases: Vec<(&str, Duration)> = Vec::new();
     let mut mark = |name: &'static str, since: &mut Instant| {
@@ -25,7 +26,7 @@ fn fork4(storage: Storage, traj: &str, tick: &str, upto: usize) {
         *since = Instant::now();
     };
     let mut since = Instant::now();
-    let svc = Service::start(storage);
+    let svc = Service::start_with(storage, extra);
     let t = trajectories().into_iter().find(|t| t.name == traj).unwrap();
     let ep = svc.create(&t.image, "auto");
     mark("start+create", &mut since);
@@ -134,6 +135,7 @@ fn counter_daemon_fork4_zfs_fuse() {
         with_watchdog(|| {
             fork4(
                 Storage::Zfs,
+                &[],
                 "shell-counter-daemon",
                 "echo tick > q; sleep 0.2; cat count",
                 5,
@@ -148,6 +150,7 @@ fn background_worker_fork4_zfs_fuse() {
         with_watchdog(|| {
             fork4(
                 Storage::Zfs,
+                &[],
                 "repair-background-worker",
                 "touch go; sleep 0.5; cat out",
                 4,
@@ -156,11 +159,13 @@ fn background_worker_fork4_zfs_fuse() {
     }
 }
 
+/// With one restore slot the 4 copies queue and restore one by one.
 #[test]
-fn counter_daemon_fork4_btrfs() {
+fn counter_daemon_fork4_btrfs_one_restore_slot() {
     if require_sandbox_host() {
         fork4(
             Storage::Btrfs,
+            &["--restore-slots", "1"],
             "shell-counter-daemon",
             "echo tick > q; sleep 0.2; cat count",
             5,
@@ -173,6 +178,7 @@ fn background_worker_fork4_btrfs() {
     if require_sandbox_host() {
         fork4(
             Storage::Btrfs,
+            &[],
             "repair-background-worker",
             "touch go; sleep 0.5; cat out",
             4,
