@@ -114,6 +114,8 @@ pub struct Managed {
     pub data_dir: PathBuf,
     pool: Option<String>,
     remove_data: bool,
+    /// The service mounts its embedded loop-backed btrfs under the data dir; unmounted at stop.
+    embedded_btrfs: bool,
 }
 
 impl Managed {
@@ -151,6 +153,7 @@ impl Managed {
             data_dir,
             pool,
             remove_data,
+            embedded_btrfs: storage == "btrfs",
         };
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -188,9 +191,12 @@ impl Managed {
                 eprintln!("warning: cannot destroy zfs pool {p}: {e}");
             }
         }
-        if self.remove_data {
+        if self.embedded_btrfs || self.remove_data {
+            // The image stays in a kept data dir; the next service mounts it again.
             let storage = self.data_dir.join("storage");
             let _ = sandtree_storage::pool::unmount_btrfs_loop(&storage);
+        }
+        if self.remove_data {
             let _ = std::fs::remove_dir_all(&self.data_dir);
         }
     }
