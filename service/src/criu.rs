@@ -338,7 +338,9 @@ fn failure(op: &'static str, pid: u32, resp: &rpc::CriuResp, log: &Path) -> Criu
     }
 }
 
-/// Sum of the sizes of the files in `dir` (CRIU images are flat files in one directory).
+/// Sum of the sizes of the files in `dir` (CRIU images are flat files in one directory). What a
+/// node's image adds on disk: subdirectories (the hard-linked `parent/` chain of `pages.rs`) are
+/// left out.
 pub fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|rd| {

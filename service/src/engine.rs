@@ -894,9 +894,14 @@ impl Checkpoint<'_> {
                 t.dump_ms = (stats.dump_ms - stats.hook_ms).max(0.0) as u64;
                 record(&timings.dump, stats.dump_ms - stats.hook_ms);
                 record(&timings.snapshot, stats.hook_ms);
+                // What the image keeps: CRIU's files, or after a dedup what is left of them.
+                let kept = match image_parent_id {
+                    Some(_) => crate::criu::dir_bytes(images),
+                    None => stats.image_bytes,
+                };
                 (
                     info.bytes,
-                    crate::pages::own_bytes(images),
+                    kept,
                     Some(images.to_string_lossy().into_owned()),
                 )
             }

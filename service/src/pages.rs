@@ -18,7 +18,6 @@
 //! A rewrite is verified before it replaces the dump: every page read back through the chain must
 //! equal what CRIU wrote, or the dump is kept as it was.
 
-use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -78,6 +77,17 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PagesError + '_ {
 pub struct Pagemap {
     pub pages_id: u32,
     pub entries: Vec<PagemapEntry>,
+}
+
+impl Pagemap {
+    /// Bytes of this task's pages in its pages file.
+    fn present_bytes(&self) -> u64 {
+        self.entries
+            .iter()
+            .filter(|e| flags(e) & PE_PRESENT != 0)
+            .map(|e| u64::from(e.nr_pages) * PAGE as u64)
+            .sum()
+    }
 }
 
 /// The flags CRIU acts on, with its compat rule for images that predate `flags`
@@ -273,51 +283,32 @@ fn link_chain(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The tasks with a page map in an image directory (`pagemap-<pid>.img`; shared-memory page
-/// maps are left whole).
-fn task_pagemaps(dir: &Path) -> Result<Vec<u64>> {
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir(dir).map_err(io(dir))? {
-        let name = e.map_err(io(dir))?.file_name();
-        let name = name.to_string_lossy();
-        if let Some(pid) = name
-            .strip_prefix("pagemap-")
-            .and_then(|s| s.strip_suffix(".img"))
-            .and_then(|s| s.parse::<u64>().ok())
-        {
-            pids.push(pid);
-        }
-    }
-    pids.sort_unstable();
-    Ok(pids)
-}
-
-fn pages_ids(dir: &Path) -> Result<BTreeSet<u32>> {
-    let mut ids = BTreeSet::new();
+/// The numbers `n` of the files `<prefix>-<n>.img` in an image directory, sorted. With prefix
+/// `pagemap`, the tasks (shared-memory page maps, `pagemap-shmem-<id>`, do not parse and are left
+/// whole); with `pages`, the pages files.
+fn numbered(dir: &Path, prefix: &str) -> Result<Vec<u64>> {
+    let mut ids = Vec::new();
     for e in std::fs::read_dir(dir).map_err(io(dir))? {
         let name = e.map_err(io(dir))?.file_name();
         if let Some(id) = name
             .to_string_lossy()
-            .strip_prefix("pages-")
+            .strip_prefix(prefix)
+            .and_then(|s| s.strip_prefix('-'))
             .and_then(|s| s.strip_suffix(".img"))
-            .and_then(|s| s.parse::<u32>().ok())
+            .and_then(|s| s.parse::<u64>().ok())
         {
-            ids.insert(id);
+            ids.push(id);
         }
     }
+    ids.sort_unstable();
     Ok(ids)
 }
 
 /// Page bytes in the tasks' pages files of an image directory.
 fn present_bytes(dir: &Path) -> Result<u64> {
     let mut n = 0;
-    for pid in task_pagemaps(dir)? {
-        n += read_pagemap(&dir.join(format!("pagemap-{pid}.img")))?
-            .entries
-            .iter()
-            .filter(|e| flags(e) & PE_PRESENT != 0)
-            .map(|e| u64::from(e.nr_pages) * PAGE as u64)
-            .sum::<u64>();
+    for pid in numbered(dir, "pagemap")? {
+        n += read_pagemap(&dir.join(format!("pagemap-{pid}.img")))?.present_bytes();
     }
     Ok(n)
 }
@@ -356,12 +347,9 @@ pub fn dedup_against(dir: &Path, parent: &Path, max_chain: usize) -> Result<Dedu
             msg: "the dump already has a parent".into(),
         });
     }
-    let r = dedup_inner(dir, parent, max_chain);
-    match r {
-        Ok(s) if s.depth == 0 => {
-            let _ = std::fs::remove_dir_all(&link);
-            Ok(s)
-        }
+    // `parent/` is made only once there is something to rewrite; an error after that removes it
+    // again, unless the page maps were half switched over to it.
+    match dedup_inner(dir, parent, max_chain) {
         Ok(s) => Ok(s),
         Err(e @ PagesError::Inconsistent { .. }) => Err(e),
         Err(e) => {
@@ -374,25 +362,23 @@ pub fn dedup_against(dir: &Path, parent: &Path, max_chain: usize) -> Result<Dedu
 /// Compares the dump in `dir` page by page with the image in `parent` (and its chain), and
 /// plans each task's rewrite. Writes nothing.
 fn plan(dir: &Path, parent: &Path) -> Result<(DedupStats, Vec<Rewrite>)> {
-    let pids = task_pagemaps(dir)?;
-    let dumped = present_bytes(dir)?;
-    let mut stats = DedupStats {
-        dumped_bytes: dumped,
-        kept_bytes: dumped,
-        depth: 0,
-    };
+    let mut stats = DedupStats::default();
     let mut rewrites = Vec::new();
-    for &pid in &pids {
-        let Some(prev) = PageSource::open(parent, pid)? else {
-            continue;
-        };
-        let old_map = read_pagemap(&dir.join(format!("pagemap-{pid}.img")))?;
+    for pid in numbered(dir, "pagemap")? {
+        let map_path = dir.join(format!("pagemap-{pid}.img"));
+        let old_map = read_pagemap(&map_path)?;
+        let was = old_map.present_bytes();
+        stats.dumped_bytes += was;
+        stats.kept_bytes += was;
         if old_map.entries.iter().any(|e| flags(e) & PE_PARENT != 0) {
             return Err(PagesError::Format {
-                path: dir.join(format!("pagemap-{pid}.img")),
+                path: map_path,
                 msg: "the dump already reads pages from a parent image".into(),
             });
         }
+        let Some(prev) = PageSource::open(parent, pid)? else {
+            continue;
+        };
         let old = PageSource::from_parts(dir, old_map.clone(), None)?;
         let mut entries = Vec::with_capacity(old_map.entries.len());
         let mut new_pages = Vec::new();
@@ -417,7 +403,7 @@ fn plan(dir: &Path, parent: &Path) -> Result<(DedupStats, Vec<Rewrite>)> {
                 let va = e.vaddr + u64::from(p) * PAGE as u64;
                 if !old.read(va, &mut mine)? {
                     return Err(PagesError::Format {
-                        path: dir.join(format!("pagemap-{pid}.img")),
+                        path: map_path,
                         msg: format!("present page {va:#x} not found"),
                     });
                 }
@@ -439,12 +425,6 @@ fn plan(dir: &Path, parent: &Path) -> Result<(DedupStats, Vec<Rewrite>)> {
             }
         }
         let kept = new_pages.len() as u64;
-        let was = old_map
-            .entries
-            .iter()
-            .filter(|e| flags(e) & PE_PRESENT != 0)
-            .map(|e| u64::from(e.nr_pages) * PAGE as u64)
-            .sum::<u64>();
         if kept < was {
             stats.kept_bytes -= was - kept;
             rewrites.push(Rewrite {
@@ -488,7 +468,9 @@ fn dedup_inner(dir: &Path, parent: &Path, max_chain: usize) -> Result<DedupStats
 
     // New pages files get fresh ids, so the dump stays intact until every task's pages are
     // written and verified; then each task's page map is switched over by one rename.
-    let mut next_id = pages_ids(dir)?.last().copied().unwrap_or(0) + 1;
+    let mut next_id = numbered(dir, "pages")?
+        .last()
+        .map_or(1, |&id| id as u32 + 1);
     let mut written = Vec::new();
     let staged = (|| {
         for rw in &mut rewrites {
@@ -549,22 +531,19 @@ fn verify(dir: &Path, link: &Path, rw: &Rewrite) -> Result<()> {
     Ok(())
 }
 
-/// Bytes a node's image directory adds on disk: its own files, not the hard links in `parent/`.
-pub fn own_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::criu::dir_bytes;
+
+    /// A temporary dir with a parent image dir `p` and a child image dir `c`.
+    fn parent_and_child() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let t = tempfile::tempdir().unwrap();
+        let (p, c) = (t.path().join("p"), t.path().join("c"));
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::create_dir_all(&c).unwrap();
+        (t, p, c)
+    }
 
     /// Writes a task's image as CRIU would: present entries, pages in entry order.
     fn write_task(dir: &Path, pid: u64, pages_id: u32, runs: &[(u64, Vec<[u8; PAGE]>)]) {
@@ -637,10 +616,7 @@ mod tests {
 
     #[test]
     fn keeps_only_changed_pages_and_reads_back_the_same() {
-        let t = tempfile::tempdir().unwrap();
-        let (p, c) = (t.path().join("p"), t.path().join("c"));
-        std::fs::create_dir_all(&p).unwrap();
-        std::fs::create_dir_all(&c).unwrap();
+        let (_t, p, c) = parent_and_child();
         write_task(
             &p,
             1,
@@ -728,10 +704,7 @@ mod tests {
 
     #[test]
     fn a_plan_prices_what_a_dedup_keeps_and_changes_nothing() {
-        let t = tempfile::tempdir().unwrap();
-        let (p, c) = (t.path().join("p"), t.path().join("c"));
-        std::fs::create_dir_all(&p).unwrap();
-        std::fs::create_dir_all(&c).unwrap();
+        let (_t, p, c) = parent_and_child();
         write_task(&p, 1, 1, &[(A, vec![page(1), page(2), page(3)])]);
         write_task(&c, 1, 1, &[(A, vec![page(1), page(7), page(3)])]);
         let before = std::fs::read(c.join("pagemap-1.img")).unwrap();
@@ -745,10 +718,7 @@ mod tests {
 
     #[test]
     fn a_second_dedup_is_refused_and_breaks_nothing() {
-        let t = tempfile::tempdir().unwrap();
-        let (p, c) = (t.path().join("p"), t.path().join("c"));
-        std::fs::create_dir_all(&p).unwrap();
-        std::fs::create_dir_all(&c).unwrap();
+        let (_t, p, c) = parent_and_child();
         write_task(&p, 1, 1, &[(A, vec![page(1), page(2)])]);
         write_task(&c, 1, 1, &[(A, vec![page(1), page(3)])]);
         dedup_against(&c, &p, MAX_CHAIN).unwrap();
@@ -761,10 +731,7 @@ mod tests {
 
     #[test]
     fn nothing_shared_leaves_the_dump_alone() {
-        let t = tempfile::tempdir().unwrap();
-        let (p, c) = (t.path().join("p"), t.path().join("c"));
-        std::fs::create_dir_all(&p).unwrap();
-        std::fs::create_dir_all(&c).unwrap();
+        let (_t, p, c) = parent_and_child();
         write_task(&p, 1, 1, &[(A, vec![page(1)])]);
         write_task(&c, 1, 1, &[(A, vec![page(2)])]);
         let before = std::fs::read(c.join("pagemap-1.img")).unwrap();
@@ -776,10 +743,7 @@ mod tests {
 
     #[test]
     fn a_broken_parent_leaves_the_dump_alone() {
-        let t = tempfile::tempdir().unwrap();
-        let (p, c) = (t.path().join("p"), t.path().join("c"));
-        std::fs::create_dir_all(&p).unwrap();
-        std::fs::create_dir_all(&c).unwrap();
+        let (_t, p, c) = parent_and_child();
         write_task(&p, 1, 1, &[(A, vec![page(1), page(2)])]);
         // Truncated parent pages file: the parent is unusable.
         std::fs::write(p.join("pages-1.img"), [0u8; 10]).unwrap();
@@ -792,19 +756,16 @@ mod tests {
     }
 
     #[test]
-    fn own_bytes_leaves_out_the_parent_links() {
-        let t = tempfile::tempdir().unwrap();
-        let (p, c) = (t.path().join("p"), t.path().join("c"));
-        std::fs::create_dir_all(&p).unwrap();
-        std::fs::create_dir_all(&c).unwrap();
+    fn dir_bytes_leaves_out_the_parent_links() {
+        let (_t, p, c) = parent_and_child();
         write_task(&p, 1, 1, &[(A, vec![page(1); 10])]);
         write_task(&c, 1, 1, &[(A, vec![page(1); 10])]);
-        let whole = own_bytes(&c);
+        let whole = dir_bytes(&c);
         dedup_against(&c, &p, MAX_CHAIN).unwrap();
         assert!(
-            own_bytes(&c) < whole - 9 * PAGE as u64,
+            dir_bytes(&c) < whole - 9 * PAGE as u64,
             "{} vs {whole}",
-            own_bytes(&c)
+            dir_bytes(&c)
         );
     }
 }
