@@ -150,14 +150,28 @@ impl Sandbox {
         assert!(st.success(), "{cmd:?} failed: {st}");
     }
 
-    /// Waits (up to 10 s) until a process of the cgroup runs the program `comm`, e.g. until a
-    /// background child has run execve.
+    /// Waits (up to 10 s) until a process of the cgroup runs the program `comm` and is blocked
+    /// in a syscall other than execve: its execve has returned, so the inspector has recorded it
+    /// in the current epoch. (comm changes inside execve, before the syscall exits; waiting for
+    /// comm alone let the execve land in the next epoch now and then.) For programs that block,
+    /// as `sleep` and `cat` on a fifo do.
     pub fn wait_for_comm(&self, comm: &str) -> u32 {
         let t = Instant::now();
+        let past_execve = |pid: u32| {
+            // /proc/<pid>/syscall: the number of the syscall it blocks in, or "running".
+            fs::read_to_string(format!("/proc/{pid}/syscall")).is_ok_and(|s| {
+                s.split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<libc::c_long>().ok())
+                    .is_some_and(|n| n != libc::SYS_execve && n != libc::SYS_execveat)
+            })
+        };
         loop {
             let procs = fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
             for pid in procs.lines().filter_map(|l| l.parse::<u32>().ok()) {
-                if fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm) {
+                if fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+                    && past_execve(pid)
+                {
                     return pid;
                 }
             }
