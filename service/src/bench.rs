@@ -66,6 +66,11 @@ pub struct BenchArgs {
         "tar c /usr | wc -c".to_string(),
     ])]
     overhead_cmd: Vec<String>,
+    /// Cold forks: drop the host's page cache (`sync; echo 3 > /proc/sys/vm/drop_caches`) before
+    /// every timed fork and rewind, and before every runc restore of the baseline, so that both
+    /// read their images and snapshots from disk. Host-wide: other work on the host slows too.
+    #[arg(long)]
+    cold: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -271,7 +276,14 @@ struct PolicyResult {
     turns_shared: u32,
     step_ms: Vec<f64>,
     step_wait_ms: Vec<f64>,
+    /// Wall time of the original runs as the trainer sees it: every step plus the think time
+    /// between steps.
+    episode_ms: f64,
     fork_ms: Vec<f64>,
+    /// The forks of nodes that hold a CRIU image (a CRIU restore), and of nodes that do not (a
+    /// fresh init on a clone of the snapshot): subsets of `fork_ms`.
+    fork_image_ms: Vec<f64>,
+    fork_fs_ms: Vec<f64>,
     rewind_ms: Vec<f64>,
     checkpoint_ms_p50: f64,
     checkpoint_ms_p99: f64,
@@ -338,6 +350,7 @@ async fn run_one(
         .id;
     let think = Duration::from_millis(args.think_ms.unwrap_or(t.think_ms));
     let mut original = Vec::new();
+    let episode_start = Instant::now();
     for (i, turn) in t.turns.iter().enumerate() {
         if i > 0 && !think.is_zero() {
             tokio::time::sleep(think).await;
@@ -353,6 +366,7 @@ async fn run_one(
             .or_default() += 1;
         original.push(obs(&r));
     }
+    res.episode_ms += episode_start.elapsed().as_secs_f64() * 1e3;
     // Traffic of the original run alone (stats waits for pending checkpoints).
     let st = c
         .stats(pb::StatsRequest::default())
@@ -374,8 +388,12 @@ async fn run_one(
     if policy == "full" {
         res.priced_with_dedup += e.checkpoint_bytes - full_dedup_savings(c, data_dir, &ep).await?;
     }
+    let restores_image = turns_with_image(c, &ep).await?;
     // Recovery correctness: fork at t, replay t+1.., compare.
     for t0 in sample_points(t.turns.len(), args.fork_points, seed) {
+        if args.cold {
+            drop_caches()?;
+        }
         let s = Instant::now();
         let fork = c
             .fork(pb::ForkRequest {
@@ -396,7 +414,13 @@ async fn run_one(
         for (i, turn) in t.turns.iter().enumerate().skip(t0) {
             let r = step(c, &f, &turn.cmd).await?;
             if i == t0 {
-                res.fork_ms.push(fork_rpc + r.accepted_us as f64 / 1e3);
+                let ms = fork_rpc + r.accepted_us as f64 / 1e3;
+                res.fork_ms.push(ms);
+                if restores_image.contains(&(t0 as u32)) {
+                    res.fork_image_ms.push(ms);
+                } else {
+                    res.fork_fs_ms.push(ms);
+                }
             }
             let got = obs(&r);
             if got != original[i] {
@@ -426,6 +450,9 @@ async fn run_one(
         .into_iter()
         .filter(|&x| x < n)
     {
+        if args.cold {
+            drop_caches()?;
+        }
         let s = Instant::now();
         c.rewind(pb::RewindRequest {
             episode: ep.clone(),
@@ -445,6 +472,36 @@ async fn run_one(
         .await
         .map_err(rpc_err)?;
     Ok(())
+}
+
+/// The turns of `ep` whose state is held by a node with a CRIU image (shared turns resolve to
+/// the node they share).
+async fn turns_with_image(c: &mut Client, ep: &str) -> Result<std::collections::BTreeSet<u32>> {
+    let turns = c
+        .tree(pb::TreeRequest {
+            episode: ep.to_string(),
+        })
+        .await
+        .map_err(rpc_err)?
+        .into_inner()
+        .turns;
+    let full: std::collections::BTreeSet<u64> = turns
+        .iter()
+        .filter(|t| t.kind == "full")
+        .map(|t| t.node)
+        .collect();
+    Ok(turns
+        .iter()
+        .filter(|t| full.contains(&t.node))
+        .map(|t| t.turn)
+        .collect())
+}
+
+/// Writes dirty pages back and drops the page cache, dentries and inodes (host-wide).
+fn drop_caches() -> Result<()> {
+    // SAFETY: sync(2) has no preconditions.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3").context("drop caches (--cold needs root)")
 }
 
 /// Page bytes the whole images of a `full` episode would not hold had each kept only the pages
@@ -559,7 +616,7 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
             "runc baseline: {} checkpoint/restore iterations",
             args.runc_iterations
         );
-        match runc_baseline(args.runc_iterations) {
+        match runc_baseline(args.runc_iterations, args.cold) {
             Ok(r) => Some(r),
             Err(e) => {
                 // The measured results above are still worth the report.
@@ -718,13 +775,18 @@ fn report(
         _ => None,
     };
     let mut md = format!(
-        "## sandtree bench: {} trajectories, {turns} turns, storage {}, fork points {}\n\n",
+        "## sandtree bench: {} trajectories, {turns} turns, storage {}, fork points {}{}\n\n",
         suite.len(),
         args.storage,
         if args.fork_points == 0 {
             "all".to_string()
         } else {
             format!("{} per trajectory (seed {})", args.fork_points, args.seed)
+        },
+        if args.cold {
+            ", cold (page cache dropped before every timed fork, rewind and runc restore)"
+        } else {
+            ""
         }
     );
     md += "| policy | recovery correctness | checkpoint bytes | fs nodes | full nodes | shared turns | step p50 ms | step wait p99 ms | checkpoint p50/p99 ms | fork p50/p99 ms | rewind p50/p99 ms |\n";
@@ -749,6 +811,24 @@ fn report(
             pct(&r.rewind_ms, 0.5),
             pct(&r.rewind_ms, 0.99),
         );
+    }
+    if let Some(none) = results.iter().find(|r| r.policy == "none") {
+        // What checkpointing costs the trainer: its episodes' step time and wall time (steps
+        // plus think time) against the chat-only baseline, which checkpoints nothing.
+        let steps = |r: &PolicyResult| r.step_ms.iter().sum::<f64>();
+        for r in results.iter().filter(|r| r.policy != "none") {
+            md += &format!(
+                "\ntrainer-side overhead of {} vs none: episode wall time {:.0} vs {:.0} ms = {:+.2}%; time in steps {:.0} vs {:.0} ms = {:+.1}%",
+                r.policy,
+                r.episode_ms,
+                none.episode_ms,
+                100.0 * (r.episode_ms / none.episode_ms.max(1e-9) - 1.0),
+                steps(r),
+                steps(none),
+                100.0 * (steps(r) / steps(none).max(1e-9) - 1.0),
+            );
+        }
+        md += "\n";
     }
     if let Some(x) = ratio {
         md += &format!("\ncheckpoint traffic auto/full = {:.1}%\n", 100.0 * x);
@@ -797,6 +877,25 @@ fn report(
                 pct(&r.fork_ms, 0.5) / pct(&rc.fork_ms, 0.5).max(1e-9)
             );
         }
+    }
+    md += "\nforks by what they restore (from the fork call to the first step accepted)\n\n| policy | forks of a node with a CRIU image: n, p50/p99 ms | vs runc fork p50 | vs runc restore p50 | forks of a node without one: n, p50/p99 ms |\n|---|---|---|---|---|\n";
+    for r in results.iter().filter(|r| !r.fork_ms.is_empty()) {
+        let vs = |base: Option<f64>| match (base, r.fork_image_ms.is_empty()) {
+            (Some(b), false) => format!("{:.2}", pct(&r.fork_image_ms, 0.5) / b.max(1e-9)),
+            _ => "–".to_string(),
+        };
+        let dist = |v: &[f64]| match v.len() {
+            0 => "0".to_string(),
+            n => format!("{n}, {:.0}/{:.0}", pct(v, 0.5), pct(v, 0.99)),
+        };
+        md += &format!(
+            "| {} | {} | {} | {} | {} |\n",
+            r.policy,
+            dist(&r.fork_image_ms),
+            vs(runc.map(|rc| pct(&rc.fork_ms, 0.5))),
+            vs(runc.map(|rc| pct(&rc.restore_ms, 0.5))),
+            dist(&r.fork_fs_ms),
+        );
     }
     md += "\nverdicts vs labels (rows: label, columns: verdict)\n\n| policy | label | none | fs | proc |\n|---|---|---|---|---|\n";
     for r in results {
@@ -891,13 +990,15 @@ fn report(
     md += &format!("\nwall time {:.0} s\n", wall.as_secs_f64());
     let json = serde_json::json!({
         "storage": args.storage, "trajectories": suite.len(), "turns": turns,
-        "fork_points_per_trajectory": args.fork_points, "seed": args.seed,
+        "fork_points_per_trajectory": args.fork_points, "seed": args.seed, "cold": args.cold,
         "policies": results.iter().map(|r| serde_json::json!({
             "policy": r.policy, "fork_points": r.fork_points, "correct": r.fork_points_correct,
             "correctness": r.fork_points_correct as f64 / r.fork_points.max(1) as f64,
             "checkpoint_bytes": r.checkpoint_bytes, "nodes_fs": r.nodes_fs, "nodes_full": r.nodes_full,
-            "turns_shared": r.turns_shared, "step_ms_p50": pct(&r.step_ms, 0.5), "step_wait_ms_p99": pct(&r.step_wait_ms, 0.99),
+            "turns_shared": r.turns_shared, "episode_ms": r.episode_ms, "step_ms_sum": r.step_ms.iter().sum::<f64>(), "step_ms_p50": pct(&r.step_ms, 0.5), "step_wait_ms_p99": pct(&r.step_wait_ms, 0.99),
             "fork_ms_p50": pct(&r.fork_ms, 0.5), "fork_ms_p99": pct(&r.fork_ms, 0.99),
+            "fork_image_n": r.fork_image_ms.len(), "fork_image_ms_p50": pct(&r.fork_image_ms, 0.5), "fork_image_ms_p99": pct(&r.fork_image_ms, 0.99),
+            "fork_fs_n": r.fork_fs_ms.len(), "fork_fs_ms_p50": pct(&r.fork_fs_ms, 0.5), "fork_fs_ms_p99": pct(&r.fork_fs_ms, 0.99),
             "rewind_ms_p50": pct(&r.rewind_ms, 0.5), "rewind_ms_p99": pct(&r.rewind_ms, 0.99),
             "checkpoint_ms_p50": r.checkpoint_ms_p50, "checkpoint_ms_p99": r.checkpoint_ms_p99,
             "confusion": r.confusion, "mismatches": r.mismatches,
@@ -915,8 +1016,9 @@ fn report(
     (json, md)
 }
 
-/// runc checkpoint --leave-running + runc restore of a busybox container, `n` times.
-fn runc_baseline(n: usize) -> Result<RuncResult> {
+/// runc checkpoint --leave-running + runc restore of a busybox container, `n` times; `cold`
+/// drops the page cache between the two.
+fn runc_baseline(n: usize, cold: bool) -> Result<RuncResult> {
     let dir = std::env::temp_dir().join(format!("sandtree-runc-{}", std::process::id()));
     let _cleanup = scopeguard(dir.clone());
     std::fs::create_dir_all(&dir)?;
@@ -996,6 +1098,9 @@ fn runc_baseline(n: usize) -> Result<RuncResult> {
         let ck = t.elapsed().as_secs_f64() * 1e3;
         let dst = mk_bundle(&format!("dst{i}"))?;
         let rid = format!("{id}-r{i}");
+        if cold {
+            drop_caches()?;
+        }
         let t = Instant::now();
         if let Err(e) = run(
             &[
