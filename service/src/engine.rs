@@ -138,6 +138,9 @@ pub struct Engine {
     slots: Arc<Semaphore>,
     /// Host-wide restore slots (`Config::restore_slots`).
     restores: Arc<Semaphore>,
+    /// Cleanup a rewind leaves to run after it answers: the replaced volume and the nodes the
+    /// rewind made garbage. `stats`, `delete` and shutdown wait for it.
+    background: StdMutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -168,6 +171,7 @@ impl Engine {
             config,
             timings: Arc::default(),
             live: StdMutex::default(),
+            background: StdMutex::default(),
         })
     }
 
@@ -651,46 +655,102 @@ impl Engine {
             .and_then(|v| v.rsplit('-').next())
             .and_then(|s| s.parse::<u64>().ok())
             .map_or(1, |s| s + 1);
-        if let Some(g) = &_guard {
-            self.teardown(&g.sandbox, g.watch, &g.volume).await;
-        }
+        // The old sandbox is stopped now; its volume and the garbage are freed after the
+        // rewind answers (`background`), so the trainer waits only for the restore.
+        let old_volume = match &_guard {
+            Some(g) if self.stop_sandbox(&g.sandbox, g.watch).await => Some(g.volume.clone()),
+            _ => None,
+        };
         self.live.lock().expect("live lock").remove(id);
-        let (ep, node, session) = self.tree.rewind(id, turn)?;
-        let (sb, w, vol) = match self.materialize(id, &node, seq).await {
-            Ok(x) => x,
+        let rewound = self.tree.rewind(id, turn);
+        let restored = match rewound {
+            Ok((ep, node, session)) => self
+                .materialize(id, &node, seq)
+                .await
+                .map(|x| (ep, session, x)),
+            Err(e) => Err(e.into()),
+        };
+        let r = match restored {
+            Ok((ep, session, (sb, w, vol))) => {
+                self.insert_live(id, ep.policy, (sb, w), vol, session, turn);
+                Ok(())
+            }
             Err(e) => {
                 let _ = self.tree.set_status(id, EpisodeStatus::Stopped);
-                return Err(e);
+                Err(e)
             }
         };
-        self.insert_live(id, ep.policy, (sb, w), vol, session, turn);
         drop(_guard);
-        self.gc().await;
-        Ok(())
+        self.cleanup_in_background(old_volume);
+        r
     }
 
-    async fn teardown(&self, sb: &Sandbox, watch: Watch, volume: &str) {
-        let (runtime, storage, verdicts, sb, vol) = (
-            self.runtime.clone(),
-            self.storage.clone(),
-            self.verdicts.clone(),
-            sb.clone(),
-            volume.to_string(),
-        );
+    /// Destroys `volume` (if any) and collects garbage on a background task.
+    fn cleanup_in_background(&self, volume: Option<String>) {
+        let (tree, storage) = (self.tree.clone(), self.storage.clone());
+        let h = tokio::task::spawn_blocking(move || {
+            if let Some(v) = volume {
+                if let Err(e) = storage.destroy_volume(&v) {
+                    warn!(volume = %v, error = %e, "cannot destroy the volume a rewind replaced");
+                }
+            }
+            collect_garbage(&tree, storage.as_ref());
+        });
+        let mut bg = self.background.lock().expect("background lock");
+        bg.retain(|h| !h.is_finished());
+        bg.push(tokio::spawn(async move {
+            if let Err(e) = h.await {
+                warn!(error = %e, "background cleanup panicked");
+            }
+        }));
+    }
+
+    /// Waits for the cleanup that earlier rewinds left to the background.
+    pub async fn settle_background(&self) {
+        loop {
+            let pending: Vec<_> = self
+                .background
+                .lock()
+                .expect("background lock")
+                .drain(..)
+                .collect();
+            if pending.is_empty() {
+                return;
+            }
+            for h in pending {
+                let _ = h.await;
+            }
+        }
+    }
+
+    /// Kills a sandbox and stops watching it; its volume stays. False if it could not be
+    /// killed (its volume must stay too; the next start's reconcile removes both).
+    async fn stop_sandbox(&self, sb: &Sandbox, watch: Watch) -> bool {
+        let (runtime, verdicts, sb) = (self.runtime.clone(), self.verdicts.clone(), sb.clone());
         let r = blocking(move || {
             let destroyed = runtime.destroy(&sb);
             verdicts.detach(watch);
-            destroyed?;
-            storage.destroy_volume(&vol)?;
-            Ok(())
+            destroyed
         })
         .await;
-        if let Err(e) = r {
+        if let Err(e) = &r {
+            warn!(error = %e, "teardown failed");
+        }
+        r.is_ok()
+    }
+
+    async fn teardown(&self, sb: &Sandbox, watch: Watch, volume: &str) {
+        if !self.stop_sandbox(sb, watch).await {
+            return;
+        }
+        let (storage, vol) = (self.storage.clone(), volume.to_string());
+        if let Err(e) = blocking(move || Ok(storage.destroy_volume(&vol)?)).await {
             warn!(error = %e, "teardown failed");
         }
     }
 
     pub async fn delete(&self, id: &EpisodeId) -> Result<()> {
+        self.settle_background().await;
         let live = self.live.lock().expect("live lock").remove(id);
         if let Some(live) = live {
             let mut l = live.lock().await;
@@ -709,36 +769,7 @@ impl Engine {
     /// Frees the snapshots and images of nodes that nothing live can reach any more.
     pub async fn gc(&self) {
         let (tree, storage) = (self.tree.clone(), self.storage.clone());
-        let r = blocking(move || {
-            let garbage = tree.garbage()?;
-            let mut freed = Vec::new();
-            for n in garbage {
-                if matches!(n.state, NodeState::Pending) {
-                    continue;
-                }
-                if let Some(s) = &n.snapshot {
-                    if let Err(e) = storage.destroy_snapshot(&s.volume, &s.snap) {
-                        if !matches!(e, sandtree_storage::SnapshotError::NotFound { .. }) {
-                            warn!(node = %n.id, error = %e, "cannot destroy snapshot");
-                            continue;
-                        }
-                    }
-                }
-                if let Some(i) = &n.images {
-                    let _ = std::fs::remove_dir_all(i);
-                }
-                freed.push(n.id);
-            }
-            tree.forget_nodes(&freed)?;
-            storage.gc()?;
-            Ok(freed.len())
-        })
-        .await;
-        match r {
-            Ok(n) if n > 0 => info!(nodes = n, "garbage collected"),
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "gc failed"),
-        }
+        let _ = tokio::task::spawn_blocking(move || collect_garbage(&tree, storage.as_ref())).await;
     }
 
     /// Turns on the live path of an episode with their nodes (waits for a pending checkpoint).
@@ -762,8 +793,9 @@ impl Engine {
         Ok((ep, out))
     }
 
-    /// Waits until no checkpoint is pending on any live episode.
+    /// Waits until no checkpoint is pending on any live episode, and no rewind's cleanup.
     pub async fn settle_all(&self) {
+        self.settle_background().await;
         let ids: Vec<EpisodeId> = self
             .live
             .lock()
@@ -788,6 +820,40 @@ impl Engine {
             let _ = self.tree.set_volume(&id, None);
         }
         self.runtime.layout.remove_parents();
+    }
+}
+
+/// Frees the snapshots and images of nodes that nothing live can reach any more, then forgets
+/// them in the tree; logs what it did (blocking).
+fn collect_garbage(tree: &Tree, storage: &dyn SnapshotBackend) {
+    let r = (|| -> anyhow::Result<usize> {
+        let garbage = tree.garbage()?;
+        let mut freed = Vec::new();
+        for n in garbage {
+            if matches!(n.state, NodeState::Pending) {
+                continue;
+            }
+            if let Some(s) = &n.snapshot {
+                if let Err(e) = storage.destroy_snapshot(&s.volume, &s.snap) {
+                    if !matches!(e, sandtree_storage::SnapshotError::NotFound { .. }) {
+                        warn!(node = %n.id, error = %e, "cannot destroy snapshot");
+                        continue;
+                    }
+                }
+            }
+            if let Some(i) = &n.images {
+                let _ = std::fs::remove_dir_all(i);
+            }
+            freed.push(n.id);
+        }
+        tree.forget_nodes(&freed)?;
+        storage.gc()?;
+        Ok(freed.len())
+    })();
+    match r {
+        Ok(n) if n > 0 => info!(nodes = n, "garbage collected"),
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "gc failed"),
     }
 }
 
