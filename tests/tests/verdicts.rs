@@ -137,3 +137,57 @@ fn a_fork_of_an_fs_turn_beside_a_daemon_has_the_daemon() {
     svc.ok(&["delete", &fork]);
     svc.ok(&["delete", &ep]);
 }
+
+/// A file opened for writing and never written (sqlite does this for read-only queries) leaves
+/// the volume as it was: the turn shares its parent's node. Metadata-only changes still count,
+/// which is what makes that sound: the storage layer sees every change.
+fn fs_without_a_storage_change(storage: Storage) {
+    let svc = Service::start(storage);
+    let ep = svc.create("busybox", "auto");
+    expect(&svc, &ep, "echo x > /workspace/f", "fs", "/workspace/f");
+    let r = svc.step(&ep, "cat /workspace/f 3<>/workspace/f");
+    assert_eq!(r["stdout"], "x\n", "{r}");
+    assert_eq!(r["verdict"], "none", "{r}");
+    let reasons = r["reasons"].to_string();
+    assert!(reasons.contains("O_RDWR"), "{reasons}");
+    assert!(reasons.contains("nothing to snapshot"), "{reasons}");
+    let tree: serde_json::Value = serde_json::from_str(&svc.ok(&["tree", &ep, "--json"])).unwrap();
+    assert_eq!(tree["turns"][2]["kind"], "shared", "{tree}");
+    // Metadata alone: a new mtime, a new mode.
+    expect(
+        &svc,
+        &ep,
+        "touch -d '2001-01-01 00:00' /workspace/f",
+        "fs",
+        "/workspace/f",
+    );
+    expect(&svc, &ep, "chmod 600 /workspace/f", "fs", "chmod");
+    let stats: serde_json::Value = serde_json::from_str(&svc.ok(&["stats", "--json"])).unwrap();
+    assert_eq!(
+        stats["inspector"]["verdicts_fs_without_change"], 1,
+        "{stats}"
+    );
+    assert_eq!(stats["inspector"]["verdicts_unsafe"], 0, "{stats}");
+    // A fork of the shared turn has the file as turn 1 wrote it.
+    let f = svc.ok(&["fork", &ep, "--turn", "2"]);
+    let r = svc.step(f.trim(), "cat /workspace/f; stat -c %a /workspace/f");
+    assert_eq!(r["stdout"], "x\n644\n", "{r}");
+    svc.ok(&["delete", f.trim()]);
+    svc.ok(&["delete", &ep]);
+}
+
+#[test]
+fn an_fs_verdict_without_a_storage_change_is_none_btrfs() {
+    if !require_sandbox_host() {
+        return;
+    }
+    fs_without_a_storage_change(Storage::Btrfs);
+}
+
+#[test]
+fn an_fs_verdict_without_a_storage_change_is_none_zfs_fuse() {
+    if !require_sandbox_host() || !require_zfs() {
+        return;
+    }
+    fs_without_a_storage_change(Storage::Zfs);
+}
