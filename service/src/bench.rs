@@ -395,16 +395,26 @@ async fn run_one(
             drop_caches()?;
         }
         let s = Instant::now();
-        let fork = c
+        let fork = match c
             .fork(pb::ForkRequest {
                 episode: ep.clone(),
                 turn: t0 as u32,
                 count: 1,
             })
             .await
-            .map_err(rpc_err)?
-            .into_inner()
-            .episodes;
+        {
+            Ok(r) => r.into_inner().episodes,
+            Err(e) => {
+                // A node that could not be checkpointed: this fork point is not recovered.
+                res.fork_points += 1;
+                res.mismatches.push(format!(
+                    "{} fork@{t0}: fork failed: {}",
+                    t.name,
+                    e.message()
+                ));
+                continue;
+            }
+        };
         let fork_rpc = s.elapsed().as_secs_f64() * 1e3;
         let f = fork
             .into_iter()
@@ -454,12 +464,20 @@ async fn run_one(
             drop_caches()?;
         }
         let s = Instant::now();
-        c.rewind(pb::RewindRequest {
-            episode: ep.clone(),
-            turn: t0 as u32,
-        })
-        .await
-        .map_err(rpc_err)?;
+        if let Err(e) = c
+            .rewind(pb::RewindRequest {
+                episode: ep.clone(),
+                turn: t0 as u32,
+            })
+            .await
+        {
+            res.mismatches.push(format!(
+                "{} rewind@{t0}: rewind failed: {}",
+                t.name,
+                e.message()
+            ));
+            continue;
+        }
         let rpc = s.elapsed().as_secs_f64() * 1e3;
         let r = step(c, &ep, &t.turns[t0].cmd).await?;
         res.rewind_ms.push(rpc + r.accepted_us as f64 / 1e3);
@@ -516,7 +534,12 @@ async fn full_dedup_savings(c: &mut Client, data_dir: &Path, ep: &str) -> Result
         .into_inner();
     let images = data_dir.join("images");
     let (mut saved, mut prev, mut depth) = (0u64, None::<PathBuf>, 0usize);
-    for t in tree.turns.iter().filter(|t| t.kind == "full") {
+    // Failed nodes have no image to price.
+    for t in tree
+        .turns
+        .iter()
+        .filter(|t| t.kind == "full" && t.state == "committed")
+    {
         let dir = images.join(format!("n{}", t.node));
         if let Some(p) = prev.as_ref().filter(|_| depth < crate::pages::MAX_CHAIN) {
             let s = crate::pages::plan_against(&dir, p)
