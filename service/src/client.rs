@@ -261,14 +261,8 @@ pub async fn stats(socket: &Path, json: bool) -> Result<ExitCode> {
     );
     if r.verdicts_checked > 0 {
         println!(
-            "verdicts cross-checked {}  UNSAFE {}",
-            r.verdicts_checked, r.verdicts_unsafe
-        );
-    }
-    if r.verdicts_fs_without_change > 0 {
-        println!(
-            "fs verdicts without a storage change (made none) {}",
-            r.verdicts_fs_without_change
+            "verdicts cross-checked {}  UNSAFE {}  fs without a storage change {}",
+            r.verdicts_checked, r.verdicts_unsafe, r.verdicts_fs_without_change
         );
     }
     for e in r.per_episode {

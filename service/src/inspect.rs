@@ -33,8 +33,8 @@ pub struct VerifyCounts {
     /// The inspector said none, the storage layer or the process table saw a change: the turn
     /// was upgraded, and the inspector has a bug.
     pub unsafe_disagreements: u64,
-    /// The inspector said fs, the storage layer saw no change (a file opened for writing and
-    /// never written): the turn was made none. Counted with and without `--verify-verdicts`.
+    /// The inspector said fs, the storage layer saw no change (a write of identical bytes, or a
+    /// file created and removed in the same turn).
     pub fs_without_change: u64,
 }
 
@@ -292,9 +292,6 @@ impl Verdicts {
         };
         let others = others?;
         if !self.verify {
-            if verdict.kind == VerdictKind::Fs && !storage.changed_since_last_snapshot(vol)? {
-                self.refute_fs(&mut verdict);
-            }
             return Ok((verdict, others));
         }
         let now: BTreeSet<u32> = others.iter().copied().collect();
@@ -341,23 +338,12 @@ impl Verdicts {
             );
             verdict.kind = kind;
         } else if verdict.kind == VerdictKind::Fs && !changed {
-            self.refute_fs(&mut verdict);
+            self.fs_without_change.fetch_add(1, Ordering::Relaxed);
+            verdict
+                .reasons
+                .push("verify: the storage layer saw no change".into());
         }
         Ok((verdict, others))
-    }
-
-    /// An fs verdict whose volume did not change since its last snapshot (a file opened for
-    /// writing and never written, such as sqlite's read-only queries on a database it opens
-    /// with O_RDWR|O_CREAT) has nothing to snapshot: the turn shares its parent's node. Sound
-    /// for the same reason that the conservative verdict is: every change to a volume, data or
-    /// metadata, shows in `changed_since_last_snapshot`.
-    fn refute_fs(&self, verdict: &mut Verdict) {
-        self.fs_without_change.fetch_add(1, Ordering::Relaxed);
-        verdict.kind = VerdictKind::None;
-        verdict.reasons.push(
-            "none: the storage layer saw no change since the last snapshot, nothing to snapshot"
-                .into(),
-        );
     }
 }
 
