@@ -253,9 +253,23 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             ImageCmd::List => client::list_images(&socket).await,
         },
         Cmd::Doctor { json } => client::doctor(&socket, json).await,
-        Cmd::Bench(args) => bench::run(args).await,
-        Cmd::Demo { data_dir } => bench::demo(data_dir).await,
+        Cmd::Bench(args) => until_signal("bench", bench::run(args)).await,
+        Cmd::Demo { data_dir } => until_signal("demo", bench::demo(data_dir)).await,
         Cmd::Shim { .. } => unreachable!("handled before the runtime starts"),
+    }
+}
+
+/// Runs `work` until it ends or SIGINT/SIGTERM comes. On a signal `work` is dropped, and with it
+/// the private service it started (stopped, its pool and loop mount removed).
+async fn until_signal(
+    what: &str,
+    work: impl std::future::Future<Output = anyhow::Result<std::process::ExitCode>>,
+) -> anyhow::Result<std::process::ExitCode> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = work => r,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("{what} interrupted; its service is stopped"),
+        _ = term.recv() => anyhow::bail!("{what} terminated; its service is stopped"),
     }
 }
 
