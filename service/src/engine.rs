@@ -662,24 +662,16 @@ impl Engine {
             _ => None,
         };
         self.live.lock().expect("live lock").remove(id);
-        let rewound = self.tree.rewind(id, turn);
-        let restored = match rewound {
-            Ok((ep, node, session)) => self
-                .materialize(id, &node, seq)
-                .await
-                .map(|x| (ep, session, x)),
-            Err(e) => Err(e.into()),
-        };
-        let r = match restored {
-            Ok((ep, session, (sb, w, vol))) => {
-                self.insert_live(id, ep.policy, (sb, w), vol, session, turn);
-                Ok(())
-            }
-            Err(e) => {
-                let _ = self.tree.set_status(id, EpisodeStatus::Stopped);
-                Err(e)
-            }
-        };
+        let r = async {
+            let (ep, node, session) = self.tree.rewind(id, turn)?;
+            let (sb, w, vol) = self.materialize(id, &node, seq).await?;
+            self.insert_live(id, ep.policy, (sb, w), vol, session, turn);
+            Ok(())
+        }
+        .await;
+        if r.is_err() {
+            let _ = self.tree.set_status(id, EpisodeStatus::Stopped);
+        }
         drop(_guard);
         self.cleanup_in_background(old_volume);
         r
@@ -698,11 +690,7 @@ impl Engine {
         });
         let mut bg = self.background.lock().expect("background lock");
         bg.retain(|h| !h.is_finished());
-        bg.push(tokio::spawn(async move {
-            if let Err(e) = h.await {
-                warn!(error = %e, "background cleanup panicked");
-            }
-        }));
+        bg.push(h);
     }
 
     /// Waits for the cleanup that earlier rewinds left to the background.
@@ -718,7 +706,9 @@ impl Engine {
                 return;
             }
             for h in pending {
-                let _ = h.await;
+                if let Err(e) = h.await {
+                    warn!(error = %e, "background cleanup panicked");
+                }
             }
         }
     }

@@ -19,6 +19,14 @@ fn names(dir: &Path) -> BTreeSet<String> {
     }
 }
 
+/// Snapshot names (`n<node>`) under every volume of the pool.
+fn snapshots(root: &Path) -> BTreeSet<String> {
+    names(&root.join("snapshots"))
+        .iter()
+        .flat_map(|v| names(&root.join("snapshots").join(v)))
+        .collect()
+}
+
 fn tree(svc: &Service, ep: &str) -> serde_json::Value {
     serde_json::from_str(&svc.ok(&["tree", ep, "--json"])).unwrap()
 }
@@ -50,10 +58,7 @@ fn rewind_frees_the_replaced_volume_and_the_dropped_checkpoints() {
         .map(|t| format!("n{}", t["node"]))
         .collect();
     assert_eq!(dropped.len(), 4, "turns 2..=5 each made a node: {before}");
-    let snaps_before: BTreeSet<String> = names(&root.join("snapshots"))
-        .iter()
-        .flat_map(|v| names(&root.join("snapshots").join(v)))
-        .collect();
+    let snaps_before = snapshots(&root);
     assert!(dropped.is_subset(&snaps_before), "{snaps_before:?}");
     assert_eq!(names(&root.join("volumes")).len(), 1);
 
@@ -66,10 +71,7 @@ fn rewind_frees_the_replaced_volume_and_the_dropped_checkpoints() {
     assert_eq!(r["stdout"], "ticks\nalive\n", "{r}");
     svc.ok(&["stats"]);
 
-    let snaps_after: BTreeSet<String> = names(&root.join("snapshots"))
-        .iter()
-        .flat_map(|v| names(&root.join("snapshots").join(v)))
-        .collect();
+    let snaps_after = snapshots(&root);
     let kept: Vec<_> = dropped.intersection(&snaps_after).collect();
     assert!(
         kept.is_empty(),
