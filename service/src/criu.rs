@@ -3,7 +3,7 @@
 //! Dumps run with `leave_running` and notify scripts on, so the filesystem snapshot of a node is
 //! taken inside the `post-dump` notification, while every task of the sandbox is still seized by
 //! CRIU: the process image and the snapshot share one frozen instant. Restores go into fresh
-//! namespaces (CRIU recreates the dumped pid, mount, uts, ipc and net namespaces) on a clone of the
+//! namespaces (CRIU recreates the dumped pid, mount, uts, ipc, net and time namespaces) on a clone of the
 //! node's snapshot (`root`), and the CRIU process joins the new sandbox's cgroups before it starts,
 //! so every restored task lands in them.
 
@@ -28,7 +28,7 @@ pub enum CriuError {
     },
     #[error("criu rpc: {0}")]
     Rpc(String),
-    #[error("criu {op} of pid {pid} failed: {msg}; log: {log}")]
+    #[error("criu {op} of pid {pid} failed: {msg} (log: {log})")]
     Failed {
         op: &'static str,
         pid: u32,
@@ -300,15 +300,10 @@ impl Session {
     }
 }
 
-fn failure(op: &'static str, pid: u32, resp: &rpc::CriuResp, log: &Path) -> CriuError {
-    let tail = std::fs::read_to_string(log)
-        .map(|s| {
-            s.lines()
-                .filter(|l| l.contains("Error") || l.contains("rror ("))
-                .take(6)
-                .collect::<Vec<_>>()
-                .join(" | ")
-        })
+fn failure(op: &'static str, pid: u32, resp: &rpc::CriuResp, src: &Path) -> CriuError {
+    let log = src;
+    let cause = std::fs::read_to_string(log)
+        .map(|s| error_summary(&s))
         .unwrap_or_default();
     let log = log
         .parent()
@@ -326,16 +321,52 @@ fn failure(op: &'static str, pid: u32, resp: &rpc::CriuResp, log: &Path) -> Criu
             ))
         })
         .unwrap_or_else(|| log.to_path_buf());
+    // Keep the log where the message says it is, out of the images dir (which a failed dump
+    // loses and a failed restore must not grow).
+    let log = match log.parent().map(std::fs::create_dir_all) {
+        Some(Ok(())) if std::fs::rename(src, &log).is_ok() => log,
+        _ => src.to_path_buf(),
+    };
+    let errmsg = resp.cr_errmsg.clone().unwrap_or_default();
     CriuError::Failed {
         op,
         pid,
-        msg: format!(
-            "{} (errno {})",
-            resp.cr_errmsg.clone().unwrap_or_default(),
-            resp.cr_errno.unwrap_or(0)
-        ),
-        log: format!("{} [{tail}]", log.display()),
+        msg: match (cause.is_empty(), errmsg.is_empty()) {
+            (false, _) => cause,
+            (true, false) => format!("{errmsg} (errno {})", resp.cr_errno.unwrap_or(0)),
+            (true, true) => format!("errno {}", resp.cr_errno.unwrap_or(0)),
+        },
+        log: log.display().to_string(),
     }
+}
+
+/// Error lines that CRIU logs on every run on some hosts and that never make an operation fail:
+/// without CAP_SYS_RESOURCE (MACHINE-NOTES) `rlimit_unlimit_nofile` cannot raise its own limit.
+const HARMLESS_ERRORS: &[&str] = &["Can't setup RLIMIT_NOFILE for self"];
+
+/// The lines of a CRIU log that say why the operation failed: the first `Error` line that is not
+/// in [`HARMLESS_ERRORS`] (CRIU's first real error is the cause; later ones are its fallout),
+/// followed by up to two more for context, each with its timestamp prefix removed.
+pub fn error_summary(log: &str) -> String {
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Error (") || l.contains("Error:"))
+        .filter(|l| !HARMLESS_ERRORS.iter().any(|h| l.contains(h)))
+        .map(|l| {
+            // "(00.012345) pie: 12: Error (criu/...)": drop the timestamp.
+            let l = l.trim();
+            match l.strip_prefix('(').and_then(|r| r.split_once(") ")) {
+                Some((_, rest)) => rest,
+                None => l,
+            }
+        })
+        .collect();
+    errors
+        .iter()
+        .take(3)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 /// Sum of the sizes of the files in `dir` (CRIU images are flat files in one directory). What a
@@ -378,5 +409,25 @@ mod tests {
         let mut b = [0u8; 16];
         assert_eq!(super::itoa(0, &mut b), b"0");
         assert_eq!(super::itoa(4_294_967_295, &mut b), b"4294967295");
+    }
+
+    #[test]
+    fn error_summary_skips_the_harmless_rlimit_line() {
+        let log = "(00.000100) Version: 4.1.1\n\
+            (00.000200) Error (criu/util.c:1533): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n\
+            (00.003000) Warn  (criu/x.c:1): something\n\
+            (00.004000) Error (criu/pstree.c:965): Can't restore sub-task in NS (cflags 80)\n\
+            (00.005000) Error (criu/cr-restore.c:2600): Restoring FAILED.\n";
+        assert_eq!(
+            super::error_summary(log),
+            "Error (criu/pstree.c:965): Can't restore sub-task in NS (cflags 80) | \
+             Error (criu/cr-restore.c:2600): Restoring FAILED."
+        );
+    }
+
+    #[test]
+    fn error_summary_of_a_log_with_only_harmless_errors_is_empty() {
+        let log = "(00.000200) Error (criu/util.c:1533): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n";
+        assert_eq!(super::error_summary(log), "");
     }
 }

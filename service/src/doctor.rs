@@ -34,6 +34,16 @@ fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("").to_string()
 }
 
+/// capability(7) number of CAP_SYS_RESOURCE.
+const CAP_SYS_RESOURCE: u32 = 24;
+
+/// The bounding set of this process, from /proc/self/status.
+fn bounding_caps() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapBnd:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
 const SETUP: &str = "run `bash scripts/setup.sh` as root";
 
 pub fn probes() -> Vec<Probe> {
@@ -83,6 +93,29 @@ pub fn probes() -> Vec<Probe> {
         }
         None => v.push(probe("criu", true, false, "not found", SETUP)),
     }
+
+    let (has_resource, detail) = match bounding_caps() {
+        Some(bnd) if bnd & (1 << CAP_SYS_RESOURCE) != 0 => {
+            (true, format!("in the bounding set (CapBnd {bnd:016x})"))
+        }
+        Some(bnd) => (
+            false,
+            format!(
+                "missing from the bounding set (CapBnd {bnd:016x}): CRIU cannot dump a task whose \
+                 uid/gid differ from its own (reading its rlimits fails, \"Can't get rlimit\"), so \
+                 a sandbox that ran setuid/setresuid to a non-root user cannot be checkpointed; \
+                 CRIU also logs a harmless \"Can't setup RLIMIT_NOFILE for self\" on every run"
+            ),
+        ),
+        None => (false, "cannot read CapBnd from /proc/self/status".into()),
+    };
+    v.push(probe(
+        "cap_sys_resource",
+        false,
+        has_resource,
+        detail,
+        "run the service with CAP_SYS_RESOURCE (on a VM or container host, allow it in the bounding set); everything else works without it",
+    ));
 
     let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
     v.push(probe("bpf: btf", false, btf, if btf { "/sys/kernel/btf/vmlinux" } else { "no kernel BTF" }, "a kernel with CONFIG_DEBUG_INFO_BTF is needed for the eBPF inspector; without it the conservative verdict is used"));

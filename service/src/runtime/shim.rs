@@ -3,7 +3,7 @@
 //! pivot_root happen here and nowhere else, in a fresh process rather than after fork() of the
 //! multi-threaded service.
 //!
-//! - `__shim start` reads a [`StartSpec`] from stdin, creates the sandbox (pid, mount, uts, ipc and
+//! - `__shim start` reads a [`StartSpec`] from stdin, creates the sandbox (pid, mount, uts, ipc, time and
 //!   net namespaces; a private /proc, a minimal /dev and the /.sandtree tmpfs; pivot_root into the
 //!   rootfs) and prints its init's host pid.
 //! - `__shim exec` reads an [`ExecSpec`], enters the sandbox's namespaces and cgroups, runs the
@@ -30,6 +30,21 @@ use serde::{Deserialize, Serialize};
 
 /// The sandbox init, built from init/init.c by build.rs.
 static INIT_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sandtree-init"));
+
+/// nix has no name for it; the kernel's value (time_namespaces(7)).
+const CLONE_NEWTIME: CloneFlags = CloneFlags::from_bits_retain(libc::CLONE_NEWTIME);
+
+/// The namespaces of a sandbox, as named under /proc/PID/ns, that every process a turn starts
+/// joins: exactly init's, so that CRIU sees one consistent tree (a task outside init's time
+/// namespace makes restore fail with "Can't restore sub-task in NS").
+const SANDBOX_NAMESPACES: [(&str, CloneFlags); 6] = [
+    ("ipc", CloneFlags::CLONE_NEWIPC),
+    ("uts", CloneFlags::CLONE_NEWUTS),
+    ("net", CloneFlags::CLONE_NEWNET),
+    ("time", CLONE_NEWTIME),
+    ("pid", CloneFlags::CLONE_NEWPID),
+    ("mnt", CloneFlags::CLONE_NEWNS),
+];
 
 /// Where the per-sandbox tmpfs is mounted inside the sandbox.
 pub const SANDTREE_DIR: &str = "/.sandtree";
@@ -122,12 +137,16 @@ fn start(spec: &StartSpec) -> Result<Started> {
     }
     join_cgroups(&spec.procs_files)?;
     let (rd, wr) = pipe_cloexec()?;
+    // A time namespace of its own from the start: CRIU restores every sandbox into a new time
+    // namespace whose offsets keep CLOCK_MONOTONIC/BOOTTIME continuous across the restore, so a
+    // fresh sandbox and a restored one look alike, and `exec` always joins init's.
     unshare(
         CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWPID
             | CloneFlags::CLONE_NEWUTS
             | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWNET,
+            | CloneFlags::CLONE_NEWNET
+            | CLONE_NEWTIME,
     )
     .context("unshare namespaces")?;
     mount(
@@ -328,22 +347,16 @@ fn check_init(spec: &ExecSpec) -> Result<()> {
 fn exec(spec: &ExecSpec) -> Result<ExecResult> {
     check_init(spec)?;
     join_cgroups(&spec.procs_files)?;
-    let ns_files: Vec<(CloneFlags, fs::File)> = [
-        ("ipc", CloneFlags::CLONE_NEWIPC),
-        ("uts", CloneFlags::CLONE_NEWUTS),
-        ("net", CloneFlags::CLONE_NEWNET),
-        ("pid", CloneFlags::CLONE_NEWPID),
-        ("mnt", CloneFlags::CLONE_NEWNS),
-    ]
-    .into_iter()
-    .map(|(n, f)| {
-        Ok((
-            f,
-            fs::File::open(format!("/proc/{}/ns/{n}", spec.init_pid))
-                .with_context(|| format!("open ns {n}"))?,
-        ))
-    })
-    .collect::<Result<_>>()?;
+    let ns_files: Vec<(CloneFlags, fs::File)> = SANDBOX_NAMESPACES
+        .into_iter()
+        .map(|(n, f)| {
+            Ok((
+                f,
+                fs::File::open(format!("/proc/{}/ns/{n}", spec.init_pid))
+                    .with_context(|| format!("open ns {n}"))?,
+            ))
+        })
+        .collect::<Result<_>>()?;
     for (flag, file) in &ns_files {
         setns(file, *flag).with_context(|| format!("setns {flag:?}"))?;
     }
