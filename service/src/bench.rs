@@ -270,6 +270,12 @@ struct PolicyResult {
     policy: String,
     fork_points: usize,
     fork_points_correct: usize,
+    /// Forks of forks: chains fork@t1 -> replay -> fork@t2 of that copy -> replay -> fork@t3 of
+    /// that one -> replay to the end, every observation compared with the original run.
+    nested_chains: usize,
+    nested_chains_correct: usize,
+    /// The deepest fork level the chains reached (3 when every trajectory has >= 4 turns).
+    nested_depth: usize,
     checkpoint_bytes: u64,
     nodes_fs: u32,
     nodes_full: u32,
@@ -454,6 +460,7 @@ async fn run_one(
             .await
             .map_err(rpc_err)?;
     }
+    nested_chain(c, &ep, t, &original, res).await?;
     // Rewind latency: rewind the original to a few turns, latest first, and take one step.
     let n = t.turns.len();
     for t0 in [n.saturating_sub(2), n / 2, 1]
@@ -489,6 +496,93 @@ async fn run_one(
     c.delete_episode(pb::DeleteEpisodeRequest { episode: ep })
         .await
         .map_err(rpc_err)?;
+    Ok(())
+}
+
+/// The fork points of a chain of forks of forks over `n` turns: up to three distinct turns in
+/// 1..n, at a quarter, a half and three quarters.
+fn nested_points(n: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = [n / 4, n / 2, 3 * n / 4]
+        .into_iter()
+        .filter(|&t| t >= 1 && t < n)
+        .collect();
+    v.dedup();
+    v
+}
+
+/// Forks of forks: forks the original at the first point, replays the copy up to the next point,
+/// forks the copy there (a node the copy made after it was restored), and so on; the last copy
+/// replays to the end. Every observation must equal the original's.
+async fn nested_chain(
+    c: &mut Client,
+    ep: &str,
+    t: &Trajectory,
+    original: &[Obs],
+    res: &mut PolicyResult,
+) -> Result<()> {
+    let points = nested_points(t.turns.len());
+    if points.len() < 2 {
+        return Ok(());
+    }
+    let mut src = ep.to_string();
+    let mut copies = Vec::new();
+    let mut ok = true;
+    'chain: for (level, &t0) in points.iter().enumerate() {
+        let fork = match c
+            .fork(pb::ForkRequest {
+                episode: src.clone(),
+                turn: t0 as u32,
+                count: 1,
+            })
+            .await
+        {
+            Ok(r) => r.into_inner().episodes,
+            Err(e) => {
+                ok = false;
+                res.mismatches.push(format!(
+                    "{} nested fork level {} @{t0}: fork failed: {}",
+                    t.name,
+                    level + 1,
+                    e.message()
+                ));
+                break;
+            }
+        };
+        let f = fork
+            .into_iter()
+            .next()
+            .context("fork returned no episode")?;
+        copies.push(f.clone());
+        res.nested_depth = res.nested_depth.max(level + 1);
+        let until = points.get(level + 1).copied().unwrap_or(t.turns.len());
+        for i in t0..until {
+            let r = step(c, &f, &t.turns[i].cmd).await?;
+            let got = obs(&r);
+            if got != original[i] {
+                ok = false;
+                if res.mismatches.len() < 20 {
+                    res.mismatches.push(format!(
+                        "{} nested fork level {} @{t0} turn {}: `{}` expected {:?} got {:?}",
+                        t.name,
+                        level + 1,
+                        i + 1,
+                        t.turns[i].cmd,
+                        original[i],
+                        got
+                    ));
+                }
+                break 'chain;
+            }
+        }
+        src = f;
+    }
+    res.nested_chains += 1;
+    res.nested_chains_correct += ok as usize;
+    for f in copies {
+        c.delete_episode(pb::DeleteEpisodeRequest { episode: f })
+            .await
+            .map_err(rpc_err)?;
+    }
     Ok(())
 }
 
@@ -812,15 +906,18 @@ fn report(
             ""
         }
     );
-    md += "| policy | recovery correctness | checkpoint bytes | fs nodes | full nodes | shared turns | step p50 ms | step wait p99 ms | checkpoint p50/p99 ms | fork p50/p99 ms | rewind p50/p99 ms |\n";
-    md += "|---|---|---|---|---|---|---|---|---|---|---|\n";
+    md += "| policy | recovery correctness | forks of forks | checkpoint bytes | fs nodes | full nodes | shared turns | step p50 ms | step wait p99 ms | checkpoint p50/p99 ms | fork p50/p99 ms | rewind p50/p99 ms |\n";
+    md += "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for r in results {
         md += &format!(
-            "| {} | {}/{} = {:.1}% | {} | {} | {} | {} | {:.1} | {:.1} | {:.0}/{:.0} | {:.0}/{:.0} | {:.0}/{:.0} |\n",
+            "| {} | {}/{} = {:.1}% | {}/{} chains, depth {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.0}/{:.0} | {:.0}/{:.0} | {:.0}/{:.0} |\n",
             r.policy,
             r.fork_points_correct,
             r.fork_points,
             100.0 * r.fork_points_correct as f64 / r.fork_points.max(1) as f64,
+            r.nested_chains_correct,
+            r.nested_chains,
+            r.nested_depth,
             r.checkpoint_bytes,
             r.nodes_fs,
             r.nodes_full,
@@ -1017,6 +1114,7 @@ fn report(
         "policies": results.iter().map(|r| serde_json::json!({
             "policy": r.policy, "fork_points": r.fork_points, "correct": r.fork_points_correct,
             "correctness": r.fork_points_correct as f64 / r.fork_points.max(1) as f64,
+            "nested_chains": r.nested_chains, "nested_chains_correct": r.nested_chains_correct, "nested_depth": r.nested_depth,
             "checkpoint_bytes": r.checkpoint_bytes, "nodes_fs": r.nodes_fs, "nodes_full": r.nodes_full,
             "turns_shared": r.turns_shared, "episode_ms": r.episode_ms, "step_ms_sum": r.step_ms.iter().sum::<f64>(), "step_ms_p50": pct(&r.step_ms, 0.5), "step_wait_ms_p99": pct(&r.step_wait_ms, 0.99),
             "fork_ms_p50": pct(&r.fork_ms, 0.5), "fork_ms_p99": pct(&r.fork_ms, 0.99),

@@ -1,7 +1,8 @@
 //! `sandtree bench` on the project's adversarial trajectories (tests/workloads/adversarial: a
 //! reader on a named pipe, a daemon writing to a file it deleted, a killed job, a threaded
 //! python daemon, a MAP_SHARED counter, a unix-socket server, sqlite), under `auto`, at seeded
-//! fork points, on btrfs and zfs-fuse: every fork replays its trajectory's observations exactly,
+//! fork points and in chains of forks of forks (depth 3), on btrfs and zfs-fuse: every fork
+//! replays its trajectory's observations exactly,
 //! no verdict is unsafe against the labels, and auto stores less than a checkpoint per turn.
 //!
 //! One known limitation, pinned here so that a change shows: on zfs-fuse a process that holds a
@@ -81,6 +82,19 @@ fn bench(storage: &str, may_fail: Option<(&str, &str)>) {
             r["correct"].as_u64().unwrap() + failed_forks,
             21,
             "{p}: every fork that was made replays exactly: {mismatches:#?}"
+        );
+        // Forks of forks: one chain of depth 3 per trajectory.
+        assert_eq!(r["nested_chains"], 7, "{r}");
+        assert_eq!(r["nested_depth"], 3, "{r}");
+        let failed_chains = mismatches
+            .iter()
+            .filter(|m| m.contains(" nested fork level ") && m.contains("fork failed"))
+            .count() as u64;
+        assert!(failed_chains <= 1, "{p}: {mismatches:#?}");
+        assert_eq!(
+            r["nested_chains_correct"].as_u64().unwrap() + failed_chains,
+            7,
+            "{p}: every fork of a fork replays exactly: {mismatches:#?}"
         );
     }
     assert_eq!(report["auto_verdicts"]["unsafe"], 0, "{md}");
