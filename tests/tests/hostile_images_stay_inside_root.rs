@@ -103,6 +103,33 @@ fn docker_save(layers: Vec<Vec<u8>>) -> Vec<u8> {
     outer.bytes()
 }
 
+/// An OCI image layout archive of `layers` (gzipped), bottom first. Digests are not checked by
+/// the import, so they are made up.
+fn oci_archive(layers: Vec<Vec<u8>>) -> Vec<u8> {
+    use std::io::Write;
+    let mut outer = Tar::new();
+    outer.file("oci-layout", 0o644, br#"{"imageLayoutVersion":"1.0.0"}"#);
+    outer.dir("blobs/").dir("blobs/sha256/");
+    let mut descs = Vec::new();
+    for (i, l) in layers.iter().enumerate() {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(l).unwrap();
+        let hex = format!("{:064x}", i + 1);
+        outer.file(&format!("blobs/sha256/{hex}"), 0o644, &gz.finish().unwrap());
+        descs.push(serde_json::json!({"digest": format!("sha256:{hex}")}));
+    }
+    let manifest = serde_json::json!({"schemaVersion": 2, "layers": descs});
+    let hex = format!("{:064x}", 0xabc);
+    outer.file(
+        &format!("blobs/sha256/{hex}"),
+        0o644,
+        manifest.to_string().as_bytes(),
+    );
+    let index = serde_json::json!({"manifests": [{"digest": format!("sha256:{hex}")}]});
+    outer.file("index.json", 0o644, index.to_string().as_bytes());
+    outer.bytes()
+}
+
 /// A throwaway dir with a sentinel dir holding `keepme`, which no import may touch.
 struct Scratch {
     dir: PathBuf,
@@ -260,10 +287,18 @@ fn layered_symlinks_never_lead_writes_or_whiteouts_out() {
         .file("w/.wh..wh..opq", 0o644, b"")
         .file(".wh.x", 0o644, b"")
         .bytes();
-    let p = sc.write("whiteouts.tar", &docker_save(vec![layer1, layer2]));
+    let p = sc.write(
+        "whiteouts.tar",
+        &docker_save(vec![layer1.clone(), layer2.clone()]),
+    );
     let (ok, err) = import(&svc, "whiteouts", &p, &[]);
     assert!(ok, "{err}");
     sc.assert_intact("whiteouts through symlinks");
+    // The same as an OCI layout with gzipped layers.
+    let p = sc.write("whiteouts-oci.tar", &oci_archive(vec![layer1, layer2]));
+    let (ok, err) = import(&svc, "whiteouts-oci", &p, &[]);
+    assert!(ok, "{err}");
+    sc.assert_intact("whiteouts through symlinks, OCI layout");
     let out = run_in(
         &svc,
         "whiteouts",
