@@ -326,7 +326,12 @@ pub async fn build_image(socket: &Path, kind: String) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn import_image(socket: &Path, name: String, path: PathBuf) -> Result<ExitCode> {
+pub async fn import_image(
+    socket: &Path,
+    name: String,
+    path: PathBuf,
+    allow_setuid: bool,
+) -> Result<ExitCode> {
     let abs = std::path::absolute(&path).with_context(|| format!("bad path {}", path.display()))?;
     if !abs.exists() {
         anyhow::bail!("{} does not exist", abs.display());
@@ -336,6 +341,7 @@ pub async fn import_image(socket: &Path, name: String, path: PathBuf) -> Result<
         .import_image(pb::ImportImageRequest {
             name: name.clone(),
             path: abs.to_string_lossy().into_owned(),
+            allow_setuid,
         })
         .await
         .map_err(rpc_err)?

@@ -4,20 +4,25 @@
 //! - `debian`: `debootstrap --variant=minbase --include=python3,git bookworm`, from the Debian
 //!   mirror in the machine's apt configuration;
 //! - import of a rootfs directory, a tar / tar.gz, an OCI image layout or a `docker save`
-//!   archive, applying layers in order with their whiteouts.
+//!   archive, applying layers in order with their whiteouts. Import reads archives and
+//!   directories itself (`unpack`): every path resolves inside the image root, device nodes are
+//!   refused, and so are set-ID files unless the import allows them.
 //!
 //! Every image gets the directories the runtime mounts over (/proc, /dev, /.sandtree) plus
 //! /workspace and /tmp. A failed build leaves nothing behind: the backend's `create_base` destroys
 //! what `populate` started when it returns an error.
 
+mod unpack;
+
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 use sandtree_storage::{SnapshotBackend, SnapshotError};
+use unpack::{ArchiveShape, Root, SetId};
 
 /// Reports progress lines of long work.
 pub type Progress<'a> = &'a (dyn Fn(String) + Sync + Send);
@@ -25,49 +30,73 @@ pub type Progress<'a> = &'a (dyn Fn(String) + Sync + Send);
 /// Builds one of the built-in images.
 pub fn build(storage: &dyn SnapshotBackend, name: &str, progress: Progress) -> Result<()> {
     match name {
-        "busybox" => create(storage, name, progress, &mut |root| populate_busybox(root)),
-        "debian" => create(storage, name, progress, &mut |root| populate_debian(root, progress)),
+        // Built-in images have their set-ID bits cleared and device nodes removed
+        // (`unpack::sanitize_builtin`) rather than refused: debian ships setuid su, mount,
+        // passwd..., which grant nothing under the sandboxes' no_new_privs anyway.
+        "busybox" => create(storage, name, progress, &mut |root| {
+            populate_busybox(root)?;
+            unpack::sanitize_builtin(root)
+        }),
+        "debian" => create(storage, name, progress, &mut |root| {
+            populate_debian(root, progress)?;
+            unpack::sanitize_builtin(root)
+        }),
         other => bail!("unknown image kind {other:?}: expected busybox or debian (use `image import` for others)"),
     }
 }
 
-/// Imports a directory, tar(.gz), OCI layout or docker-save archive as image `name`.
+/// Options of `image import`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ImportOptions {
+    /// Keep set-user-ID / set-group-ID files instead of refusing the import.
+    pub allow_setuid: bool,
+}
+
+/// Imports a directory, tar(.gz), OCI layout or docker-save archive as image `name`. Every write
+/// stays inside the image root (see `unpack`); a refused entry fails the whole import.
 pub fn import(
     storage: &dyn SnapshotBackend,
     name: &str,
     path: &Path,
+    opts: ImportOptions,
     progress: Progress,
 ) -> Result<()> {
     let meta = fs::metadata(path)
         .with_context(|| format!("import source {} does not exist", path.display()))?;
     let path = path.canonicalize()?;
-    create(storage, name, progress, &mut |root| {
+    let setid = if opts.allow_setuid {
+        SetId::Allow
+    } else {
+        SetId::Refuse
+    };
+    create(storage, name, progress, &mut |root_path| {
+        let root = Root::open(root_path)?;
         if meta.is_dir() && path.join("oci-layout").exists() {
-            apply_layers(root, &oci_layers(&path)?, progress)
+            let src = Root::open(&path)?;
+            apply_layers(&root, &src, &oci_layers(&src)?, setid, progress)
         } else if meta.is_dir() {
             progress(format!("copying {}", path.display()));
-            run(Command::new("cp")
-                .arg("-a")
-                .arg("--reflink=auto")
-                .arg(format!("{}/.", path.display()))
-                .arg(root))
+            let what = format!("image directory {}", path.display());
+            unpack::copy_dir(&root, &path, &what, setid)
         } else {
-            let staging = tempdir_near(root)?;
+            let open = || unpack::open_archive(fs::File::open(&path)?, &path);
+            let shape = unpack::shape(&open, &path)?;
+            if shape == ArchiveShape::Rootfs {
+                progress("plain rootfs tarball".into());
+                return unpack::apply_layer(&root, "image layer 1", &open, setid);
+            }
+            // The outer archive is unpacked by the same confined code into a staging dir;
+            // set-ID bits there are cleared (it is on the host's filesystem for a while).
+            let staging = tempdir_near(root_path)?;
             let r = (|| {
-                run(Command::new("tar")
-                    .arg("-xf")
-                    .arg(&path)
-                    .arg("-C")
-                    .arg(&staging))
-                .with_context(|| format!("{} is not a readable tar archive", path.display()))?;
-                if staging.join("manifest.json").exists() && !staging.join("etc").exists() {
-                    apply_layers(root, &docker_save_layers(&staging)?, progress)
-                } else if staging.join("oci-layout").exists() {
-                    apply_layers(root, &oci_layers(&staging)?, progress)
-                } else {
-                    progress("plain rootfs tarball".into());
-                    apply_layers(root, std::slice::from_ref(&path), progress)
-                }
+                let st = Root::open(&staging)?;
+                let what = format!("archive {}", path.display());
+                unpack::apply_layer(&st, &what, &open, SetId::Strip)?;
+                let layers = match shape {
+                    ArchiveShape::DockerSave => docker_save_layers(&st)?,
+                    _ => oci_layers(&st)?,
+                };
+                apply_layers(&root, &st, &layers, setid, progress)
             })();
             let _ = fs::remove_dir_all(&staging);
             r
@@ -98,25 +127,23 @@ fn create(
     Ok(())
 }
 
-/// The directories every sandbox rootfs needs.
+/// The directories every sandbox rootfs needs. /proc, /dev and /.sandtree, which the runtime
+/// mounts over, are made real directories (a symlink there is replaced).
 fn finish_rootfs(root: &Path) -> Result<()> {
-    if !root.join("bin/sh").exists() && fs::symlink_metadata(root.join("bin/sh")).is_err() {
+    let r = Root::open(root)?;
+    if !r.exists(Path::new("bin/sh")) {
         bail!("the image has no /bin/sh, which every turn runs with");
     }
-    for (d, mode) in [
-        ("proc", 0o555),
-        ("dev", 0o755),
-        (".sandtree", 0o711),
-        ("workspace", 0o755),
-        ("tmp", 0o1777),
-        ("root", 0o700),
-        ("etc", 0o755),
+    for (d, mode, replace) in [
+        ("proc", 0o555, true),
+        ("dev", 0o755, true),
+        (".sandtree", 0o711, true),
+        ("workspace", 0o755, false),
+        ("tmp", 0o1777, false),
+        ("root", 0o700, false),
+        ("etc", 0o755, false),
     ] {
-        let p = root.join(d);
-        if fs::symlink_metadata(&p).is_err() {
-            fs::create_dir_all(&p)?;
-            fs::set_permissions(&p, fs::Permissions::from_mode(mode))?;
-        }
+        r.ensure_dir(d, mode, replace)?;
     }
     Ok(())
 }
@@ -288,64 +315,74 @@ fn tempdir_near(root: &Path) -> Result<PathBuf> {
     )
 }
 
-fn read_json(p: &Path) -> Result<serde_json::Value> {
-    serde_json::from_slice(&fs::read(p).with_context(|| format!("read {}", p.display()))?)
-        .with_context(|| format!("{} is not valid JSON", p.display()))
+fn read_json(dir: &Root, rel: &str) -> Result<serde_json::Value> {
+    let mut text = Vec::new();
+    dir.open_file(Path::new(rel))?
+        .read_to_end(&mut text)
+        .with_context(|| format!("read {rel}"))?;
+    serde_json::from_slice(&text).with_context(|| format!("{rel} is not valid JSON"))
 }
 
-fn blob(dir: &Path, digest: &str) -> Result<PathBuf> {
+fn blob(digest: &str) -> Result<String> {
     let (alg, hex) = digest
         .split_once(':')
         .with_context(|| format!("bad digest {digest:?}"))?;
-    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) || alg.contains('/') {
+    if hex.is_empty()
+        || !hex.bytes().all(|b| b.is_ascii_hexdigit())
+        || !alg.bytes().all(|b| b.is_ascii_alphanumeric())
+    {
         bail!("bad digest {digest:?}");
     }
-    Ok(dir.join("blobs").join(alg).join(hex))
+    Ok(format!("blobs/{alg}/{hex}"))
 }
 
 /// Layer tarballs of the first manifest of an OCI image layout, bottom first.
-fn oci_layers(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index = read_json(&dir.join("index.json"))?;
+fn oci_layers(dir: &Root) -> Result<Vec<PathBuf>> {
+    let index = read_json(dir, "index.json")?;
     let digest = index["manifests"][0]["digest"]
         .as_str()
         .context("index.json has no manifest")?;
-    let mut manifest = read_json(&blob(dir, digest)?)?;
+    let mut manifest = read_json(dir, &blob(digest)?)?;
     if manifest.get("manifests").is_some() {
         // An image index: take its first manifest.
         let d = manifest["manifests"][0]["digest"]
             .as_str()
             .context("nested index has no manifest")?
             .to_string();
-        manifest = read_json(&blob(dir, &d)?)?;
+        manifest = read_json(dir, &blob(&d)?)?;
     }
     manifest["layers"]
         .as_array()
         .context("manifest has no layers")?
         .iter()
-        .map(|l| blob(dir, l["digest"].as_str().context("layer without digest")?))
+        .map(|l| blob(l["digest"].as_str().context("layer without digest")?).map(PathBuf::from))
         .collect()
 }
 
-/// Layer tarballs of a `docker save` archive (extracted in `dir`), bottom first.
-fn docker_save_layers(dir: &Path) -> Result<Vec<PathBuf>> {
-    let manifest = read_json(&dir.join("manifest.json"))?;
+/// Layer tarballs of a `docker save` archive (unpacked in `dir`), bottom first. Each is opened
+/// inside `dir` (`Root::open_file`), so a layer path cannot name a file outside it.
+fn docker_save_layers(dir: &Root) -> Result<Vec<PathBuf>> {
+    let manifest = read_json(dir, "manifest.json")?;
     manifest[0]["Layers"]
         .as_array()
         .context("manifest.json has no Layers")?
         .iter()
         .map(|l| {
             let rel = l.as_str().context("layer path is not a string")?;
-            if rel.contains("..") {
-                bail!("layer path {rel:?} escapes the archive");
-            }
-            Ok(dir.join(rel))
+            unpack::normalize(Path::new(rel))
+                .with_context(|| format!("layer path {rel:?} escapes the archive"))
         })
         .collect()
 }
 
-/// Applies layer tarballs in order: whiteouts of a layer remove paths of the layers below it
-/// (`.wh.NAME` removes NAME; `.wh..wh..opq` empties its directory), then its files are extracted.
-fn apply_layers(root: &Path, layers: &[PathBuf], progress: Progress) -> Result<()> {
+/// Applies layer tarballs (paths inside `src`) in order, bottom first.
+fn apply_layers(
+    root: &Root,
+    src: &Root,
+    layers: &[PathBuf],
+    setid: SetId,
+    progress: Progress,
+) -> Result<()> {
     for (i, layer) in layers.iter().enumerate() {
         progress(format!(
             "layer {}/{}: {}",
@@ -353,75 +390,8 @@ fn apply_layers(root: &Path, layers: &[PathBuf], progress: Progress) -> Result<(
             layers.len(),
             layer.file_name().unwrap_or_default().to_string_lossy()
         ));
-        let out = Command::new("tar")
-            .arg("-tf")
-            .arg(layer)
-            .output()
-            .context("tar -t")?;
-        if !out.status.success() {
-            bail!(
-                "layer {} is not a readable tar archive: {}",
-                layer.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        for entry in String::from_utf8_lossy(&out.stdout).lines() {
-            let entry = entry.trim_start_matches("./");
-            let p = Path::new(entry);
-            let Some(fname) = p.file_name().map(|f| f.to_string_lossy().into_owned()) else {
-                continue;
-            };
-            if entry.split('/').any(|c| c == "..") {
-                bail!(
-                    "layer {} has an entry that escapes the root: {entry}",
-                    layer.display()
-                );
-            }
-            let parent = root.join(p.parent().unwrap_or(Path::new("")));
-            if fname == ".wh..wh..opq" {
-                if let Ok(rd) = fs::read_dir(&parent) {
-                    for e in rd.flatten() {
-                        remove_any(&e.path())?;
-                    }
-                }
-            } else if let Some(target) = fname.strip_prefix(".wh.") {
-                remove_any(&parent.join(target))?;
-            }
-        }
-        run(Command::new("tar")
-            .args([
-                "-x",
-                "--numeric-owner",
-                "--same-permissions",
-                "--exclude=.wh.*",
-                "--exclude=./.wh.*",
-                "-f",
-            ])
-            .arg(layer)
-            .arg("-C")
-            .arg(root))
-        .with_context(|| format!("extracting layer {}", layer.display()))?;
-    }
-    Ok(())
-}
-
-fn remove_any(p: &Path) -> Result<()> {
-    match fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(p)?,
-        Ok(_) => fs::remove_file(p)?,
-        Err(_) => {}
-    }
-    Ok(())
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{:?} failed: {}",
-            cmd.get_program(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        let open = || unpack::open_archive(src.open_file(layer)?, layer);
+        unpack::apply_layer(root, &format!("image layer {}", i + 1), &open, setid)?;
     }
     Ok(())
 }

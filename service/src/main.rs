@@ -148,8 +148,15 @@ enum Cmd {
 enum ImageCmd {
     /// Build a built-in image: busybox or debian.
     Build { kind: String },
-    /// Import a rootfs directory, tar/tar.gz, OCI layout or docker-save archive.
-    Import { name: String, path: PathBuf },
+    /// Import a rootfs directory, tar/tar.gz, OCI layout or docker-save archive. Device nodes
+    /// are refused, and so are set-user-ID / set-group-ID files unless --allow-setuid.
+    Import {
+        name: String,
+        path: PathBuf,
+        /// Keep set-user-ID / set-group-ID files instead of refusing the import.
+        #[arg(long)]
+        allow_setuid: bool,
+    },
     /// List images.
     List,
 }
@@ -249,7 +256,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::List { json } => client::list(&socket, json).await,
         Cmd::Image { cmd } => match cmd {
             ImageCmd::Build { kind } => client::build_image(&socket, kind).await,
-            ImageCmd::Import { name, path } => client::import_image(&socket, name, path).await,
+            ImageCmd::Import {
+                name,
+                path,
+                allow_setuid,
+            } => client::import_image(&socket, name, path, allow_setuid).await,
             ImageCmd::List => client::list_images(&socket).await,
         },
         Cmd::Doctor { json } => client::doctor(&socket, json).await,

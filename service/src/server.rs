@@ -347,7 +347,10 @@ impl pb::sandtree_server::Sandtree for Api {
         let r = req.into_inner();
         let storage = self.engine.storage.clone();
         Ok(Response::new(self.image_job(move |p| {
-            crate::images::import(&*storage, &r.name, Path::new(&r.path), p)
+            let opts = crate::images::ImportOptions {
+                allow_setuid: r.allow_setuid,
+            };
+            crate::images::import(&*storage, &r.name, Path::new(&r.path), opts, p)
         })))
     }
 
