@@ -1,7 +1,7 @@
 //! Where backends live: the loop-backed btrfs image that sandtree makes by default, and file-backed
 //! zfs pools for tests.
 //!
-//! The btrfs image is `<dir>/btrfs.img` (a sparse file), mounted with `-o loop,noatime` at
+//! The btrfs image is `<dir>/btrfs.img` (a sparse file), mounted with `-o loop,noatime,nosuid,nodev` at
 //! `<dir>/mnt`. `mount -o loop` sets the loop device to auto-clear, so unmounting frees it.
 
 use std::path::{Path, PathBuf};
@@ -116,6 +116,18 @@ pub fn ensure_btrfs_loop(dir: &Path, size: u64) -> Result<PathBuf> {
                 m.source
             )));
         }
+        // Mounted by an older sandtree without nosuid,nodev: add them.
+        let opts: Vec<&str> = m.options.split(',').collect();
+        if !opts.contains(&"nosuid") || !opts.contains(&"nodev") {
+            cmd::run(
+                "mount",
+                [
+                    std::ffi::OsStr::new("-o"),
+                    "remount,nosuid,nodev".as_ref(),
+                    mnt.as_os_str(),
+                ],
+            )?;
+        }
         return Ok(mnt);
     }
     if !img.exists() {
@@ -156,7 +168,9 @@ pub fn ensure_btrfs_loop(dir: &Path, size: u64) -> Result<PathBuf> {
         "mount",
         [
             std::ffi::OsStr::new("-o"),
-            "loop,noatime".as_ref(),
+            // nosuid,nodev: every sandbox root is a bind of a directory of this mount, and
+            // binds (CRIU's restores too) inherit these flags.
+            "loop,noatime,nosuid,nodev".as_ref(),
             img.as_os_str(),
             mnt.as_os_str(),
         ],

@@ -215,7 +215,7 @@ impl Zfs {
                 dataset,
             ])?;
         }
-        let v = get(dataset, &[PROP_LAYOUT, "atime"])?;
+        let v = get(dataset, &[PROP_LAYOUT, "atime", "setuid", "devices"])?;
         match v[0].as_str() {
             "-" => zfs(["set", &format!("{PROP_LAYOUT}={LAYOUT_VERSION}"), dataset]).map(drop)?,
             l if l.parse::<u64>().ok() == Some(LAYOUT_VERSION) => {}
@@ -227,6 +227,13 @@ impl Zfs {
         }
         if v[1] != "off" {
             zfs(["set", "atime=off", dataset])?;
+        }
+        // Sandbox roots are mounted nosuid,nodev whatever an image or an agent leaves in them
+        // (inherited by every dataset below this one).
+        for (i, prop) in [(2, "setuid=off"), (3, "devices=off")] {
+            if v[i] != "off" {
+                zfs(["set", prop, dataset])?;
+            }
         }
         let accounting = match zfs(["get", "-Hp", "-o", "value", "written", dataset]) {
             Ok(_) => Accounting::Written,

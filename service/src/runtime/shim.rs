@@ -193,6 +193,13 @@ fn init_child(spec: &StartSpec) -> anyhow::Error {
 fn setup_init(spec: &StartSpec) -> Result<std::convert::Infallible> {
     let root = &spec.rootfs;
     let none = None::<&str>;
+    // The volume is the agent's: what it left at the mount points must not redirect a mount.
+    for d in ["proc", "dev", SANDTREE_DIR.trim_start_matches('/')] {
+        let m = fs::symlink_metadata(root.join(d));
+        if !m.as_ref().is_ok_and(|m| m.file_type().is_dir()) {
+            bail!("the sandbox's /{d} is not a directory (was it replaced by a link?)");
+        }
+    }
     mount(
         Some(root),
         root,
@@ -201,6 +208,15 @@ fn setup_init(spec: &StartSpec) -> Result<std::convert::Infallible> {
         none,
     )
     .context("bind rootfs")?;
+    // No device node or set-id file of the volume takes effect.
+    mount(
+        none,
+        root,
+        none,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        none,
+    )
+    .context("remount rootfs nosuid,nodev")?;
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(
         Some("proc"),
@@ -247,6 +263,7 @@ fn setup_init(spec: &StartSpec) -> Result<std::convert::Infallible> {
     }
     fs::create_dir(dev.join("shm"))?;
     fs::set_permissions(dev.join("shm"), fs::Permissions::from_mode(0o1777))?;
+    mask_proc(root).context("mask /proc")?;
     let st = root.join(SANDTREE_DIR.trim_start_matches('/'));
     mount(
         Some("tmpfs"),
@@ -278,6 +295,74 @@ fn setup_init(spec: &StartSpec) -> Result<std::convert::Infallible> {
     let envp: [CString; 0] = [];
     nix::unistd::execve(&prog, &argv, &envp).context("exec init")?;
     unreachable!("execve returned without error")
+}
+
+/// Parts of /proc that reach the host kernel, made read-only (Docker's `readonlyPaths`).
+const PROC_READONLY: &[&str] = &["bus", "fs", "irq", "sys", "sysrq-trigger"];
+/// Parts of /proc that show host kernel state, hidden (Docker's `maskedPaths`): files under the
+/// sandbox's /dev/null, directories under an empty read-only tmpfs.
+const PROC_MASKED: &[&str] = &[
+    "acpi",
+    "asound",
+    "kcore",
+    "keys",
+    "latency_stats",
+    "sched_debug",
+    "scsi",
+    "timer_list",
+    "timer_stats",
+];
+
+/// Applies [`PROC_READONLY`] and [`PROC_MASKED`] to the sandbox's /proc (at `root`/proc, before
+/// pivot_root; /dev/null must exist). The sandbox cannot undo them: it has no CAP_SYS_ADMIN and
+/// seccomp refuses the mount syscalls.
+fn mask_proc(root: &std::path::Path) -> Result<()> {
+    let none = None::<&str>;
+    let proc = root.join("proc");
+    for p in PROC_READONLY {
+        let path = proc.join(p);
+        if fs::symlink_metadata(&path).is_err() {
+            continue;
+        }
+        mount(
+            Some(&path),
+            &path,
+            none,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            none,
+        )
+        .with_context(|| format!("bind /proc/{p}"))?;
+        mount(
+            none,
+            &path,
+            none,
+            MsFlags::MS_REMOUNT
+                | MsFlags::MS_BIND
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC,
+            none,
+        )
+        .with_context(|| format!("remount /proc/{p} read-only"))?;
+    }
+    let null = root.join("dev/null");
+    for p in PROC_MASKED {
+        let path = proc.join(p);
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => mount(
+                Some("tmpfs"),
+                &path,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("size=0,mode=555"),
+            ),
+            Ok(_) => mount(Some(&null), &path, none, MsFlags::MS_BIND, none),
+            Err(_) => continue,
+        }
+        .with_context(|| format!("mask /proc/{p}"))?;
+    }
+    Ok(())
 }
 
 fn redirect_stdio_to_dev_null() -> Result<()> {
