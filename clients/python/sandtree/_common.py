@@ -7,7 +7,10 @@ import os
 DEFAULT_SOCKET = "/run/sandtree/sandtree.sock"
 
 # Step outputs can be large (the Rust CLI accepts 64 MiB too); a unix socket never needs a proxy.
-CHANNEL_OPTIONS: list[tuple[str, int]] = [
+# gRPC's default :authority for a unix target is the socket path, which the service's HTTP/2 stack
+# (hyper) rejects as malformed (RST_STREAM PROTOCOL_ERROR on every call): send "localhost".
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.default_authority", "localhost"),
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.enable_http_proxy", 0),

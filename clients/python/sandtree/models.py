@@ -79,7 +79,7 @@ class EpisodeInfo:
     turn: int
     """The episode's current turn (0: nothing run yet)."""
     forked_from: str
-    """The episode this one was forked from ("" if none)."""
+    """Where this episode was forked from, as "EPISODE@TURN" ("" if it was not forked)."""
 
     @staticmethod
     def from_pb(m: pb.EpisodeInfo) -> EpisodeInfo:
