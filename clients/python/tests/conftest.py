@@ -62,7 +62,7 @@ class Service:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                env={**os.environ, "SANDTREE_LOG": os.environ.get("SANDTREE_LOG", "info")},
+                env={**os.environ, "SANDTREE_LOG": os.environ.get("SANDTREE_LOG", "info"), "NO_COLOR": "1"},
             )
 
     def wait_ready(self, timeout: float = 120) -> None:
@@ -101,8 +101,17 @@ def _have(tool: str) -> bool:
     return shutil.which(tool) is not None or os.access(f"/usr/local/sbin/{tool}", os.X_OK)
 
 
+_failed_log: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for tail in _failed_log:
+        terminalreporter.section("sandtree serve log (tail)")
+        terminalreporter.write_line(tail)
+
+
 @pytest.fixture(scope="session")
-def service() -> Iterator[Service]:
+def service(request: pytest.FixtureRequest) -> Iterator[Service]:
     binary = sandtree_bin()
     require(binary.is_file(), f"{binary} not built (cargo build -p sandtree, or set SANDTREE_BIN)")
     require(os.geteuid() == 0, "not root (the service runs sandboxes)")
@@ -117,6 +126,9 @@ def service() -> Iterator[Service]:
                 c.build_image("busybox")
         yield svc
     finally:
+        if request.session.testsfailed:
+            # The log goes with the data dir: keep its tail for the terminal summary.
+            _failed_log.append(_tail(svc.log))
         svc.stop()
 
 
