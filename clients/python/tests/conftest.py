@@ -8,6 +8,7 @@ fails them instead, so nothing is silently skipped in CI.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -49,6 +50,13 @@ def _tail(path: Path, n: int = 40) -> str:
         return "(no log)"
 
 
+def _term_with_parent() -> None:
+    """In the child before exec: SIGTERM when pytest dies, so a killed test run (a CI timeout)
+    does not leave the service and its loop mount behind."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class Service:
     """One `sandtree serve` child process and its directory."""
 
@@ -63,6 +71,7 @@ class Service:
                 stdout=log,
                 stderr=log,
                 env={**os.environ, "SANDTREE_LOG": os.environ.get("SANDTREE_LOG", "info"), "NO_COLOR": "1"},
+                preexec_fn=_term_with_parent,
             )
 
     def wait_ready(self, timeout: float = 120) -> None:

@@ -80,7 +80,7 @@ def test_fork_keeps_daemon(client: Client) -> None:
     with client.create() as ep:
         ep.step(COUNTER)
         before = int(ep.step("sleep 1; cat /tmp/c").stdout)
-        assert before >= 3
+        assert before >= 1
         (f,) = ep.fork(n=1)
         with f:
             a, b = map(int, f.step("a=$(cat /tmp/c); sleep 1; echo $a $(cat /tmp/c)").stdout.split())
