@@ -22,6 +22,8 @@ PKGS=(
   # CRIU build dependencies (MACHINE-NOTES)
   libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler python3-protobuf libnl-3-dev libnet1-dev
   libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev python3
+  # the Python client's venv in scripts/test.sh
+  python3-venv
 )
 
 missing=()

@@ -9,3 +9,15 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --locked
 # Sandbox tests are timing-sensitive on 2 cores: run two at a time.
 cargo test --workspace --locked -- --test-threads=2
+# The Python client (clients/python) against the binary just built: lint, types, tests.
+PYENV="$(realpath -m "${SANDTREE_PYENV:-target/pyenv}")"
+[ -x "$PYENV/bin/python" ] || python3 -m venv "$PYENV"
+"$PYENV/bin/pip" install -q -e 'clients/python[test]'
+export SANDTREE_BIN="$(realpath "${CARGO_TARGET_DIR:-target}/debug/sandtree")"
+(
+  cd clients/python
+  "$PYENV/bin/ruff" check
+  "$PYENV/bin/ruff" format --check
+  "$PYENV/bin/mypy"
+  "$PYENV/bin/pytest" -q tests
+)

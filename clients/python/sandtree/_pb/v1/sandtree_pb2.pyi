@@ -1,0 +1,310 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class HealthRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Probe(_message.Message):
+    __slots__ = ("name", "ok", "detail", "fix")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    FIX_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    ok: bool
+    detail: str
+    fix: str
+    def __init__(self, name: _Optional[str] = ..., ok: bool = ..., detail: _Optional[str] = ..., fix: _Optional[str] = ...) -> None: ...
+
+class HealthResponse(_message.Message):
+    __slots__ = ("version", "storage", "probes", "inspector")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_FIELD_NUMBER: _ClassVar[int]
+    PROBES_FIELD_NUMBER: _ClassVar[int]
+    INSPECTOR_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    storage: str
+    probes: _containers.RepeatedCompositeFieldContainer[Probe]
+    inspector: str
+    def __init__(self, version: _Optional[str] = ..., storage: _Optional[str] = ..., probes: _Optional[_Iterable[_Union[Probe, _Mapping]]] = ..., inspector: _Optional[str] = ...) -> None: ...
+
+class CreateEpisodeRequest(_message.Message):
+    __slots__ = ("image", "policy")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    image: str
+    policy: str
+    def __init__(self, image: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class EpisodeInfo(_message.Message):
+    __slots__ = ("id", "image", "policy", "status", "turn", "forked_from")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    FORKED_FROM_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    image: str
+    policy: str
+    status: str
+    turn: int
+    forked_from: str
+    def __init__(self, id: _Optional[str] = ..., image: _Optional[str] = ..., policy: _Optional[str] = ..., status: _Optional[str] = ..., turn: _Optional[int] = ..., forked_from: _Optional[str] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("episode", "command", "timeout_ms")
+    EPISODE_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    episode: str
+    command: str
+    timeout_ms: int
+    def __init__(self, episode: _Optional[str] = ..., command: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class StepResponse(_message.Message):
+    __slots__ = ("turn", "stdout", "stderr", "stdout_truncated", "stderr_truncated", "exit_code", "duration_ms", "cwd", "verdict", "reasons", "node", "timed_out", "accepted_us")
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    STDOUT_FIELD_NUMBER: _ClassVar[int]
+    STDERR_FIELD_NUMBER: _ClassVar[int]
+    STDOUT_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    STDERR_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    CWD_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_US_FIELD_NUMBER: _ClassVar[int]
+    turn: int
+    stdout: str
+    stderr: str
+    stdout_truncated: bool
+    stderr_truncated: bool
+    exit_code: int
+    duration_ms: int
+    cwd: str
+    verdict: str
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    node: int
+    timed_out: bool
+    accepted_us: int
+    def __init__(self, turn: _Optional[int] = ..., stdout: _Optional[str] = ..., stderr: _Optional[str] = ..., stdout_truncated: bool = ..., stderr_truncated: bool = ..., exit_code: _Optional[int] = ..., duration_ms: _Optional[int] = ..., cwd: _Optional[str] = ..., verdict: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ..., node: _Optional[int] = ..., timed_out: bool = ..., accepted_us: _Optional[int] = ...) -> None: ...
+
+class DeleteEpisodeRequest(_message.Message):
+    __slots__ = ("episode",)
+    EPISODE_FIELD_NUMBER: _ClassVar[int]
+    episode: str
+    def __init__(self, episode: _Optional[str] = ...) -> None: ...
+
+class DeleteEpisodeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ForkRequest(_message.Message):
+    __slots__ = ("episode", "turn", "count")
+    EPISODE_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    episode: str
+    turn: int
+    count: int
+    def __init__(self, episode: _Optional[str] = ..., turn: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
+
+class ForkResponse(_message.Message):
+    __slots__ = ("episodes",)
+    EPISODES_FIELD_NUMBER: _ClassVar[int]
+    episodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, episodes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RewindRequest(_message.Message):
+    __slots__ = ("episode", "turn")
+    EPISODE_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    episode: str
+    turn: int
+    def __init__(self, episode: _Optional[str] = ..., turn: _Optional[int] = ...) -> None: ...
+
+class RewindResponse(_message.Message):
+    __slots__ = ("turn",)
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    turn: int
+    def __init__(self, turn: _Optional[int] = ...) -> None: ...
+
+class TreeRequest(_message.Message):
+    __slots__ = ("episode",)
+    EPISODE_FIELD_NUMBER: _ClassVar[int]
+    episode: str
+    def __init__(self, episode: _Optional[str] = ...) -> None: ...
+
+class TurnInfo(_message.Message):
+    __slots__ = ("turn", "action", "exit_code", "verdict", "reasons", "node", "kind", "bytes", "state", "cwd", "image_bytes", "image_dumped_bytes", "image_parent")
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CWD_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_DUMPED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_PARENT_FIELD_NUMBER: _ClassVar[int]
+    turn: int
+    action: str
+    exit_code: int
+    verdict: str
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    node: int
+    kind: str
+    bytes: int
+    state: str
+    cwd: str
+    image_bytes: int
+    image_dumped_bytes: int
+    image_parent: int
+    def __init__(self, turn: _Optional[int] = ..., action: _Optional[str] = ..., exit_code: _Optional[int] = ..., verdict: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ..., node: _Optional[int] = ..., kind: _Optional[str] = ..., bytes: _Optional[int] = ..., state: _Optional[str] = ..., cwd: _Optional[str] = ..., image_bytes: _Optional[int] = ..., image_dumped_bytes: _Optional[int] = ..., image_parent: _Optional[int] = ...) -> None: ...
+
+class TreeResponse(_message.Message):
+    __slots__ = ("episode", "turns")
+    EPISODE_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    episode: EpisodeInfo
+    turns: _containers.RepeatedCompositeFieldContainer[TurnInfo]
+    def __init__(self, episode: _Optional[_Union[EpisodeInfo, _Mapping]] = ..., turns: _Optional[_Iterable[_Union[TurnInfo, _Mapping]]] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ("reset_timings",)
+    RESET_TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    reset_timings: bool
+    def __init__(self, reset_timings: bool = ...) -> None: ...
+
+class EpisodeStats(_message.Message):
+    __slots__ = ("id", "policy", "status", "turn", "checkpoint_bytes", "nodes_fs", "nodes_full", "turns_shared", "image_bytes", "image_dumped_bytes")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NODES_FS_FIELD_NUMBER: _ClassVar[int]
+    NODES_FULL_FIELD_NUMBER: _ClassVar[int]
+    TURNS_SHARED_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_DUMPED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    policy: str
+    status: str
+    turn: int
+    checkpoint_bytes: int
+    nodes_fs: int
+    nodes_full: int
+    turns_shared: int
+    image_bytes: int
+    image_dumped_bytes: int
+    def __init__(self, id: _Optional[str] = ..., policy: _Optional[str] = ..., status: _Optional[str] = ..., turn: _Optional[int] = ..., checkpoint_bytes: _Optional[int] = ..., nodes_fs: _Optional[int] = ..., nodes_full: _Optional[int] = ..., turns_shared: _Optional[int] = ..., image_bytes: _Optional[int] = ..., image_dumped_bytes: _Optional[int] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("checkpoint_bytes", "episodes", "nodes_fs", "nodes_full", "turns_shared", "per_episode", "dump_ms_p50", "dump_ms_p99", "snapshot_ms_p50", "snapshot_ms_p99", "restore_ms_p50", "restore_ms_p99", "checkpoint_ms_p50", "checkpoint_ms_p99", "inspector", "inspector_loaded", "bpf_map_bytes", "verdicts_checked", "verdicts_unsafe", "verdicts_fs_without_change", "watched_sandboxes", "sandbox_map_bytes", "dedup_ms_p50", "dedup_ms_p99", "image_bytes", "image_dumped_bytes")
+    CHECKPOINT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EPISODES_FIELD_NUMBER: _ClassVar[int]
+    NODES_FS_FIELD_NUMBER: _ClassVar[int]
+    NODES_FULL_FIELD_NUMBER: _ClassVar[int]
+    TURNS_SHARED_FIELD_NUMBER: _ClassVar[int]
+    PER_EPISODE_FIELD_NUMBER: _ClassVar[int]
+    DUMP_MS_P50_FIELD_NUMBER: _ClassVar[int]
+    DUMP_MS_P99_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_MS_P50_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_MS_P99_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_MS_P50_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_MS_P99_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_MS_P50_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_MS_P99_FIELD_NUMBER: _ClassVar[int]
+    INSPECTOR_FIELD_NUMBER: _ClassVar[int]
+    INSPECTOR_LOADED_FIELD_NUMBER: _ClassVar[int]
+    BPF_MAP_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VERDICTS_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    VERDICTS_UNSAFE_FIELD_NUMBER: _ClassVar[int]
+    VERDICTS_FS_WITHOUT_CHANGE_FIELD_NUMBER: _ClassVar[int]
+    WATCHED_SANDBOXES_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_MAP_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEDUP_MS_P50_FIELD_NUMBER: _ClassVar[int]
+    DEDUP_MS_P99_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_DUMPED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_bytes: int
+    episodes: int
+    nodes_fs: int
+    nodes_full: int
+    turns_shared: int
+    per_episode: _containers.RepeatedCompositeFieldContainer[EpisodeStats]
+    dump_ms_p50: float
+    dump_ms_p99: float
+    snapshot_ms_p50: float
+    snapshot_ms_p99: float
+    restore_ms_p50: float
+    restore_ms_p99: float
+    checkpoint_ms_p50: float
+    checkpoint_ms_p99: float
+    inspector: str
+    inspector_loaded: bool
+    bpf_map_bytes: int
+    verdicts_checked: int
+    verdicts_unsafe: int
+    verdicts_fs_without_change: int
+    watched_sandboxes: int
+    sandbox_map_bytes: int
+    dedup_ms_p50: float
+    dedup_ms_p99: float
+    image_bytes: int
+    image_dumped_bytes: int
+    def __init__(self, checkpoint_bytes: _Optional[int] = ..., episodes: _Optional[int] = ..., nodes_fs: _Optional[int] = ..., nodes_full: _Optional[int] = ..., turns_shared: _Optional[int] = ..., per_episode: _Optional[_Iterable[_Union[EpisodeStats, _Mapping]]] = ..., dump_ms_p50: _Optional[float] = ..., dump_ms_p99: _Optional[float] = ..., snapshot_ms_p50: _Optional[float] = ..., snapshot_ms_p99: _Optional[float] = ..., restore_ms_p50: _Optional[float] = ..., restore_ms_p99: _Optional[float] = ..., checkpoint_ms_p50: _Optional[float] = ..., checkpoint_ms_p99: _Optional[float] = ..., inspector: _Optional[str] = ..., inspector_loaded: bool = ..., bpf_map_bytes: _Optional[int] = ..., verdicts_checked: _Optional[int] = ..., verdicts_unsafe: _Optional[int] = ..., verdicts_fs_without_change: _Optional[int] = ..., watched_sandboxes: _Optional[int] = ..., sandbox_map_bytes: _Optional[int] = ..., dedup_ms_p50: _Optional[float] = ..., dedup_ms_p99: _Optional[float] = ..., image_bytes: _Optional[int] = ..., image_dumped_bytes: _Optional[int] = ...) -> None: ...
+
+class ListEpisodesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListEpisodesResponse(_message.Message):
+    __slots__ = ("episodes",)
+    EPISODES_FIELD_NUMBER: _ClassVar[int]
+    episodes: _containers.RepeatedCompositeFieldContainer[EpisodeInfo]
+    def __init__(self, episodes: _Optional[_Iterable[_Union[EpisodeInfo, _Mapping]]] = ...) -> None: ...
+
+class BuildImageRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ImportImageRequest(_message.Message):
+    __slots__ = ("name", "path")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class ImageProgress(_message.Message):
+    __slots__ = ("message", "done")
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    done: bool
+    def __init__(self, message: _Optional[str] = ..., done: bool = ...) -> None: ...
+
+class ListImagesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListImagesResponse(_message.Message):
+    __slots__ = ("images",)
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, images: _Optional[_Iterable[str]] = ...) -> None: ...
