@@ -201,6 +201,47 @@ pub fn probes() -> Vec<Probe> {
         "mount -t cgroup2 none /sys/fs/cgroup/unified",
     ));
 
+    // What the sandbox limits (serve --sandbox-memory-mib, --sandbox-pids, --sandbox-cpus) and
+    // the device allow-list can be enforced with here.
+    let v1 = |c: &str| {
+        Path::new("/sys/fs/cgroup")
+            .join(c)
+            .join("cgroup.procs")
+            .exists()
+    };
+    let v2_ctrls = cg2
+        .map(|p| {
+            std::fs::read_to_string(Path::new(p).join("cgroup.controllers")).unwrap_or_default()
+        })
+        .unwrap_or_default();
+    let has = |c: &str| v2_ctrls.split_whitespace().any(|x| x == c) || v1(c);
+    let swap = Path::new("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists()
+        || v2_ctrls.split_whitespace().any(|x| x == "memory");
+    let devices = v1("devices");
+    let mut missing = Vec::new();
+    for (ok, what) in [
+        (has("memory"), "memory"),
+        (swap, "swap accounting"),
+        (has("pids"), "pids"),
+        (has("cpu"), "cpu"),
+        (devices, "device allow-list (v1 devices; pure cgroup v2 needs a BPF device program, not loaded yet)"),
+    ] {
+        if !ok {
+            missing.push(what);
+        }
+    }
+    v.push(probe(
+        "sandbox limits",
+        false,
+        missing.is_empty(),
+        if missing.is_empty() {
+            "memory with swap, pids, cpu quota and the device allow-list are enforced".to_string()
+        } else {
+            format!("not enforced here: {}", missing.join(", "))
+        },
+        "a host with the cgroup controllers listed (hybrid v1, or pure v2 for all but devices)",
+    ));
+
     let btrfs = output("btrfs", &["--version"]).map(|s| first_line(&s));
     v.push(probe(
         "btrfs",

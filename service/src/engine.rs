@@ -36,6 +36,8 @@ pub enum EngineError {
     NotFound(String),
     #[error("{0}")]
     Precondition(String),
+    #[error("{0}")]
+    Exhausted(String),
     #[error("{0:#}")]
     Internal(#[from] anyhow::Error),
 }
@@ -54,6 +56,8 @@ pub struct Config {
     pub max_image_chain: usize,
     /// Sandboxes restored (or started) at once on this host: `fork --count N` queues the rest.
     pub restore_slots: usize,
+    /// Live episodes on this host; create and fork beyond it are refused.
+    pub max_episodes: usize,
 }
 
 pub const DEFAULT_ENV: &[(&str, &str)] = &[
@@ -261,7 +265,22 @@ impl Engine {
         ))
     }
 
+    /// Refuses `n` more live episodes beyond `--max-episodes` (checked at admission; concurrent
+    /// admissions may overshoot by what is in flight).
+    fn admit(&self, n: usize) -> Result<()> {
+        let live = self.live.lock().expect("live map").len();
+        if live + n > self.config.max_episodes {
+            return Err(EngineError::Exhausted(format!(
+                "{live} episodes are live and this host takes at most {} (--max-episodes): \
+                 delete some first",
+                self.config.max_episodes
+            )));
+        }
+        Ok(())
+    }
+
     pub async fn create(&self, image: &str, policy: Policy) -> Result<EpisodeId> {
+        self.admit(1)?;
         let storage = self.storage.clone();
         let img = image.to_string();
         if !blocking(move || Ok(storage.has_base(&img)?)).await? {
@@ -586,6 +605,7 @@ impl Engine {
                 "fork count must be 1..=64, got {count}"
             )));
         }
+        self.admit(count as usize)?;
         self.settle(src).await;
         let forks = self.tree.fork(src, turn, count as usize)?;
         // The copies are cloned and restored concurrently (each in its own cgroup and

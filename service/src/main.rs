@@ -63,6 +63,20 @@ enum Cmd {
         /// Sandboxes restored or started at once on this host (fork --count N queues the rest).
         #[arg(long, default_value_t = 4)]
         restore_slots: usize,
+        /// Memory of one sandbox in MiB, swap included.
+        #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(16..))]
+        sandbox_memory_mib: u64,
+        /// Processes and threads of one sandbox.
+        #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(8..))]
+        sandbox_pids: u64,
+        /// CPU time of one sandbox, in CPUs (1.0 = one core's worth per 100 ms).
+        #[arg(long, default_value_t = 1.0)]
+        sandbox_cpus: f64,
+        /// Live episodes (running sandboxes) on this host; create and fork beyond it are
+        /// refused with RESOURCE_EXHAUSTED. With the memory limit this bounds the committed
+        /// memory: max-episodes x sandbox-memory-mib.
+        #[arg(long, default_value_t = 256)]
+        max_episodes: usize,
     },
     /// Create an episode; prints its id.
     Create {
@@ -219,7 +233,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             verify_verdicts,
             max_image_chain,
             restore_slots,
+            sandbox_memory_mib,
+            sandbox_pids,
+            sandbox_cpus,
+            max_episodes,
         } => {
+            if !(0.01..=1024.0).contains(&sandbox_cpus) {
+                anyhow::bail!("--sandbox-cpus must be between 0.01 and 1024, got {sandbox_cpus}");
+            }
+            let limits = runtime::cgroup::Limits {
+                memory_bytes: sandbox_memory_mib << 20,
+                pids: sandbox_pids,
+                cpu_quota_us: (sandbox_cpus * runtime::cgroup::CPU_PERIOD_US as f64) as u64,
+            };
             let verdicts = inspect::Verdicts::new(!no_inspector, verify_verdicts);
             let config = engine::Config {
                 data_dir: data_dir.clone(),
@@ -228,8 +254,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 checkpoint_slots,
                 max_image_chain,
                 restore_slots,
+                max_episodes,
             };
-            serve(socket, config, storage, verdicts).await?;
+            serve(socket, config, storage, verdicts, limits).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Create {
@@ -298,6 +325,7 @@ async fn serve(
     mut config: engine::Config,
     spec: sandtree_storage::StorageSpec,
     verdicts: inspect::Verdicts,
+    limits: runtime::cgroup::Limits,
 ) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let data_dir = config.data_dir.clone();
@@ -316,7 +344,7 @@ async fn serve(
     };
     tracing::info!(storage = %storage.describe(), "storage ready");
     let tree = sandtree_branching::Tree::open(data_dir.join("sandtree.redb"))?;
-    let runtime = runtime::Runtime::new(&instance_tag(&data_dir), Default::default())?;
+    let runtime = runtime::Runtime::new(&instance_tag(&data_dir), limits)?;
     tracing::info!(criu = %runtime.criu.bin.display(), cgroup = %runtime.layout.v2_parent.display(), "runtime ready");
     let engine = std::sync::Arc::new(engine::Engine::new(
         tree, storage, runtime, verdicts, config,

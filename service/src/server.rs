@@ -24,6 +24,7 @@ pub fn status(e: EngineError) -> Status {
         EngineError::BadRequest(_) => Status::invalid_argument(msg),
         EngineError::NotFound(_) => Status::not_found(msg),
         EngineError::Precondition(_) => Status::failed_precondition(msg),
+        EngineError::Exhausted(_) => Status::resource_exhausted(msg),
         EngineError::Internal(_) => Status::internal(msg),
         EngineError::Tree(t) => match t {
             TreeError::UnknownEpisode(_) | TreeError::UnknownNode(_) => Status::not_found(msg),

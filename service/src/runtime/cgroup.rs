@@ -3,7 +3,9 @@
 //! Every sandbox gets a cgroup v2 leaf: its inode number is the id that the eBPF inspector filters
 //! on, and it has `cgroup.freeze` and `cgroup.kill`. Memory and pids limits go in the same leaf on
 //! a pure v2 host; on a hybrid host (v2 at /sys/fs/cgroup/unified with no memory/pids controller)
-//! they go in leaves of the v1 memory and pids hierarchies. As runc does, all leaves are nested
+//! they go in leaves of the v1 memory and pids hierarchies, CPU in v1 cpu, and the device
+//! allow-list in v1 devices. (Pure v2 has no devices controller: it needs a BPF device program,
+//! which sandtree does not load yet; `doctor` says so.) As runc does, all leaves are nested
 //! under the service's own cgroup (from /proc/self/cgroup), below `sandtree/<instance>/`, and only
 //! directories that sandtree created there are ever written or removed.
 
@@ -41,18 +43,43 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Cgr
 /// Resource limits of one sandbox.
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct Limits {
+    /// Memory, swap included (v1 `memory.memsw.limit_in_bytes`, v2 `memory.max` with
+    /// `memory.swap.max` 0): a sandbox never swaps more than this.
     pub memory_bytes: u64,
     pub pids: u64,
+    /// CPU time per 100 ms period, in microseconds (100_000 = one CPU).
+    pub cpu_quota_us: u64,
 }
+
+/// The CFS period that [`Limits::cpu_quota_us`] is a share of.
+pub const CPU_PERIOD_US: u64 = 100_000;
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             memory_bytes: 2 << 30,
             pids: 512,
+            cpu_quota_us: CPU_PERIOD_US,
         }
     }
 }
+
+/// The devices a sandbox may open or create (its /dev): null, zero, full, random, urandom, tty,
+/// and the pty pair. Everything else, every block device included, is refused by the kernel
+/// (v1 `devices` controller), even if a node for it appears in the sandbox.
+pub const ALLOWED_DEVICES: &[&str] = &[
+    "c 1:3 rwm",
+    "c 1:5 rwm",
+    "c 1:7 rwm",
+    "c 1:8 rwm",
+    "c 1:9 rwm",
+    "c 5:0 rwm",
+    "c 5:2 rwm",
+    "c 136:* rwm",
+];
+
+/// v1 controllers that sandboxes get a leaf in on a hybrid host.
+const V1_CONTROLLERS: &[&str] = &["memory", "pids", "cpu", "devices"];
 
 /// Where sandbox cgroups go on this host.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -99,7 +126,7 @@ impl Layout {
         let v2_parent = v2_mount.join(rel(&v2_own)).join("sandtree").join(instance);
         let mut v1_parents = Vec::new();
         if !pure_v2 {
-            for ctrl in ["memory", "pids"] {
+            for &ctrl in V1_CONTROLLERS {
                 let mnt = Path::new("/sys/fs/cgroup").join(ctrl);
                 if !mnt.join("cgroup.procs").exists() {
                     continue;
@@ -144,7 +171,7 @@ impl Layout {
                 &self.v2_parent,
             ] {
                 let f = dir.join("cgroup.subtree_control");
-                write_file(&f, "+memory +pids")?;
+                write_file(&f, "+memory +pids +cpu")?;
             }
         }
         for (_, p) in &self.v1_parents {
@@ -160,19 +187,42 @@ impl Layout {
         let mut cg = Cgroup { v2, v1: Vec::new() };
         let setup = (|| {
             if self.pure_v2 {
-                write_file(&cg.v2.join("memory.max"), &limits.memory_bytes.to_string())?;
-                write_file(&cg.v2.join("pids.max"), &limits.pids.to_string())?;
+                let v2 = &cg.v2;
+                write_file(&v2.join("memory.max"), &limits.memory_bytes.to_string())?;
+                write_if_exists(&v2.join("memory.swap.max"), "0")?;
+                // An OOM kill takes the whole sandbox, never half of a process tree.
+                write_if_exists(&v2.join("memory.oom.group"), "1")?;
+                write_file(&v2.join("pids.max"), &limits.pids.to_string())?;
+                write_if_exists(
+                    &v2.join("cpu.max"),
+                    &format!("{} {CPU_PERIOD_US}", limits.cpu_quota_us),
+                )?;
             }
             for (ctrl, parent) in &self.v1_parents {
                 let p = parent.join(name);
                 fs::create_dir(&p).map_err(io_err(&p, "mkdir"))?;
                 cg.v1.push(p.clone());
                 match ctrl.as_str() {
-                    "memory" => write_file(
-                        &p.join("memory.limit_in_bytes"),
-                        &limits.memory_bytes.to_string(),
-                    )?,
+                    "memory" => {
+                        let bytes = limits.memory_bytes.to_string();
+                        write_file(&p.join("memory.limit_in_bytes"), &bytes)?;
+                        // memsw must be set after the memory limit (it may not be below it).
+                        write_if_exists(&p.join("memory.memsw.limit_in_bytes"), &bytes)?;
+                    }
                     "pids" => write_file(&p.join("pids.max"), &limits.pids.to_string())?,
+                    "cpu" => {
+                        write_file(&p.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                        write_file(
+                            &p.join("cpu.cfs_quota_us"),
+                            &limits.cpu_quota_us.to_string(),
+                        )?;
+                    }
+                    "devices" => {
+                        write_file(&p.join("devices.deny"), "a")?;
+                        for d in ALLOWED_DEVICES {
+                            write_file(&p.join("devices.allow"), d)?;
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -210,6 +260,14 @@ impl Layout {
     }
 }
 
+/// Writes a control file that only some kernels have (swap accounting, oom.group, cpu).
+fn write_if_exists(path: &Path, value: &str) -> Result<()> {
+    if path.exists() {
+        write_file(path, value)?;
+    }
+    Ok(())
+}
+
 fn write_file(path: &Path, value: &str) -> Result<()> {
     let mut f = fs::OpenOptions::new()
         .write(true)
@@ -218,7 +276,8 @@ fn write_file(path: &Path, value: &str) -> Result<()> {
     f.write_all(value.as_bytes()).map_err(io_err(path, "write"))
 }
 
-/// The cgroups of one sandbox: a v2 leaf plus, on hybrid hosts, v1 memory and pids leaves.
+/// The cgroups of one sandbox: a v2 leaf plus, on hybrid hosts, v1 memory, pids, cpu and devices
+/// leaves.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Cgroup {
     pub v2: PathBuf,

@@ -112,8 +112,7 @@ pub fn confine() -> std::io::Result<()> {
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(last_err("prctl(PR_SET_NO_NEW_PRIVS)"));
     }
-    let filters =
-        seccomp_filters().map_err(|e| std::io::Error::other(format!("seccomp: {e}")))?;
+    let filters = seccomp_filters().map_err(|e| std::io::Error::other(format!("seccomp: {e}")))?;
     for f in &filters {
         seccompiler::apply_filter(f).map_err(|e| std::io::Error::other(format!("seccomp: {e}")))?;
     }
@@ -214,7 +213,11 @@ fn translate(profile: &str, kernel: (u32, u32)) -> Result<Translated, String> {
     let mut t = Translated::default();
     // Syscalls some entry allows unconditionally: later conditional entries do not narrow them.
     let mut unconditional = std::collections::BTreeSet::new();
-    for e in profile.syscalls.iter().filter(|e| applies(e, &caps, kernel)) {
+    for e in profile
+        .syscalls
+        .iter()
+        .filter(|e| applies(e, &caps, kernel))
+    {
         let rule = match e.args.as_deref() {
             None | Some([]) => None,
             Some(args) => Some(
@@ -308,14 +311,30 @@ mod tests {
     #[test]
     fn docker_profile_translates_to_an_allow_list() {
         let t = translate(DOCKER_PROFILE, (6, 18)).unwrap();
-        for ok in ["read", "write", "openat", "execve", "wait4", "chroot", "ptrace", "seccomp"] {
+        for ok in [
+            "read", "write", "openat", "execve", "wait4", "chroot", "ptrace", "seccomp",
+        ] {
             assert_eq!(t.allow.get(&nr(ok)), Some(&Vec::new()), "{ok} allowed");
         }
         // Not allowed without CAP_SYS_ADMIN (and so EPERM): the mount API, namespaces, bpf.
         for no in [
-            "mount", "umount2", "pivot_root", "unshare", "setns", "bpf", "perf_event_open",
-            "open_tree", "move_mount", "fsopen", "kexec_load", "init_module", "reboot",
-            "swapon", "acct", "settimeofday", "process_vm_readv",
+            "mount",
+            "umount2",
+            "pivot_root",
+            "unshare",
+            "setns",
+            "bpf",
+            "perf_event_open",
+            "open_tree",
+            "move_mount",
+            "fsopen",
+            "kexec_load",
+            "init_module",
+            "reboot",
+            "swapon",
+            "acct",
+            "settimeofday",
+            "process_vm_readv",
         ] {
             assert!(!t.allow.contains_key(&nr(no)), "{no} must not be allowed");
         }
