@@ -555,10 +555,17 @@ async fn nested_chain(
         copies.push(f.clone());
         res.nested_depth = res.nested_depth.max(level + 1);
         let until = points.get(level + 1).copied().unwrap_or(t.turns.len());
-        for i in t0..until {
-            let r = step(c, &f, &t.turns[i].cmd).await?;
+        for (i, (turn, want)) in t
+            .turns
+            .iter()
+            .zip(original)
+            .enumerate()
+            .take(until)
+            .skip(t0)
+        {
+            let r = step(c, &f, &turn.cmd).await?;
             let got = obs(&r);
-            if got != original[i] {
+            if got != *want {
                 ok = false;
                 if res.mismatches.len() < 20 {
                     res.mismatches.push(format!(
@@ -566,8 +573,8 @@ async fn nested_chain(
                         t.name,
                         level + 1,
                         i + 1,
-                        t.turns[i].cmd,
-                        original[i],
+                        turn.cmd,
+                        want,
                         got
                     ));
                 }
