@@ -79,7 +79,14 @@ struct Live {
     turn: u32,
     /// The checkpoint of the latest turn, while it runs.
     pending: Option<tokio::task::JoinHandle<()>>,
+    /// Set when a step changed the sandbox but its turn could not be recorded: the sandbox is
+    /// ahead of its tree, so further steps are refused until a rewind (or a fork) replaces it.
+    diverged: Option<String>,
 }
+
+/// Longest command a step takes: it reaches the turn's shell as one environment string, which
+/// the kernel caps at 32 pages (MAX_ARG_STRLEN), name included.
+pub const MAX_COMMAND_BYTES: usize = 128 * 1024 - 64;
 
 /// Latency samples (ms) for `stats`.
 #[derive(Default)]
@@ -324,6 +331,7 @@ impl Engine {
             session,
             turn,
             pending: None,
+            diverged: None,
         };
         self.live
             .lock()
@@ -392,8 +400,21 @@ impl Engine {
                 "command contains a NUL byte".into(),
             ));
         }
+        if command.len() > MAX_COMMAND_BYTES {
+            return Err(EngineError::BadRequest(format!(
+                "command is {} bytes; the limit is {MAX_COMMAND_BYTES} (write long scripts to a \
+                 file in the sandbox and run that)",
+                command.len()
+            )));
+        }
         let live = self.get_live(id)?;
         let mut l = live.lock().await;
+        if let Some(why) = &l.diverged {
+            return Err(EngineError::Precondition(format!(
+                "episode {id}: an earlier step changed the sandbox but its turn could not be \
+                 recorded ({why}); rewind or fork it to continue"
+            )));
+        }
         let waited = Instant::now();
         if let Some(p) = l.pending.take() {
             let _ = p.await;
@@ -427,7 +448,26 @@ impl Engine {
             cwd: res.cwd.clone().unwrap_or_else(|| l.session.cwd.clone()),
             env: res.env.clone().unwrap_or_else(|| l.session.env.clone()),
         };
-        let (verdict, new_node) = self.verdict(&l).await?;
+        // The command ran: from here on the turn is recorded whatever fails. A verdict that
+        // cannot be made is the safest one.
+        let (verdict, new_node) = match self.verdict(&l).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(episode = %id, error = %e, "verdict failed; checkpointing everything");
+                let full = l.policy != Policy::None;
+                (
+                    Verdict {
+                        kind: if full {
+                            VerdictKind::Proc
+                        } else {
+                            VerdictKind::None
+                        },
+                        reasons: vec![format!("verdict failed ({e}); everything is checkpointed")],
+                    },
+                    full.then_some(NodeKind::Full),
+                )
+            }
+        };
         let observation = Observation {
             stdout: res.stdout,
             stderr: res.stderr,
@@ -436,7 +476,7 @@ impl Engine {
             stdout_truncated: res.stdout_truncated,
             stderr_truncated: res.stderr_truncated,
         };
-        let (rec, node) = self.tree.append_turn(
+        let appended = self.tree.append_turn(
             id,
             NewTurn {
                 action: command,
@@ -445,7 +485,17 @@ impl Engine {
                 verdict: verdict.clone(),
                 new_node,
             },
-        )?;
+        );
+        let (rec, node) = match appended {
+            Ok(x) => x,
+            Err(e) => {
+                l.diverged = Some(e.to_string());
+                return Err(EngineError::Internal(anyhow::anyhow!(
+                    "episode {id}: the command ran but its turn could not be recorded: {e}; \
+                     the episode takes no more steps until it is rewound or forked"
+                )));
+            }
+        };
         l.turn = rec.turn;
         l.session = session;
         if let Some(node) = node {

@@ -154,10 +154,13 @@ impl pb::sandtree_server::Sandtree for Api {
     ) -> Result<Response<pb::StepResponse>, Status> {
         let r = req.into_inner();
         let id = episode_id(&r.episode)?;
-        let o = self
-            .engine
-            .step(&id, r.command, r.timeout_ms)
+        // The step runs to its end and records its turn even if the client goes away: a
+        // dropped request must not leave a command running in the sandbox without a turn, or
+        // let the next step overlap it.
+        let engine = self.engine.clone();
+        let o = tokio::spawn(async move { engine.step(&id, r.command, r.timeout_ms).await })
             .await
+            .map_err(|e| Status::internal(format!("step task failed: {e}")))?
             .map_err(status)?;
         Ok(Response::new(pb::StepResponse {
             turn: o.turn,

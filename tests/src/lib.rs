@@ -10,8 +10,12 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-/// The sandtree binary next to the test executable (target/<profile>/sandtree).
+/// The sandtree binary next to the test executable (target/<profile>/sandtree), or
+/// `SANDTREE_BIN` (to run these tests against another build, e.g. an older one that should fail).
 pub fn bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SANDTREE_BIN") {
+        return PathBuf::from(p);
+    }
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
     let p = dir.join("sandtree");

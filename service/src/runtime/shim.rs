@@ -468,18 +468,46 @@ fn exec(spec: &ExecSpec) -> Result<ExecResult> {
         _ => -1,
     };
     let (stdout, stdout_truncated) = read_capped(&out_path, spec.out_cap);
-    let (stderr, stderr_truncated) = read_capped(&err_path, spec.out_cap);
+    let (mut stderr, stderr_truncated) = read_capped(&err_path, spec.out_cap);
     let (cwd, env) = if timed_out {
         (None, None)
     } else {
-        let cwd = fs::read_to_string(format!("{io}.cwd"))
-            .ok()
-            .map(|s| s.trim_end_matches('\n').to_string())
+        let mut state_notes = Vec::new();
+        let mut state = |suffix: &str, limit: usize| match read_untrusted(
+            &format!("{io}.{suffix}"),
+            limit,
+        ) {
+            Ok(Some((bytes, len))) if len as usize <= limit => Some(bytes),
+            Ok(Some((_, len))) => {
+                state_notes.push(format!(
+                    "sandtree: the shell's {suffix} after this step is {len} bytes, over the \
+                     {limit}-byte limit; it was not kept (the next step starts with the previous one)"
+                ));
+                None
+            }
+            Ok(None) => None,
+            Err(e) => {
+                state_notes.push(format!("sandtree: the shell's {suffix} was not kept: {e}"));
+                None
+            }
+        };
+        let cwd = state("cwd", MAX_CWD_BYTES)
+            .map(|b| {
+                String::from_utf8_lossy(&b)
+                    .trim_end_matches('\n')
+                    .to_string()
+            })
             .filter(|s| !s.is_empty());
-        let env = fs::read(format!("{io}.env"))
-            .ok()
+        let env = state("env", MAX_ENV_BYTES)
             .filter(|b| !b.is_empty())
             .map(|b| parse_environ(&b));
+        for n in state_notes {
+            if !stderr.is_empty() && !stderr.ends_with('\n') {
+                stderr.push('\n');
+            }
+            stderr.push_str(&n);
+            stderr.push('\n');
+        }
         (cwd, env)
     };
     for suffix in ["out", "err", "cwd", "env"] {
@@ -501,13 +529,16 @@ fn exec(spec: &ExecSpec) -> Result<ExecResult> {
 fn exec_child(spec: &ExecSpec, io: &str, out: &str, err: &str) -> anyhow::Error {
     let r = (|| -> Result<std::convert::Infallible> {
         setsid()?;
+        // Fresh files, never whatever the sandbox left under these names (a FIFO would block
+        // the open, a link would redirect it).
         let open_out = |p: &str| {
-            fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(p)
-                .with_context(|| format!("open {p}"))
+            let _ = fs::remove_file(p);
+            std::os::unix::fs::OpenOptionsExt::custom_flags(
+                fs::OpenOptions::new().write(true).create_new(true),
+                libc::O_NOFOLLOW,
+            )
+            .open(p)
+            .with_context(|| format!("open {p}"))
         };
         let (o, e) = (open_out(out)?, open_out(err)?);
         let null = fs::File::open("/dev/null")?;
@@ -607,14 +638,45 @@ fn wait_timeout(child: Pid, timeout: Duration) -> Result<(WaitStatus, bool)> {
     Ok((waitpid(child, None)?, timed_out))
 }
 
-fn read_capped(path: &str, cap: usize) -> (String, bool) {
-    let Ok(f) = fs::File::open(path) else {
-        return (String::new(), false);
+/// Longest working directory a turn may leave behind (PATH_MAX).
+pub const MAX_CWD_BYTES: usize = 4096;
+/// Largest exported environment a turn may leave behind. The next turn's shell gets it through
+/// execve, where one string may not exceed 128 KiB (MAX_ARG_STRLEN): below that, no variable can
+/// make every later step fail with E2BIG.
+pub const MAX_ENV_BYTES: usize = 120 * 1024;
+
+/// Opens a file the sandbox could have planted or replaced, without trusting it: no symlink is
+/// followed anywhere on the path (O_NOFOLLOW and RESOLVE_NO_SYMLINKS), a FIFO or device cannot
+/// block the open (O_NONBLOCK) and is refused, and at most `cap` bytes are read. Returns the bytes
+/// and the file's size, or None if there is no such file.
+fn read_untrusted(path: &str, cap: usize) -> Result<Option<(Vec<u8>, u64)>> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let fd = match nix::fcntl::openat2(nix::fcntl::AT_FDCWD, path, how) {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::ENOENT) => return Ok(None),
+        Err(e) => bail!("{path}: {e}"),
     };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut buf = Vec::with_capacity(cap.min(len as usize));
-    let _ = f.take(cap as u64).read_to_end(&mut buf);
-    (String::from_utf8_lossy(&buf).into_owned(), len > cap as u64)
+    let f = fs::File::from(fd);
+    let meta = f.metadata().with_context(|| format!("stat {path}"))?;
+    if !meta.file_type().is_file() {
+        bail!("{path} is not a regular file");
+    }
+    let mut buf = Vec::with_capacity(cap.min(meta.len() as usize));
+    f.take(cap as u64)
+        .read_to_end(&mut buf)
+        .with_context(|| format!("read {path}"))?;
+    Ok(Some((buf, meta.len())))
+}
+
+fn read_capped(path: &str, cap: usize) -> (String, bool) {
+    match read_untrusted(path, cap) {
+        Ok(Some((buf, len))) => (String::from_utf8_lossy(&buf).into_owned(), len > cap as u64),
+        Ok(None) => (String::new(), false),
+        Err(e) => (format!("sandtree: output not read: {e:#}"), false),
+    }
 }
 
 fn parse_environ(bytes: &[u8]) -> Vec<(String, String)> {
