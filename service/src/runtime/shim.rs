@@ -3,7 +3,7 @@
 //! pivot_root happen here and nowhere else, in a fresh process rather than after fork() of the
 //! multi-threaded service.
 //!
-//! - `__shim start` reads a [`StartSpec`] from stdin, creates the sandbox (pid, mount, uts, ipc, time and
+//! - `__shim start` reads a [`StartSpec`] from stdin, creates the sandbox (pid, mount, uts, ipc, cgroup, time and
 //!   net namespaces; a private /proc, a minimal /dev and the /.sandtree tmpfs; pivot_root into the
 //!   rootfs) and prints its init's host pid.
 //! - `__shim exec` reads an [`ExecSpec`], enters the sandbox's namespaces and cgroups, runs the
@@ -37,7 +37,8 @@ const CLONE_NEWTIME: CloneFlags = CloneFlags::from_bits_retain(libc::CLONE_NEWTI
 /// The namespaces of a sandbox, as named under /proc/PID/ns, that every process a turn starts
 /// joins: exactly init's, so that CRIU sees one consistent tree (a task outside init's time
 /// namespace makes restore fail with "Can't restore sub-task in NS").
-const SANDBOX_NAMESPACES: [(&str, CloneFlags); 6] = [
+const SANDBOX_NAMESPACES: [(&str, CloneFlags); 7] = [
+    ("cgroup", CloneFlags::CLONE_NEWCGROUP),
     ("ipc", CloneFlags::CLONE_NEWIPC),
     ("uts", CloneFlags::CLONE_NEWUTS),
     ("net", CloneFlags::CLONE_NEWNET),
@@ -146,6 +147,7 @@ fn start(spec: &StartSpec) -> Result<Started> {
             | CloneFlags::CLONE_NEWUTS
             | CloneFlags::CLONE_NEWIPC
             | CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWCGROUP
             | CLONE_NEWTIME,
     )
     .context("unshare namespaces")?;
