@@ -498,7 +498,9 @@ impl Zfs {
                 Err(e) => return Err(busy(e, family.kind(), name)),
             }
         }
-        Ok(PathBuf::from(&inc.mountpoint))
+        let mp = PathBuf::from(&inc.mountpoint);
+        nosuid_nodev(&mp)?;
+        Ok(mp)
     }
 
     /// Unmounts `dataset`; not being mounted is fine.
@@ -1176,6 +1178,29 @@ fn exists(name: &str) -> Result<bool> {
 }
 
 /// Property values of `name`, parsable (`-p`), in the order asked.
+/// Makes the mount at `mp` nosuid,nodev if it is not. zfs-fuse mounts datasets without them
+/// whatever `setuid` and `devices` say, and a sandbox root (CRIU's restored ones too) is a bind of
+/// this mount that inherits its flags. A remount of the bind flags only: no zfs command, and the
+/// filesystem is not touched.
+fn nosuid_nodev(mp: &Path) -> Result<()> {
+    let m = crate::pool::mount_at(mp)?;
+    let ok = m.as_ref().is_some_and(|m| {
+        let o: Vec<&str> = m.options.split(',').collect();
+        o.contains(&"nosuid") && o.contains(&"nodev")
+    });
+    if m.is_some() && !ok {
+        cmd::run(
+            "mount",
+            [
+                std::ffi::OsStr::new("-o"),
+                "remount,bind,nosuid,nodev".as_ref(),
+                mp.as_os_str(),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
 fn get(name: &str, props: &[&str]) -> Result<Vec<String>> {
     let out = zfs(["get", "-Hp", "-o", "value", &props.join(","), name])?;
     let values: Vec<String> = out.lines().map(str::to_string).collect();
