@@ -14,9 +14,9 @@ use tracing::{debug, info, warn};
 use crate::error::{Result, TreeError};
 use crate::now_unix_ms;
 use crate::types::{
-    Episode, EpisodeId, EpisodeStatus, ForgetReport, NewTurn, Node, NodeArtifacts, NodeId,
-    NodeKind, NodeState, Observation, Policy, ReconcileReport, Session, Truncation, TurnId, TurnNo,
-    TurnRecord, Verdict,
+    Episode, EpisodeId, EpisodeMeta, EpisodeStatus, ForgetReport, NewTurn, Node, NodeArtifacts,
+    NodeId, NodeKind, NodeState, Observation, Policy, ReconcileReport, Session, Truncation, TurnId,
+    TurnNo, TurnRecord, Verdict,
 };
 
 /// Schema version written to (and required in) the `meta` table.
@@ -411,6 +411,17 @@ impl Tree {
         policy: Policy,
         env: Vec<(String, String)>,
     ) -> Result<Episode> {
+        self.create_episode_with(image, policy, env, EpisodeMeta::default())
+    }
+
+    /// Like [`Tree::create_episode`], with labels and limits that its forks inherit.
+    pub fn create_episode_with(
+        &self,
+        image: &str,
+        policy: Policy,
+        env: Vec<(String, String)>,
+        meta: EpisodeMeta,
+    ) -> Result<Episode> {
         self.write(|t| {
             let id = t.fresh_episode_id()?;
             let node = t.new_node(
@@ -445,6 +456,7 @@ impl Tree {
                 volume: None,
                 forked_from: None,
                 created_unix_ms: now_unix_ms(),
+                meta,
             };
             put_episode(&mut t.eps, &ep)?;
             debug!(episode = %ep.id, image, "created episode");
@@ -684,6 +696,7 @@ impl Tree {
                     volume: None,
                     forked_from: Some((src.clone(), turn)),
                     created_unix_ms: now_unix_ms(),
+                    meta: sep.meta.clone(),
                 };
                 put_episode(&mut t.eps, &ep)?;
                 out.push((ep, node.clone(), rec.session.clone()));

@@ -191,6 +191,31 @@ pub struct Episode {
     pub forked_from: Option<(EpisodeId, TurnNo)>,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_unix_ms: u64,
+    /// Labels and limits given at creation; forks inherit them.
+    #[serde(default)]
+    pub meta: EpisodeMeta,
+}
+
+/// What a caller attaches to an episode at creation (absent in records of older versions).
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct EpisodeMeta {
+    /// Free-form key/value labels.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Sandbox limits of this episode; None: the service's.
+    #[serde(default)]
+    pub limits: Option<SandboxLimits>,
+}
+
+/// Resource limits of one episode's sandbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxLimits {
+    /// Memory with swap, in bytes.
+    pub memory_bytes: u64,
+    /// Processes and threads.
+    pub pids: u64,
+    /// CPU time per 100 ms, in microseconds.
+    pub cpu_quota_us: u64,
 }
 
 /// What an action produced.

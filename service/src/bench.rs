@@ -250,6 +250,7 @@ async fn step(c: &mut Client, ep: &str, cmd: &str) -> Result<pb::StepResponse> {
         episode: ep.into(),
         command: cmd.into(),
         timeout_ms: 60_000,
+        ..Default::default()
     })
     .await
     .map_err(rpc_err)
@@ -259,8 +260,8 @@ async fn step(c: &mut Client, ep: &str, cmd: &str) -> Result<pb::StepResponse> {
 
 fn obs(r: &pb::StepResponse) -> Obs {
     Obs {
-        stdout: r.stdout.clone(),
-        stderr: r.stderr.clone(),
+        stdout: String::from_utf8_lossy(&r.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&r.stderr).into_owned(),
         exit_code: r.exit_code,
     }
 }
@@ -349,6 +350,7 @@ async fn run_one(
         .create_episode(pb::CreateEpisodeRequest {
             image: t.image.clone(),
             policy: policy.into(),
+            ..Default::default()
         })
         .await
         .map_err(rpc_err)?
@@ -820,6 +822,7 @@ async fn inspector_overhead(args: &BenchArgs, data_dir: &Path) -> Result<Overhea
             .create_episode(pb::CreateEpisodeRequest {
                 image: "debian".into(),
                 policy: "none".into(),
+                ..Default::default()
             })
             .await
             .map_err(rpc_err)?
@@ -830,7 +833,11 @@ async fn inspector_overhead(args: &BenchArgs, data_dir: &Path) -> Result<Overhea
             for _ in 0..args.overhead_runs {
                 let r = step(&mut c, &ep, &oc.cmd).await?;
                 if r.exit_code != 0 {
-                    bail!("`{}` failed: {}", oc.cmd, r.stderr.trim());
+                    bail!(
+                        "`{}` failed: {}",
+                        oc.cmd,
+                        String::from_utf8_lossy(&r.stderr).trim()
+                    );
                 }
                 let v = if with {
                     &mut oc.with_ms
@@ -1279,6 +1286,7 @@ pub async fn demo(data_dir: PathBuf) -> Result<std::process::ExitCode> {
         .create_episode(pb::CreateEpisodeRequest {
             image: "busybox".into(),
             policy: "auto".into(),
+            ..Default::default()
         })
         .await
         .map_err(rpc_err)?
@@ -1299,7 +1307,9 @@ pub async fn demo(data_dir: PathBuf) -> Result<std::process::ExitCode> {
             r.turn,
             r.verdict,
             r.node,
-            r.stdout.trim().replace('\n', "\n        ")
+            String::from_utf8_lossy(&r.stdout)
+                .trim()
+                .replace('\n', "\n        ")
         );
     }
     let fork = c
@@ -1317,7 +1327,7 @@ pub async fn demo(data_dir: PathBuf) -> Result<std::process::ExitCode> {
         let r = step(&mut c, f, "echo tick > q; sleep 0.2; cat count").await?;
         println!(
             "  {f}: counter daemon restored, next tick -> {}",
-            r.stdout.trim()
+            String::from_utf8_lossy(&r.stdout).trim()
         );
     }
     let r = step(
@@ -1328,7 +1338,7 @@ pub async fn demo(data_dir: PathBuf) -> Result<std::process::ExitCode> {
     .await?;
     println!(
         "  {ep} (original, after turn 5): -> {}",
-        r.stdout.trim().replace('\n', " ")
+        String::from_utf8_lossy(&r.stdout).trim().replace('\n', " ")
     );
     c.rewind(pb::RewindRequest {
         episode: ep.clone(),
@@ -1339,7 +1349,7 @@ pub async fn demo(data_dir: PathBuf) -> Result<std::process::ExitCode> {
     let r = step(&mut c, &ep, "pwd; ls; cat count 2>&1").await?;
     println!(
         "rewound {ep} to turn 1: {}",
-        r.stdout.trim().replace('\n', " ")
+        String::from_utf8_lossy(&r.stdout).trim().replace('\n', " ")
     );
     let tree = c
         .tree(pb::TreeRequest {

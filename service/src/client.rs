@@ -22,7 +22,9 @@ pub async fn connect(socket: &Path) -> Result<Client> {
             let cause = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
             anyhow::anyhow!("the sandtree service is not running at {} ({cause}); start it with `sandtree serve`", socket.display())
         })?;
-    Ok(SandtreeClient::new(channel).max_decoding_message_size(64 << 20))
+    Ok(SandtreeClient::new(channel)
+        .max_decoding_message_size(80 << 20)
+        .max_encoding_message_size(80 << 20))
 }
 
 /// A gRPC status as a one-line error.
@@ -30,18 +32,45 @@ pub fn rpc_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())
 }
 
-pub async fn create(socket: &Path, image: String, policy: String, json: bool) -> Result<ExitCode> {
+/// Parses repeated `KEY=VALUE` flags.
+pub fn key_values(
+    items: &[String],
+    flag: &str,
+) -> Result<std::collections::HashMap<String, String>> {
+    items
+        .iter()
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("{flag} takes KEY=VALUE, got {kv:?}"))?;
+            Ok((k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// `--timeout SECS` as milliseconds (0: the server's default).
+pub fn timeout_ms(timeout: Option<f64>) -> Result<u64> {
+    Ok(match timeout {
+        Some(t) if !(t > 0.0 && t.is_finite()) => {
+            anyhow::bail!("--timeout must be a positive number of seconds, got {t}")
+        }
+        Some(t) => (t * 1000.0).ceil() as u64,
+        None => 0,
+    })
+}
+
+fn episode_json(e: &pb::EpisodeInfo) -> serde_json::Value {
+    serde_json::json!({
+        "id": e.id, "image": e.image, "policy": e.policy, "status": e.status, "turn": e.turn,
+        "forked_from": e.forked_from, "labels": e.labels,
+    })
+}
+
+pub async fn create(socket: &Path, req: pb::CreateEpisodeRequest, json: bool) -> Result<ExitCode> {
     let mut c = connect(socket).await?;
-    let ep = c
-        .create_episode(pb::CreateEpisodeRequest { image, policy })
-        .await
-        .map_err(rpc_err)?
-        .into_inner();
+    let ep = c.create_episode(req).await.map_err(rpc_err)?.into_inner();
     if json {
-        println!(
-            "{}",
-            serde_json::json!({"id": ep.id, "image": ep.image, "policy": ep.policy, "turn": ep.turn})
-        );
+        println!("{}", episode_json(&ep));
     } else {
         println!("{}", ep.id);
     }
@@ -50,51 +79,101 @@ pub async fn create(socket: &Path, image: String, policy: String, json: bool) ->
 
 pub fn step_json(r: &pb::StepResponse) -> serde_json::Value {
     serde_json::json!({
-        "turn": r.turn, "stdout": r.stdout, "stderr": r.stderr,
+        "turn": r.turn,
+        "stdout": String::from_utf8_lossy(&r.stdout), "stderr": String::from_utf8_lossy(&r.stderr),
         "stdout_truncated": r.stdout_truncated, "stderr_truncated": r.stderr_truncated,
         "exit_code": r.exit_code, "duration_ms": r.duration_ms, "cwd": r.cwd,
         "verdict": r.verdict, "reasons": r.reasons, "node": r.node, "timed_out": r.timed_out,
+        "accepted_us": r.accepted_us,
     })
 }
 
-pub async fn step(
-    socket: &Path,
-    episode: String,
-    command: String,
-    timeout: Option<f64>,
-    json: bool,
-) -> Result<ExitCode> {
-    let timeout_ms = match timeout {
-        Some(t) if !(t > 0.0 && t.is_finite()) => {
-            anyhow::bail!("--timeout must be a positive number of seconds, got {t}")
-        }
-        Some(t) => (t * 1000.0).ceil() as u64,
-        None => 0,
-    };
-    let mut c = connect(socket).await?;
-    let r = c
-        .step(pb::StepRequest {
-            episode,
-            command,
-            timeout_ms,
-        })
-        .await
-        .map_err(rpc_err)?
-        .into_inner();
-    if json {
-        println!("{}", step_json(&r));
-        return Ok(ExitCode::SUCCESS);
-    }
-    use std::io::Write;
-    std::io::stdout().write_all(r.stdout.as_bytes())?;
-    std::io::stderr().write_all(r.stderr.as_bytes())?;
+fn step_end(r: &pb::StepResponse) -> ExitCode {
     if r.timed_out {
         eprintln!(
             "sandtree: step timed out after {} ms; its process group was killed",
             r.duration_ms
         );
     }
-    Ok(ExitCode::from((r.exit_code & 0xff) as u8))
+    ExitCode::from((r.exit_code & 0xff) as u8)
+}
+
+pub async fn step(socket: &Path, req: pb::StepRequest, json: bool) -> Result<ExitCode> {
+    use std::io::Write;
+    let mut c = connect(socket).await?;
+    if json {
+        let r = c.step(req).await.map_err(rpc_err)?.into_inner();
+        println!("{}", step_json(&r));
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Streamed: output is printed as the command produces it.
+    let mut s = c.step_stream(req).await.map_err(rpc_err)?.into_inner();
+    while let Some(ev) = s.message().await.map_err(rpc_err)? {
+        match ev.event {
+            Some(pb::step_event::Event::Stdout(b)) => {
+                let mut o = std::io::stdout().lock();
+                o.write_all(&b)?;
+                o.flush()?;
+            }
+            Some(pb::step_event::Event::Stderr(b)) => std::io::stderr().write_all(&b)?,
+            Some(pb::step_event::Event::Result(r)) => return Ok(step_end(&r)),
+            None => {}
+        }
+    }
+    anyhow::bail!("the service ended the step's stream without a result")
+}
+
+pub async fn write_file(
+    socket: &Path,
+    episode: String,
+    path: String,
+    data: Vec<u8>,
+    mode: u32,
+    json: bool,
+) -> Result<ExitCode> {
+    let r = connect(socket)
+        .await?
+        .write_file(pb::WriteFileRequest {
+            episode,
+            path,
+            data,
+            mode,
+        })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    if json {
+        println!("{}", step_json(&r));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn read_file(
+    socket: &Path,
+    episode: String,
+    path: String,
+    max_bytes: u64,
+) -> Result<ExitCode> {
+    use std::io::Write;
+    let r = connect(socket)
+        .await?
+        .read_file(pb::ReadFileRequest {
+            episode,
+            path,
+            max_bytes,
+        })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    std::io::stdout().write_all(&r.data)?;
+    if (r.data.len() as u64) < r.size {
+        eprintln!(
+            "sandtree: read {} of the file's {} bytes (--max-bytes or the server's limit)",
+            r.data.len(),
+            r.size
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn delete(socket: &Path, episode: String) -> Result<ExitCode> {
@@ -281,19 +360,16 @@ pub async fn stats(socket: &Path, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn list(socket: &Path, json: bool) -> Result<ExitCode> {
+pub async fn list(socket: &Path, req: pb::ListEpisodesRequest, json: bool) -> Result<ExitCode> {
     let r = connect(socket)
         .await?
-        .list_episodes(pb::ListEpisodesRequest {})
+        .list_episodes(req)
         .await
         .map_err(rpc_err)?
         .into_inner();
     for e in r.episodes {
         if json {
-            println!(
-                "{}",
-                serde_json::json!({"id": e.id, "image": e.image, "policy": e.policy, "status": e.status, "turn": e.turn})
-            );
+            println!("{}", episode_json(&e));
         } else {
             println!(
                 "{}  {}  {}  {}  turn {}",

@@ -14,9 +14,9 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Context};
 use sandtree_branching::{
-    EpisodeId, EpisodeStatus, NewTurn, Node, NodeArtifacts, NodeId, NodeKind, NodeState,
-    NodeTimings, Observation, Policy, Session, SnapshotRef, Tree, TreeError, TurnRecord, Verdict,
-    VerdictKind,
+    EpisodeId, EpisodeMeta, EpisodeStatus, NewTurn, Node, NodeArtifacts, NodeId, NodeKind,
+    NodeState, NodeTimings, Observation, Policy, SandboxLimits, Session, SnapshotRef, Tree,
+    TreeError, TurnRecord, Verdict, VerdictKind,
 };
 use sandtree_storage::SnapshotBackend;
 use tokio::sync::{Mutex, Semaphore};
@@ -129,6 +129,9 @@ fn record(v: &StdMutex<Vec<f64>>, ms: f64) {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StepOutcome {
     pub turn: u32,
+    /// The command's output, byte for byte (the tree keeps it as lossy UTF-8).
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
     pub observation: Observation,
     pub cwd: String,
     pub verdict: Verdict,
@@ -286,7 +289,68 @@ impl Engine {
         Ok(())
     }
 
-    pub async fn create(&self, image: &str, policy: Policy) -> Result<EpisodeId> {
+    /// The limits a create request asks for, checked against the service's (each is also the
+    /// maximum); zeros take the service's value. None when nothing was asked.
+    pub fn episode_limits(
+        &self,
+        memory_mib: u64,
+        pids: u64,
+        cpus: f64,
+    ) -> Result<Option<SandboxLimits>> {
+        if memory_mib == 0 && pids == 0 && cpus == 0.0 {
+            return Ok(None);
+        }
+        let max = self.runtime.limits;
+        let memory_bytes = match memory_mib {
+            0 => max.memory_bytes,
+            m if m < 16 => {
+                return Err(EngineError::BadRequest(format!(
+                    "memory_mib {m} is below the 16 MiB a sandbox needs"
+                )))
+            }
+            m if m.saturating_mul(1 << 20) > max.memory_bytes => {
+                return Err(EngineError::BadRequest(format!(
+                    "memory_mib {m} is over this server's maximum of {} MiB (--sandbox-memory-mib)",
+                    max.memory_bytes >> 20
+                )))
+            }
+            m => m << 20,
+        };
+        let pids = match pids {
+            0 => max.pids,
+            p if p < 8 || p > max.pids => {
+                return Err(EngineError::BadRequest(format!(
+                    "pids {p} must be between 8 and this server's maximum of {} (--sandbox-pids)",
+                    max.pids
+                )))
+            }
+            p => p,
+        };
+        let period = crate::runtime::cgroup::CPU_PERIOD_US as f64;
+        let cpu_quota_us = if cpus == 0.0 {
+            max.cpu_quota_us
+        } else if !(cpus.is_finite() && cpus >= 0.01 && cpus * period <= max.cpu_quota_us as f64) {
+            return Err(EngineError::BadRequest(format!(
+                "cpus {cpus} must be between 0.01 and this server's maximum of {} (--sandbox-cpus)",
+                max.cpu_quota_us as f64 / period
+            )));
+        } else {
+            (cpus * period) as u64
+        };
+        Ok(Some(SandboxLimits {
+            memory_bytes,
+            pids,
+            cpu_quota_us,
+        }))
+    }
+
+    pub async fn create(
+        &self,
+        image: &str,
+        policy: Policy,
+        meta: EpisodeMeta,
+    ) -> Result<EpisodeId> {
+        validate_labels(&meta.labels)?;
         self.admit(1)?;
         let storage = self.storage.clone();
         let img = image.to_string();
@@ -299,9 +363,10 @@ impl Engine {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let ep = self.tree.create_episode(image, policy, env)?;
+        let limits = meta.limits;
+        let ep = self.tree.create_episode_with(image, policy, env, meta)?;
         let (_, node, session) = self.tree.rewind(&ep.id, 0)?;
-        match self.materialize(&ep.id, &node, 0).await {
+        match self.materialize(&ep.id, &node, 0, limits).await {
             Ok((sandbox, watch, volume)) => {
                 self.insert_live(&ep.id, policy, (sandbox, watch), volume, session, 0);
                 Ok(ep.id)
@@ -345,7 +410,13 @@ impl Engine {
         id: &EpisodeId,
         node: &Node,
         seq: u64,
+        limits: Option<SandboxLimits>,
     ) -> Result<(Sandbox, Watch, String)> {
+        let limits = limits.map(|l| crate::runtime::cgroup::Limits {
+            memory_bytes: l.memory_bytes,
+            pids: l.pids,
+            cpu_quota_us: l.cpu_quota_us,
+        });
         let volume = format!("{}-{seq}", id.as_str());
         let (storage, runtime, vol) = (self.storage.clone(), self.runtime.clone(), volume.clone());
         let node = node.clone();
@@ -366,11 +437,11 @@ impl Engine {
                 (_, None) => anyhow::bail!("checkpoint node {} has no snapshot", node.id),
             };
             let sb = match (&node.kind, images) {
-                (NodeKind::Full, Some(images)) => runtime.restore(&vol, &images, &root),
+                (NodeKind::Full, Some(images)) => runtime.restore(&vol, &images, &root, limits),
                 (NodeKind::Full, None) => {
                     Err(anyhow!("checkpoint node {} has no CRIU images", node.id))
                 }
-                _ => runtime.start(&vol, &root),
+                _ => runtime.start(&vol, &root, limits),
             };
             match sb {
                 Ok(sb) => {
@@ -393,7 +464,8 @@ impl Engine {
         &self,
         id: &EpisodeId,
         command: String,
-        timeout_ms: u64,
+        opts: StepOptions,
+        chunks: Option<tokio::sync::mpsc::UnboundedSender<Chunk>>,
     ) -> Result<StepOutcome> {
         if command.contains('\0') {
             return Err(EngineError::BadRequest(
@@ -407,8 +479,86 @@ impl Engine {
                 command.len()
             )));
         }
+        opts.validate(self.config.out_cap)?;
         let live = self.get_live(id)?;
         let mut l = live.lock().await;
+        let waited_us = self.ready(id, &mut l).await?;
+        let spec = ExecSpec {
+            init_pid: 0,
+            v2_cgroup: PathBuf::new(),
+            procs_files: Vec::new(),
+            turn: l.turn + 1,
+            command: command.clone(),
+            cwd: opts.cwd.clone().unwrap_or_else(|| l.session.cwd.clone()),
+            env: merge_env(&l.session.env, &opts.env),
+            timeout_ms: if opts.timeout_ms == 0 {
+                self.config.default_timeout_ms
+            } else {
+                opts.timeout_ms
+            },
+            out_cap: match opts.max_output {
+                0 => self.config.out_cap,
+                n => n as usize,
+            },
+            stdin: opts.stdin.clone(),
+            stream: chunks.is_some(),
+        };
+        let (runtime, sb) = (self.runtime.clone(), l.sandbox.clone());
+        let res = blocking(move || {
+            runtime.exec(&sb, spec, &mut |ev| {
+                if let Some(tx) = &chunks {
+                    let _ = tx.send(match ev {
+                        crate::runtime::shim::ShimEvent::Stdout(b) => Chunk::Stdout(b),
+                        crate::runtime::shim::ShimEvent::Stderr(b) => Chunk::Stderr(b),
+                        crate::runtime::shim::ShimEvent::Done(_) => return,
+                    });
+                }
+            })
+        })
+        .await
+        .map_err(|e| match e {
+            EngineError::Internal(e) => EngineError::Precondition(format!(
+                "episode {id}: the sandbox cannot run commands: {e:#}"
+            )),
+            e => e,
+        })?;
+        // What this step set for itself only does not stay in the session.
+        let mut env = res.env.clone().unwrap_or_else(|| l.session.env.clone());
+        for (k, v) in &opts.env {
+            if env.iter().any(|(k2, v2)| k2 == k && v2 == v) {
+                env.retain(|(k2, _)| k2 != k);
+                if let Some(old) = l.session.env.iter().find(|(k2, _)| k2 == k) {
+                    env.push(old.clone());
+                }
+            }
+        }
+        env.sort();
+        let cwd = match (&res.cwd, &opts.cwd) {
+            (Some(after), Some(step_cwd)) if after == step_cwd => l.session.cwd.clone(),
+            (Some(after), _) => after.clone(),
+            (None, _) => l.session.cwd.clone(),
+        };
+        let observation = Observation {
+            stdout: String::from_utf8_lossy(&res.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&res.stderr).into_owned(),
+            exit_code: res.exit_code,
+            duration_ms: res.duration_ms,
+            stdout_truncated: res.stdout_truncated,
+            stderr_truncated: res.stderr_truncated,
+        };
+        let mut out = self
+            .record(id, &mut l, command, observation, Session { cwd, env })
+            .await?;
+        out.timed_out = res.timed_out;
+        out.waited_us = waited_us;
+        out.stdout = res.stdout;
+        out.stderr = res.stderr;
+        Ok(out)
+    }
+
+    /// Waits for the episode's pending checkpoint and refuses an episode whose sandbox is ahead
+    /// of its tree. Returns how long it waited, in microseconds.
+    async fn ready(&self, id: &EpisodeId, l: &mut Live) -> Result<u64> {
         if let Some(why) = &l.diverged {
             return Err(EngineError::Precondition(format!(
                 "episode {id}: an earlier step changed the sandbox but its turn could not be \
@@ -419,38 +569,22 @@ impl Engine {
         if let Some(p) = l.pending.take() {
             let _ = p.await;
         }
-        let waited_us = waited.elapsed().as_micros() as u64;
-        let spec = ExecSpec {
-            init_pid: 0,
-            v2_cgroup: PathBuf::new(),
-            procs_files: Vec::new(),
-            turn: l.turn + 1,
-            command: command.clone(),
-            cwd: l.session.cwd.clone(),
-            env: l.session.env.clone(),
-            timeout_ms: if timeout_ms == 0 {
-                self.config.default_timeout_ms
-            } else {
-                timeout_ms
-            },
-            out_cap: self.config.out_cap,
-        };
-        let (runtime, sb) = (self.runtime.clone(), l.sandbox.clone());
-        let res = blocking(move || runtime.exec(&sb, spec))
-            .await
-            .map_err(|e| match e {
-                EngineError::Internal(e) => EngineError::Precondition(format!(
-                    "episode {id}: the sandbox cannot run commands: {e:#}"
-                )),
-                e => e,
-            })?;
-        let session = Session {
-            cwd: res.cwd.clone().unwrap_or_else(|| l.session.cwd.clone()),
-            env: res.env.clone().unwrap_or_else(|| l.session.env.clone()),
-        };
-        // The command ran: from here on the turn is recorded whatever fails. A verdict that
-        // cannot be made is the safest one.
-        let (verdict, new_node) = match self.verdict(&l).await {
+        Ok(waited.elapsed().as_micros() as u64)
+    }
+
+    /// Records a turn that already ran in the sandbox: its verdict, its turn record and its
+    /// checkpoint (started in the background). Whatever fails here, the turn is not lost
+    /// silently: a verdict that cannot be made is the safest one, and a turn that cannot be
+    /// recorded stops the episode.
+    async fn record(
+        &self,
+        id: &EpisodeId,
+        l: &mut Live,
+        action: String,
+        observation: Observation,
+        session: Session,
+    ) -> Result<StepOutcome> {
+        let (verdict, new_node) = match self.verdict(l).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(episode = %id, error = %e, "verdict failed; checkpointing everything");
@@ -468,18 +602,10 @@ impl Engine {
                 )
             }
         };
-        let observation = Observation {
-            stdout: res.stdout,
-            stderr: res.stderr,
-            exit_code: res.exit_code,
-            duration_ms: res.duration_ms,
-            stdout_truncated: res.stdout_truncated,
-            stderr_truncated: res.stderr_truncated,
-        };
         let appended = self.tree.append_turn(
             id,
             NewTurn {
-                action: command,
+                action,
                 observation: observation.clone(),
                 session: session.clone(),
                 verdict: verdict.clone(),
@@ -499,17 +625,106 @@ impl Engine {
         l.turn = rec.turn;
         l.session = session;
         if let Some(node) = node {
-            l.pending = Some(self.spawn_checkpoint(&l, node));
+            l.pending = Some(self.spawn_checkpoint(l, node));
         }
         Ok(StepOutcome {
             turn: rec.turn,
+            stdout: observation.stdout.clone().into_bytes(),
+            stderr: observation.stderr.clone().into_bytes(),
             observation,
             cwd: l.session.cwd.clone(),
             verdict,
             node: rec.node,
-            timed_out: res.timed_out,
-            waited_us,
+            timed_out: false,
+            waited_us: 0,
         })
+    }
+
+    /// Writes `data` to `path` inside the sandbox as a turn of its own (with its verdict and
+    /// checkpoint, so fork and rewind see it like any other effect).
+    pub async fn write_file(
+        &self,
+        id: &EpisodeId,
+        path: String,
+        data: Vec<u8>,
+        mode: u32,
+    ) -> Result<StepOutcome> {
+        check_path(&path)?;
+        if data.len() as u64 > crate::runtime::shim::MAX_FILE_BYTES {
+            return Err(EngineError::BadRequest(format!(
+                "file is {} bytes; the limit is {} bytes",
+                data.len(),
+                crate::runtime::shim::MAX_FILE_BYTES
+            )));
+        }
+        if mode > 0o7777 {
+            return Err(EngineError::BadRequest(format!(
+                "mode {mode:o} is not a set of permission bits"
+            )));
+        }
+        let live = self.get_live(id)?;
+        let mut l = live.lock().await;
+        let waited_us = self.ready(id, &mut l).await?;
+        let (runtime, sb) = (self.runtime.clone(), l.sandbox.clone());
+        let (p, n) = (path.clone(), data.len());
+        let mode = if mode == 0 { 0o644 } else { mode };
+        let started = Instant::now();
+        let res = blocking(move || {
+            runtime.file(&sb, &p, crate::runtime::shim::FileOp::Write { data, mode })
+        })
+        .await?;
+        file_error(id, &path, &res)?;
+        let observation = Observation {
+            duration_ms: started.elapsed().as_millis() as u64,
+            ..Default::default()
+        };
+        let session = l.session.clone();
+        let mut out = self
+            .record(
+                id,
+                &mut l,
+                format!("# sandtree write {path} ({n} bytes, mode {mode:o})"),
+                observation,
+                session,
+            )
+            .await?;
+        out.waited_us = waited_us;
+        Ok(out)
+    }
+
+    /// Reads up to `max_bytes` of `path` inside the sandbox (not a turn). Returns the bytes and
+    /// the file's size.
+    pub async fn read_file(
+        &self,
+        id: &EpisodeId,
+        path: String,
+        max_bytes: u64,
+    ) -> Result<(Vec<u8>, u64)> {
+        check_path(&path)?;
+        let limit = crate::runtime::shim::MAX_FILE_BYTES;
+        let max_bytes = match max_bytes {
+            0 => limit,
+            m if m > limit => {
+                return Err(EngineError::BadRequest(format!(
+                    "max_bytes {m} is over the limit of {limit} bytes"
+                )))
+            }
+            m => m,
+        };
+        let live = self.get_live(id)?;
+        let l = live.lock().await;
+        let (runtime, sb, p) = (self.runtime.clone(), l.sandbox.clone(), path.clone());
+        let res = blocking(move || {
+            runtime.file(&sb, &p, crate::runtime::shim::FileOp::Read { max_bytes })
+        })
+        .await?;
+        file_error(id, &path, &res)?;
+        match res {
+            crate::runtime::shim::FileResult::Read { data, size } => Ok((data, size)),
+            other => Err(EngineError::Internal(anyhow!(
+                "unexpected file result {other:?}"
+            ))),
+        }
     }
 
     /// The turn's verdict. The inspector's epoch ends here under every policy; `full` always
@@ -662,7 +877,7 @@ impl Engine {
         // namespaces), up to the host's restore slots; the rest queue.
         let results = futures_util::future::join_all(forks.into_iter().map(
             |(ep, node, session)| async move {
-                match self.materialize(&ep.id, &node, 0).await {
+                match self.materialize(&ep.id, &node, 0, ep.meta.limits).await {
                     Ok((sb, w, vol)) => {
                         self.insert_live(&ep.id, ep.policy, (sb, w), vol, session, turn);
                         Ok(ep.id)
@@ -734,7 +949,7 @@ impl Engine {
         self.live.lock().expect("live lock").remove(id);
         let r = async {
             let (ep, node, session) = self.tree.rewind(id, turn)?;
-            let (sb, w, vol) = self.materialize(id, &node, seq).await?;
+            let (sb, w, vol) = self.materialize(id, &node, seq, ep.meta.limits).await?;
             self.insert_live(id, ep.policy, (sb, w), vol, session, turn);
             Ok(())
         }
@@ -1066,4 +1281,129 @@ fn sync_fs(path: &Path) {
         // SAFETY: syncfs(2) on an fd we own for the duration of the call.
         unsafe { libc::syncfs(f.as_raw_fd()) };
     }
+}
+
+/// What a step may add to a turn beyond its command.
+#[derive(Debug, Clone, Default)]
+pub struct StepOptions {
+    /// 0: the service's default.
+    pub timeout_ms: u64,
+    /// Environment variables for this step only.
+    pub env: Vec<(String, String)>,
+    /// Working directory for this step only.
+    pub cwd: Option<String>,
+    pub stdin: Vec<u8>,
+    /// Cap on stdout and on stderr; 0: the service's maximum.
+    pub max_output: u64,
+}
+
+impl StepOptions {
+    fn validate(&self, out_cap: usize) -> Result<()> {
+        let bad = |m: String| Err(EngineError::BadRequest(m));
+        let mut env_bytes = 0;
+        for (k, v) in &self.env {
+            if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
+                return bad(format!("env name {k:?} is not a valid variable name"));
+            }
+            if k.starts_with("__ST_") || k.starts_with("__st_") {
+                return bad(format!("env name {k:?} is reserved by sandtree"));
+            }
+            env_bytes += k.len() + v.len() + 2;
+        }
+        if env_bytes > crate::runtime::shim::MAX_ENV_BYTES {
+            return bad(format!(
+                "the step's env is {env_bytes} bytes; the limit is {}",
+                crate::runtime::shim::MAX_ENV_BYTES
+            ));
+        }
+        if let Some(cwd) = &self.cwd {
+            if !cwd.starts_with('/')
+                || cwd.contains('\0')
+                || cwd.len() > crate::runtime::shim::MAX_CWD_BYTES
+            {
+                return bad(format!(
+                    "cwd {cwd:?} must be an absolute path of at most {} bytes",
+                    crate::runtime::shim::MAX_CWD_BYTES
+                ));
+            }
+        }
+        if self.stdin.len() as u64 > crate::runtime::shim::MAX_FILE_BYTES {
+            return bad(format!(
+                "stdin is {} bytes; the limit is {}",
+                self.stdin.len(),
+                crate::runtime::shim::MAX_FILE_BYTES
+            ));
+        }
+        if self.max_output > out_cap as u64 {
+            return bad(format!(
+                "max_output_bytes {} is over this server's maximum of {out_cap}",
+                self.max_output
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A piece of a running step's output.
+#[derive(Debug, Clone)]
+pub enum Chunk {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+}
+
+/// The session's environment with this step's variables on top.
+fn merge_env(session: &[(String, String)], step: &[(String, String)]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = session
+        .iter()
+        .filter(|(k, _)| !step.iter().any(|(k2, _)| k2 == k))
+        .cloned()
+        .collect();
+    env.extend(step.iter().cloned());
+    env
+}
+
+/// Most labels an episode may have, and the longest key and value.
+pub const MAX_LABELS: usize = 32;
+pub const MAX_LABEL_BYTES: usize = 256;
+
+pub fn validate_labels(labels: &std::collections::BTreeMap<String, String>) -> Result<()> {
+    if labels.len() > MAX_LABELS {
+        return Err(EngineError::BadRequest(format!(
+            "{} labels; an episode takes at most {MAX_LABELS}",
+            labels.len()
+        )));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > MAX_LABEL_BYTES || v.len() > MAX_LABEL_BYTES {
+            return Err(EngineError::BadRequest(format!(
+                "label {k:?}: keys must be 1..={MAX_LABEL_BYTES} bytes and values at most {MAX_LABEL_BYTES}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_path(path: &str) -> Result<()> {
+    if path.is_empty() || path.contains('\0') || path.len() > 4096 {
+        return Err(EngineError::BadRequest(format!(
+            "path {path:?} must be 1..=4096 bytes with no NUL"
+        )));
+    }
+    Ok(())
+}
+
+/// A refused file operation as the error the caller can act on.
+fn file_error(id: &EpisodeId, path: &str, res: &crate::runtime::shim::FileResult) -> Result<()> {
+    if let crate::runtime::shim::FileResult::Failed { errno, message } = res {
+        let msg = format!("episode {id}: {message}");
+        return Err(match *errno {
+            libc::ENOENT => EngineError::NotFound(msg),
+            libc::EISDIR | libc::ENOTDIR | libc::EINVAL | libc::ELOOP | libc::EXDEV => {
+                EngineError::BadRequest(msg)
+            }
+            _ => EngineError::Precondition(msg),
+        });
+    }
+    let _ = path;
+    Ok(())
 }

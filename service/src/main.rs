@@ -16,6 +16,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use sandtree_proto::v1 as pb;
 
 pub const DEFAULT_SOCKET: &str = "/run/sandtree/sandtree.sock";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/sandtree";
@@ -86,8 +87,21 @@ enum Cmd {
         policy: String,
         #[arg(long)]
         json: bool,
+        /// A label KEY=VALUE (repeatable); `list --label` filters on them, forks inherit them.
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// Memory of this episode's sandbox in MiB (at most the server's).
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        /// Processes of this episode's sandbox (at most the server's).
+        #[arg(long)]
+        pids: Option<u64>,
+        /// CPUs of this episode's sandbox (at most the server's).
+        #[arg(long)]
+        cpus: Option<f64>,
     },
-    /// Run one turn: the command runs with `sh -c` in the episode's shell session.
+    /// Run one turn: the command runs with `sh -c` in the episode's shell session. Without
+    /// --json, output is streamed as it comes.
     Step {
         episode: String,
         #[arg(long)]
@@ -95,8 +109,38 @@ enum Cmd {
         /// Per-step timeout in seconds (kills the step's process group).
         #[arg(long)]
         timeout: Option<f64>,
+        /// An environment variable KEY=VALUE for this step only (repeatable).
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Working directory for this step only.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Pass this command's standard input to the step.
+        #[arg(long)]
+        stdin: bool,
+        /// Cap on the step's stdout and on its stderr, in bytes (at most the server's).
+        #[arg(long)]
+        max_output: Option<u64>,
         #[arg(last = true, required = true, num_args = 1..)]
         cmd: Vec<String>,
+    },
+    /// Write standard input to a file in the sandbox (a turn of its own).
+    Write {
+        episode: String,
+        path: String,
+        /// Permission bits of a new file, in octal.
+        #[arg(long, default_value = "644")]
+        mode: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a file of the sandbox on standard output.
+    Read {
+        episode: String,
+        path: String,
+        /// Read at most this many bytes (0: the server's maximum).
+        #[arg(long, default_value_t = 0)]
+        max_bytes: u64,
     },
     /// Delete an episode and its sandbox.
     Delete { episode: String },
@@ -131,6 +175,12 @@ enum Cmd {
     List {
         #[arg(long)]
         json: bool,
+        /// Only episodes with this label KEY=VALUE (repeatable: all must match).
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// Only episodes with this status: running, stopped or deleted.
+        #[arg(long)]
+        status: Option<String>,
     },
     /// Build, import or list images.
     Image {
@@ -263,13 +313,68 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             image,
             policy,
             json,
-        } => client::create(&socket, image, policy, json).await,
+            labels,
+            memory_mib,
+            pids,
+            cpus,
+        } => {
+            let req = pb::CreateEpisodeRequest {
+                image,
+                policy,
+                labels: client::key_values(&labels, "--label")?,
+                memory_mib: memory_mib.unwrap_or(0),
+                pids: pids.unwrap_or(0),
+                cpus: cpus.unwrap_or(0.0),
+            };
+            client::create(&socket, req, json).await
+        }
         Cmd::Step {
             episode,
             json,
             timeout,
+            env,
+            cwd,
+            stdin,
+            max_output,
             cmd,
-        } => client::step(&socket, episode, cmd.join(" "), timeout, json).await,
+        } => {
+            let stdin = if stdin {
+                let mut b = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)?;
+                b
+            } else {
+                Vec::new()
+            };
+            let req = pb::StepRequest {
+                episode,
+                command: cmd.join(" "),
+                timeout_ms: client::timeout_ms(timeout)?,
+                env: client::key_values(&env, "--env")?,
+                cwd: cwd.unwrap_or_default(),
+                stdin,
+                max_output_bytes: max_output.unwrap_or(0),
+            };
+            client::step(&socket, req, json).await
+        }
+        Cmd::Write {
+            episode,
+            path,
+            mode,
+            json,
+        } => {
+            let mode = u32::from_str_radix(&mode, 8)
+                .ok()
+                .filter(|m| *m <= 0o7777)
+                .with_context(|| format!("--mode must be octal permission bits, got {mode:?}"))?;
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut data)?;
+            client::write_file(&socket, episode, path, data, mode, json).await
+        }
+        Cmd::Read {
+            episode,
+            path,
+            max_bytes,
+        } => client::read_file(&socket, episode, path, max_bytes).await,
         Cmd::Delete { episode } => client::delete(&socket, episode).await,
         Cmd::Fork {
             episode,
@@ -280,7 +385,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Rewind { episode, turn } => client::rewind(&socket, episode, turn).await,
         Cmd::Tree { episode, json } => client::tree(&socket, episode, json).await,
         Cmd::Stats { json } => client::stats(&socket, json).await,
-        Cmd::List { json } => client::list(&socket, json).await,
+        Cmd::List {
+            json,
+            labels,
+            status,
+        } => {
+            let req = pb::ListEpisodesRequest {
+                labels: client::key_values(&labels, "--label")?,
+                status: status.unwrap_or_default(),
+            };
+            client::list(&socket, req, json).await
+        }
         Cmd::Image { cmd } => match cmd {
             ImageCmd::Build { kind } => client::build_image(&socket, kind).await,
             ImageCmd::Import {
@@ -388,9 +503,13 @@ async fn serve(
         }
     };
     tonic::transport::Server::builder()
-        .add_service(sandtree_proto::v1::sandtree_server::SandtreeServer::new(
-            api,
-        ))
+        .add_service(
+            // Room for the largest file write or read (runtime::shim::MAX_FILE_BYTES) and a
+            // step's stdin.
+            sandtree_proto::v1::sandtree_server::SandtreeServer::new(api)
+                .max_decoding_message_size(80 << 20)
+                .max_encoding_message_size(80 << 20),
+        )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
             shutdown,

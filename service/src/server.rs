@@ -62,8 +62,47 @@ fn info(ep: &sandtree_branching::Episode) -> pb::EpisodeInfo {
             .as_ref()
             .map(|(e, t)| format!("{e}@{t}"))
             .unwrap_or_default(),
+        labels: ep
+            .meta
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
 }
+
+fn step_response(o: crate::engine::StepOutcome) -> pb::StepResponse {
+    pb::StepResponse {
+        turn: o.turn,
+        stdout: o.stdout,
+        stderr: o.stderr,
+        stdout_truncated: o.observation.stdout_truncated,
+        stderr_truncated: o.observation.stderr_truncated,
+        exit_code: o.observation.exit_code,
+        duration_ms: o.observation.duration_ms,
+        cwd: o.cwd,
+        verdict: verdict_str(o.verdict.kind).into(),
+        reasons: o.verdict.reasons,
+        node: o.node.0,
+        timed_out: o.timed_out,
+        accepted_us: o.waited_us,
+    }
+}
+
+fn step_options(r: &pb::StepRequest) -> crate::engine::StepOptions {
+    let mut env: Vec<(String, String)> =
+        r.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    env.sort();
+    crate::engine::StepOptions {
+        timeout_ms: r.timeout_ms,
+        env,
+        cwd: (!r.cwd.is_empty()).then(|| r.cwd.clone()),
+        stdin: r.stdin.clone(),
+        max_output: r.max_output_bytes,
+    }
+}
+
+type StepEventStream = Pin<Box<dyn Stream<Item = Result<pb::StepEvent, Status>> + Send>>;
 
 type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::ImageProgress, Status>> + Send>>;
 
@@ -139,7 +178,18 @@ impl pb::sandtree_server::Sandtree for Api {
         };
         sandtree_storage::validate_name(&r.image)
             .map_err(|_| Status::invalid_argument(format!("invalid image name {:?}", r.image)))?;
-        let id = self.engine.create(&r.image, policy).await.map_err(status)?;
+        let meta = sandtree_branching::EpisodeMeta {
+            labels: r.labels.into_iter().collect(),
+            limits: self
+                .engine
+                .episode_limits(r.memory_mib, r.pids, r.cpus)
+                .map_err(status)?,
+        };
+        let id = self
+            .engine
+            .create(&r.image, policy, meta)
+            .await
+            .map_err(status)?;
         let ep = self
             .engine
             .tree
@@ -158,25 +208,77 @@ impl pb::sandtree_server::Sandtree for Api {
         // dropped request must not leave a command running in the sandbox without a turn, or
         // let the next step overlap it.
         let engine = self.engine.clone();
-        let o = tokio::spawn(async move { engine.step(&id, r.command, r.timeout_ms).await })
+        let opts = step_options(&r);
+        let o = tokio::spawn(async move { engine.step(&id, r.command, opts, None).await })
             .await
             .map_err(|e| Status::internal(format!("step task failed: {e}")))?
             .map_err(status)?;
-        Ok(Response::new(pb::StepResponse {
-            turn: o.turn,
-            stdout: o.observation.stdout,
-            stderr: o.observation.stderr,
-            stdout_truncated: o.observation.stdout_truncated,
-            stderr_truncated: o.observation.stderr_truncated,
-            exit_code: o.observation.exit_code,
-            duration_ms: o.observation.duration_ms,
-            cwd: o.cwd,
-            verdict: verdict_str(o.verdict.kind).into(),
-            reasons: o.verdict.reasons,
-            node: o.node.0,
-            timed_out: o.timed_out,
-            accepted_us: o.waited_us,
-        }))
+        Ok(Response::new(step_response(o)))
+    }
+
+    type StepStreamStream = StepEventStream;
+    async fn step_stream(
+        &self,
+        req: Request<pb::StepRequest>,
+    ) -> Result<Response<StepEventStream>, Status> {
+        use pb::step_event::Event;
+        let r = req.into_inner();
+        let id = episode_id(&r.episode)?;
+        let engine = self.engine.clone();
+        let opts = step_options(&r);
+        let (chunk_tx, mut chunk_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        // As for Step, the step runs to its end whether or not anyone still listens.
+        let step =
+            tokio::spawn(async move { engine.step(&id, r.command, opts, Some(chunk_tx)).await });
+        tokio::spawn(async move {
+            while let Some(c) = chunk_rx.recv().await {
+                let ev = match c {
+                    crate::engine::Chunk::Stdout(b) => Event::Stdout(b),
+                    crate::engine::Chunk::Stderr(b) => Event::Stderr(b),
+                };
+                let _ = tx.send(Ok(pb::StepEvent { event: Some(ev) }));
+            }
+            let end = match step.await {
+                Ok(Ok(o)) => Ok(pb::StepEvent {
+                    event: Some(Event::Result(step_response(o))),
+                }),
+                Ok(Err(e)) => Err(status(e)),
+                Err(e) => Err(Status::internal(format!("step task failed: {e}"))),
+            };
+            let _ = tx.send(end);
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        )))
+    }
+
+    async fn write_file(
+        &self,
+        req: Request<pb::WriteFileRequest>,
+    ) -> Result<Response<pb::StepResponse>, Status> {
+        let r = req.into_inner();
+        let id = episode_id(&r.episode)?;
+        let engine = self.engine.clone();
+        let o = tokio::spawn(async move { engine.write_file(&id, r.path, r.data, r.mode).await })
+            .await
+            .map_err(|e| Status::internal(format!("write task failed: {e}")))?
+            .map_err(status)?;
+        Ok(Response::new(step_response(o)))
+    }
+
+    async fn read_file(
+        &self,
+        req: Request<pb::ReadFileRequest>,
+    ) -> Result<Response<pb::ReadFileResponse>, Status> {
+        let r = req.into_inner();
+        let id = episode_id(&r.episode)?;
+        let (data, size) = self
+            .engine
+            .read_file(&id, r.path, r.max_bytes)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ReadFileResponse { data, size }))
     }
 
     async fn delete_episode(
@@ -319,15 +421,31 @@ impl pb::sandtree_server::Sandtree for Api {
 
     async fn list_episodes(
         &self,
-        _: Request<pb::ListEpisodesRequest>,
+        req: Request<pb::ListEpisodesRequest>,
     ) -> Result<Response<pb::ListEpisodesResponse>, Status> {
+        let r = req.into_inner();
+        if !["", "running", "stopped", "deleted"].contains(&r.status.as_str()) {
+            return Err(Status::invalid_argument(format!(
+                "unknown status {:?}: expected running, stopped or deleted",
+                r.status
+            )));
+        }
         let eps = self
             .engine
             .tree
-            .list_episodes(false)
+            .list_episodes(r.status == "deleted")
             .map_err(|e| status(e.into()))?;
         Ok(Response::new(pb::ListEpisodesResponse {
-            episodes: eps.iter().map(info).collect(),
+            episodes: eps
+                .iter()
+                .filter(|e| r.status.is_empty() || e.status.to_string() == r.status)
+                .filter(|e| {
+                    r.labels
+                        .iter()
+                        .all(|(k, v)| e.meta.labels.get(k) == Some(v))
+                })
+                .map(info)
+                .collect(),
         }))
     }
 

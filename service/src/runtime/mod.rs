@@ -55,6 +55,23 @@ impl Runtime {
         mode: &str,
         spec: &impl serde::Serialize,
     ) -> Result<T> {
+        let mut last = None;
+        self.shim_lines(mode, spec, &mut |line| {
+            last = Some(line.to_vec());
+            Ok(())
+        })?;
+        serde_json::from_slice(&last.context("the shim printed nothing")?)
+            .context("parse shim output")
+    }
+
+    /// Runs the shim and hands each line it prints to `on_line` as it comes.
+    fn shim_lines(
+        &self,
+        mode: &str,
+        spec: &impl serde::Serialize,
+        on_line: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        use std::io::BufRead;
         let mut child = Command::new(&self.exe)
             .args(["__shim", mode])
             .stdin(Stdio::piped())
@@ -68,21 +85,43 @@ impl Runtime {
             .take()
             .expect("piped")
             .write_all(&serde_json::to_vec(spec)?)?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
+        // stderr is read on its own thread so that a chatty shim cannot block on a full pipe.
+        let mut err = child.stderr.take().expect("piped");
+        let err = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut err, &mut s);
+            s
+        });
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = Vec::new();
+        let mut failed = None;
+        loop {
+            line.clear();
+            if out.read_until(b'\n', &mut line)? == 0 {
+                break;
+            }
+            if failed.is_none() {
+                if let Err(e) = on_line(line.strip_suffix(b"\n").unwrap_or(&line)) {
+                    failed = Some(e);
+                }
+            }
+        }
+        let status = child.wait()?;
+        let stderr = err.join().unwrap_or_default();
+        if !status.success() {
             bail!(
                 "{}",
-                String::from_utf8_lossy(&out.stderr)
+                String::from_utf8_lossy(&stderr)
                     .trim()
                     .trim_start_matches("Error: ")
             );
         }
-        serde_json::from_slice(&out.stdout).context("parse shim output")
+        failed.map_or(Ok(()), Err)
     }
 
-    /// Creates a sandbox on `rootfs` (a mounted volume).
-    pub fn start(&self, name: &str, rootfs: &Path) -> Result<Sandbox> {
-        let cgroup = self.layout.create(name, self.limits)?;
+    /// Creates a sandbox on `rootfs` (a mounted volume), with `limits` or the runtime's.
+    pub fn start(&self, name: &str, rootfs: &Path, limits: Option<Limits>) -> Result<Sandbox> {
+        let cgroup = self.layout.create(name, limits.unwrap_or(self.limits))?;
         let spec = shim::StartSpec {
             rootfs: rootfs.to_path_buf(),
             hostname: "sandbox".into(),
@@ -101,12 +140,38 @@ impl Runtime {
         }
     }
 
-    /// Runs one turn's command in the sandbox.
-    pub fn exec(&self, sb: &Sandbox, mut spec: ExecSpec) -> Result<ExecResult> {
+    /// Runs one turn's command in the sandbox. With `spec.stream`, `on_chunk` gets stdout and
+    /// stderr chunks while it runs.
+    pub fn exec(
+        &self,
+        sb: &Sandbox,
+        mut spec: ExecSpec,
+        on_chunk: &mut dyn FnMut(shim::ShimEvent),
+    ) -> Result<ExecResult> {
         spec.init_pid = sb.init_pid;
         spec.v2_cgroup = sb.cgroup.v2.clone();
         spec.procs_files = sb.cgroup.procs_files();
-        self.shim("exec", &spec)
+        let mut result = None;
+        self.shim_lines("exec", &spec, &mut |line| {
+            match serde_json::from_slice(line).context("parse shim output")? {
+                shim::ShimEvent::Done(r) => result = Some(r),
+                ev => on_chunk(ev),
+            }
+            Ok(())
+        })?;
+        result.context("the shim ended without a result")
+    }
+
+    /// Writes or reads a file inside the sandbox, as a process of the sandbox would.
+    pub fn file(&self, sb: &Sandbox, path: &str, op: shim::FileOp) -> Result<shim::FileResult> {
+        let spec = shim::FileSpec {
+            init_pid: sb.init_pid,
+            v2_cgroup: sb.cgroup.v2.clone(),
+            procs_files: sb.cgroup.procs_files(),
+            path: path.to_string(),
+            op,
+        };
+        self.shim("file", &spec)
     }
 
     /// CRIU dump (leave running); `post_dump` runs while the sandbox is frozen.
@@ -120,8 +185,14 @@ impl Runtime {
     }
 
     /// CRIU restore of `images` onto `rootfs`, in a fresh cgroup named `name`.
-    pub fn restore(&self, name: &str, images: &Path, rootfs: &Path) -> Result<Sandbox> {
-        let cgroup = self.layout.create(name, self.limits)?;
+    pub fn restore(
+        &self,
+        name: &str,
+        images: &Path,
+        rootfs: &Path,
+        limits: Option<Limits>,
+    ) -> Result<Sandbox> {
+        let cgroup = self.layout.create(name, limits.unwrap_or(self.limits))?;
         match self.criu.restore(
             images,
             rootfs,

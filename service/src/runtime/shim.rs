@@ -75,12 +75,20 @@ pub struct ExecSpec {
     pub env: Vec<(String, String)>,
     pub timeout_ms: u64,
     pub out_cap: usize,
+    /// The command's standard input (empty: /dev/null).
+    #[serde(with = "b64", default)]
+    pub stdin: Vec<u8>,
+    /// Print stdout/stderr chunks as [`ShimEvent`] lines while the command runs.
+    #[serde(default)]
+    pub stream: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ExecResult {
-    pub stdout: String,
-    pub stderr: String,
+    #[serde(with = "b64")]
+    pub stdout: Vec<u8>,
+    #[serde(with = "b64")]
+    pub stderr: Vec<u8>,
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
     pub exit_code: i32,
@@ -89,6 +97,68 @@ pub struct ExecResult {
     /// The shell's state after the command, when it could be recorded (not after `exec` or a kill).
     pub cwd: Option<String>,
     pub env: Option<Vec<(String, String)>>,
+}
+
+/// One line of the shim's output: a chunk of a running command's output, or the end.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ShimEvent {
+    Stdout(#[serde(with = "b64")] Vec<u8>),
+    Stderr(#[serde(with = "b64")] Vec<u8>),
+    Done(ExecResult),
+}
+
+/// A file operation inside a sandbox, done by a process of the sandbox (its namespaces, cgroups
+/// and confinement), so paths resolve exactly as they would for the agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileSpec {
+    pub init_pid: u32,
+    pub v2_cgroup: PathBuf,
+    pub procs_files: Vec<PathBuf>,
+    pub path: String,
+    pub op: FileOp,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum FileOp {
+    Write {
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+        mode: u32,
+    },
+    Read {
+        max_bytes: u64,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum FileResult {
+    Written,
+    Read {
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+        size: u64,
+    },
+    /// The operation was refused; `errno` says why (ENOENT, EISDIR, ...).
+    Failed {
+        errno: i32,
+        message: String,
+    },
+}
+
+/// Bytes as base64 in the shim's JSON.
+mod b64 {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// Entry point of `sandtree __shim MODE`.
@@ -106,6 +176,11 @@ pub fn main(mode: &str) -> Result<()> {
         "exec" => {
             let spec: ExecSpec = serde_json::from_str(&input).context("parse exec spec")?;
             let res = exec(&spec)?;
+            println!("{}", serde_json::to_string(&ShimEvent::Done(res))?);
+        }
+        "file" => {
+            let spec: FileSpec = serde_json::from_str(&input).context("parse file spec")?;
+            let res = file_op(&spec)?;
             println!("{}", serde_json::to_string(&res)?);
         }
         other => bail!("unknown shim mode {other:?}"),
@@ -418,28 +493,31 @@ eval "$__st_c"
 /// Variables that the shell itself maintains; they are not session state.
 const SHELL_VARS: &[&str] = &["PWD", "OLDPWD", "SHLVL", "_"];
 
-fn check_init(spec: &ExecSpec) -> Result<()> {
-    let cg = fs::read_to_string(format!("/proc/{}/cgroup", spec.init_pid))
-        .with_context(|| format!("sandbox init pid {} is gone", spec.init_pid))?;
+fn check_init(init_pid: u32, v2_cgroup: &std::path::Path) -> Result<()> {
+    let cg = fs::read_to_string(format!("/proc/{init_pid}/cgroup"))
+        .with_context(|| format!("sandbox init pid {init_pid} is gone"))?;
     let v2 = cg.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("");
-    if v2.is_empty() || !spec.v2_cgroup.to_string_lossy().ends_with(v2) {
-        bail!(
-            "pid {} is not a sandtree sandbox init (cgroup {v2:?})",
-            spec.init_pid
-        );
+    // Seen from inside its own cgroup namespace, init's cgroup is "/": the sandbox's leaf is
+    // checked through the host's view of the init process instead.
+    let leaf_ok = |v2: &str| !v2.is_empty() && v2_cgroup.to_string_lossy().ends_with(v2);
+    if !leaf_ok(v2) {
+        bail!("pid {init_pid} is not a sandtree sandbox init (cgroup {v2:?})");
     }
     Ok(())
 }
 
-fn exec(spec: &ExecSpec) -> Result<ExecResult> {
-    check_init(spec)?;
-    join_cgroups(&spec.procs_files)?;
+/// Joins the sandbox of `init_pid`: its cgroups, then every one of its namespaces. Afterwards
+/// this process's root and cwd are the sandbox's, and its children are in the sandbox's pid and
+/// time namespaces.
+fn enter_sandbox(init_pid: u32, v2_cgroup: &std::path::Path, procs: &[PathBuf]) -> Result<()> {
+    check_init(init_pid, v2_cgroup)?;
+    join_cgroups(procs)?;
     let ns_files: Vec<(CloneFlags, fs::File)> = SANDBOX_NAMESPACES
         .into_iter()
         .map(|(n, f)| {
             Ok((
                 f,
-                fs::File::open(format!("/proc/{}/ns/{n}", spec.init_pid))
+                fs::File::open(format!("/proc/{init_pid}/ns/{n}"))
                     .with_context(|| format!("open ns {n}"))?,
             ))
         })
@@ -447,30 +525,119 @@ fn exec(spec: &ExecSpec) -> Result<ExecResult> {
     for (flag, file) in &ns_files {
         setns(file, *flag).with_context(|| format!("setns {flag:?}"))?;
     }
-    drop(ns_files);
     chdir("/")?;
+    Ok(())
+}
+
+/// A fresh file the shim creates in the sandbox for a turn (never whatever the sandbox left under
+/// that name: a FIFO would block the open, a link would redirect it), open for reading and
+/// writing.
+fn fresh_file(p: &str) -> Result<fs::File> {
+    let _ = fs::remove_file(p);
+    std::os::unix::fs::OpenOptionsExt::custom_flags(
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true),
+        libc::O_NOFOLLOW | libc::O_CLOEXEC,
+    )
+    .open(p)
+    .with_context(|| format!("create {p}"))
+}
+
+/// Reads `f` from `*off` up to `cap` bytes in all; returns the new bytes.
+fn read_new(f: &fs::File, off: &mut u64, cap: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let want = (cap as u64).saturating_sub(*off).min(1 << 20) as usize;
+    if want == 0 {
+        return Vec::new();
+    }
+    let mut buf = vec![0u8; want];
+    match f.read_at(&mut buf, *off) {
+        Ok(n) => {
+            buf.truncate(n);
+            *off += n as u64;
+            buf
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+fn exec(spec: &ExecSpec) -> Result<ExecResult> {
+    enter_sandbox(spec.init_pid, &spec.v2_cgroup, &spec.procs_files)?;
     let io = format!("{SANDTREE_DIR}/io/t{}", spec.turn);
-    let (out_path, err_path) = (format!("{io}.out"), format!("{io}.err"));
+    let (out, err) = (
+        fresh_file(&format!("{io}.out"))?,
+        fresh_file(&format!("{io}.err"))?,
+    );
+    let stdin_path = format!("{io}.in");
+    let stdin = if spec.stdin.is_empty() {
+        None
+    } else {
+        let mut f = fresh_file(&stdin_path)?;
+        f.write_all(&spec.stdin).context("write the step's stdin")?;
+        Some(f)
+    };
     let started = Instant::now();
     // SAFETY: the shim is single-threaded, so the child may run arbitrary code after fork.
     let child = match unsafe { fork() }.context("fork turn")? {
         ForkResult::Child => {
-            let e = exec_child(spec, &io, &out_path, &err_path);
+            let e = exec_child(
+                spec,
+                &io,
+                &out,
+                &err,
+                stdin.is_some().then_some(&stdin_path),
+            );
             let _ = writeln!(std::io::stderr(), "sandtree: {e:#}");
             // SAFETY: _exit in the forked child.
             unsafe { libc::_exit(127) }
         }
         ForkResult::Parent { child } => child,
     };
-    let (status, timed_out) = wait_timeout(child, Duration::from_millis(spec.timeout_ms))?;
+    drop(stdin);
+    let (mut out_off, mut err_off) = (0u64, 0u64);
+    let mut on_tick = || {
+        if !spec.stream {
+            return;
+        }
+        let mut stdout = std::io::stdout().lock();
+        for (f, off, wrap) in [
+            (
+                &out,
+                &mut out_off,
+                ShimEvent::Stdout as fn(Vec<u8>) -> ShimEvent,
+            ),
+            (&err, &mut err_off, ShimEvent::Stderr),
+        ] {
+            let chunk = read_new(f, off, spec.out_cap);
+            if !chunk.is_empty() {
+                if let Ok(line) = serde_json::to_string(&wrap(chunk)) {
+                    let _ = writeln!(stdout, "{line}");
+                }
+            }
+        }
+        let _ = stdout.flush();
+    };
+    let (status, timed_out) =
+        wait_timeout(child, Duration::from_millis(spec.timeout_ms), &mut on_tick)?;
+    on_tick();
     let duration_ms = started.elapsed().as_millis() as u64;
     let exit_code = match status {
         WaitStatus::Exited(_, c) => c,
         WaitStatus::Signaled(_, s, _) => 128 + s as i32,
         _ => -1,
     };
-    let (stdout, stdout_truncated) = read_capped(&out_path, spec.out_cap);
-    let (mut stderr, stderr_truncated) = read_capped(&err_path, spec.out_cap);
+    let captured = |f: &fs::File| {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut off = 0;
+        (
+            read_new(f, &mut off, spec.out_cap),
+            len > spec.out_cap as u64,
+        )
+    };
+    let (stdout, stdout_truncated) = captured(&out);
+    let (mut stderr, stderr_truncated) = captured(&err);
     let (cwd, env) = if timed_out {
         (None, None)
     } else {
@@ -504,15 +671,15 @@ fn exec(spec: &ExecSpec) -> Result<ExecResult> {
             .filter(|b| !b.is_empty())
             .map(|b| parse_environ(&b));
         for n in state_notes {
-            if !stderr.is_empty() && !stderr.ends_with('\n') {
-                stderr.push('\n');
+            if !stderr.is_empty() && !stderr.ends_with(b"\n") {
+                stderr.push(b'\n');
             }
-            stderr.push_str(&n);
-            stderr.push('\n');
+            stderr.extend_from_slice(n.as_bytes());
+            stderr.push(b'\n');
         }
         (cwd, env)
     };
-    for suffix in ["out", "err", "cwd", "env"] {
+    for suffix in ["out", "err", "cwd", "env", "in"] {
         let _ = fs::remove_file(format!("{io}.{suffix}"));
     }
     Ok(ExecResult {
@@ -528,25 +695,22 @@ fn exec(spec: &ExecSpec) -> Result<ExecResult> {
     })
 }
 
-fn exec_child(spec: &ExecSpec, io: &str, out: &str, err: &str) -> anyhow::Error {
+fn exec_child(
+    spec: &ExecSpec,
+    io: &str,
+    out: &fs::File,
+    err: &fs::File,
+    stdin: Option<&String>,
+) -> anyhow::Error {
     let r = (|| -> Result<std::convert::Infallible> {
         setsid()?;
-        // Fresh files, never whatever the sandbox left under these names (a FIFO would block
-        // the open, a link would redirect it).
-        let open_out = |p: &str| {
-            let _ = fs::remove_file(p);
-            std::os::unix::fs::OpenOptionsExt::custom_flags(
-                fs::OpenOptions::new().write(true).create_new(true),
-                libc::O_NOFOLLOW,
-            )
-            .open(p)
-            .with_context(|| format!("open {p}"))
+        let input = match stdin {
+            Some(p) => fs::File::open(p).with_context(|| format!("open {p}"))?,
+            None => fs::File::open("/dev/null")?,
         };
-        let (o, e) = (open_out(out)?, open_out(err)?);
-        let null = fs::File::open("/dev/null")?;
-        dup_onto(&null, 0)?;
-        dup_onto(&o, 1)?;
-        dup_onto(&e, 2)?;
+        dup_onto(&input, 0)?;
+        dup_onto(out, 1)?;
+        dup_onto(err, 2)?;
         close_fds_from(3);
         super::confine::confine()?;
         let mut env: Vec<CString> = spec
@@ -573,6 +737,118 @@ fn exec_child(spec: &ExecSpec, io: &str, out: &str, err: &str) -> anyhow::Error 
         Ok(never) => match never {},
         Err(e) => e,
     }
+}
+
+/// Largest file `read` and `write` move in one call.
+pub const MAX_FILE_BYTES: u64 = 32 << 20;
+
+fn file_op(spec: &FileSpec) -> Result<FileResult> {
+    enter_sandbox(spec.init_pid, &spec.v2_cgroup, &spec.procs_files)?;
+    let (rd, wr) = pipe_cloexec()?;
+    // SAFETY: the shim is single-threaded, so the child may run arbitrary code after fork.
+    match unsafe { fork() }.context("fork file op")? {
+        ForkResult::Child => {
+            drop(rd);
+            let res = file_child(spec);
+            let mut w = fs::File::from(wr);
+            let _ = serde_json::to_writer(&mut w, &res);
+            drop(w);
+            // SAFETY: _exit in the forked child.
+            unsafe { libc::_exit(0) }
+        }
+        ForkResult::Parent { child } => {
+            drop(wr);
+            let mut buf = Vec::new();
+            fs::File::from(rd)
+                .take(MAX_FILE_BYTES * 2 + 4096)
+                .read_to_end(&mut buf)?;
+            let _ = waitpid(child, None);
+            serde_json::from_slice(&buf).context("file op child gave no answer")
+        }
+    }
+}
+
+/// In the sandbox's pid namespace, confined like the agent: the path resolves against the
+/// sandbox's root (RESOLVE_IN_ROOT: `..` and absolute symlinks stay inside) and no magic link of
+/// /proc is followed.
+fn file_child(spec: &FileSpec) -> FileResult {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    let failed = |e: nix::errno::Errno, what: &str| FileResult::Failed {
+        errno: e as i32,
+        message: format!("{what} {}: {}", spec.path, e.desc()),
+    };
+    if let Err(e) = super::confine::confine() {
+        return FileResult::Failed {
+            errno: libc::EPERM,
+            message: format!("confine: {e}"),
+        };
+    }
+    let root = match nix::fcntl::open(
+        "/",
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(e) => return failed(e, "open /"),
+    };
+    let resolve = ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS;
+    match &spec.op {
+        FileOp::Write { data, mode } => {
+            let how = OpenHow::new()
+                .flags(
+                    OFlag::O_WRONLY
+                        | OFlag::O_CREAT
+                        | OFlag::O_TRUNC
+                        | OFlag::O_NONBLOCK
+                        | OFlag::O_CLOEXEC,
+                )
+                .mode(nix::sys::stat::Mode::from_bits_truncate(*mode))
+                .resolve(resolve);
+            let fd = match nix::fcntl::openat2(&root, spec.path.as_str(), how) {
+                Ok(fd) => fd,
+                Err(e) => return failed(e, "open"),
+            };
+            let mut f = fs::File::from(fd);
+            match f.metadata() {
+                Ok(m) if !m.file_type().is_file() => {
+                    return failed(nix::errno::Errno::EINVAL, "not a regular file:")
+                }
+                Err(e) => return failed(errno_of(&e), "stat"),
+                Ok(_) => {}
+            }
+            match f.write_all(data) {
+                Ok(()) => FileResult::Written,
+                Err(e) => failed(errno_of(&e), "write"),
+            }
+        }
+        FileOp::Read { max_bytes } => {
+            let how = OpenHow::new()
+                .flags(OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)
+                .resolve(resolve);
+            let fd = match nix::fcntl::openat2(&root, spec.path.as_str(), how) {
+                Ok(fd) => fd,
+                Err(e) => return failed(e, "open"),
+            };
+            let f = fs::File::from(fd);
+            let size = match f.metadata() {
+                Ok(m) if m.is_dir() => return failed(nix::errno::Errno::EISDIR, "read"),
+                Ok(m) if !m.file_type().is_file() => {
+                    return failed(nix::errno::Errno::EINVAL, "not a regular file:")
+                }
+                Ok(m) => m.len(),
+                Err(e) => return failed(errno_of(&e), "stat"),
+            };
+            let mut data = Vec::with_capacity(size.min(*max_bytes) as usize);
+            match f.take(*max_bytes).read_to_end(&mut data) {
+                Ok(_) => FileResult::Read { data, size },
+                Err(e) => failed(errno_of(&e), "read"),
+            }
+        }
+    }
+}
+
+fn errno_of(e: &std::io::Error) -> nix::errno::Errno {
+    nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 fn dup_onto(src: &impl AsRawFd, dst: i32) -> Result<()> {
@@ -607,7 +883,12 @@ fn close_fds_from(first: i32) {
     };
 }
 
-fn wait_timeout(child: Pid, timeout: Duration) -> Result<(WaitStatus, bool)> {
+/// Waits for `child` up to `timeout`, calling `tick` about every 50 ms meanwhile.
+fn wait_timeout(
+    child: Pid,
+    timeout: Duration,
+    tick: &mut dyn FnMut(),
+) -> Result<(WaitStatus, bool)> {
     // SAFETY: pidfd_open(2) on our own child; the fd is owned right away.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.as_raw(), 0) } as i32;
     if fd < 0 {
@@ -630,12 +911,13 @@ fn wait_timeout(child: Pid, timeout: Duration) -> Result<(WaitStatus, bool)> {
             events: libc::POLLIN,
             revents: 0,
         };
-        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        let ms = left.as_millis().min(50) as i32;
         // SAFETY: poll(2) on one pollfd that we own.
         let r = unsafe { libc::poll(&mut pfd, 1, ms) };
         if r > 0 {
             break;
         }
+        tick();
     }
     Ok((waitpid(child, None)?, timed_out))
 }
@@ -671,14 +953,6 @@ fn read_untrusted(path: &str, cap: usize) -> Result<Option<(Vec<u8>, u64)>> {
         .read_to_end(&mut buf)
         .with_context(|| format!("read {path}"))?;
     Ok(Some((buf, meta.len())))
-}
-
-fn read_capped(path: &str, cap: usize) -> (String, bool) {
-    match read_untrusted(path, cap) {
-        Ok(Some((buf, len))) => (String::from_utf8_lossy(&buf).into_owned(), len > cap as u64),
-        Ok(None) => (String::new(), false),
-        Err(e) => (format!("sandtree: output not read: {e:#}"), false),
-    }
 }
 
 fn parse_environ(bytes: &[u8]) -> Vec<(String, String)> {
