@@ -8,7 +8,7 @@ use std::sync::Arc;
 use sandtree_branching::{EpisodeId, Policy, TreeError};
 use sandtree_proto::v1 as pb;
 use tokio_stream::Stream;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use crate::engine::{percentile, Engine, EngineError};
 
@@ -17,28 +17,40 @@ pub struct Api {
     pub image_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// The one place where errors become gRPC statuses.
+/// The one place where errors become gRPC statuses. Each carries its kind in the
+/// `sandtree-error` metadata key (not_found, invalid_argument, out_of_range, not_restorable,
+/// precondition, exhausted, internal), so clients can tell apart what one gRPC code covers.
 pub fn status(e: EngineError) -> Status {
     let msg = e.to_string();
-    match e {
-        EngineError::BadRequest(_) => Status::invalid_argument(msg),
-        EngineError::NotFound(_) => Status::not_found(msg),
-        EngineError::Precondition(_) => Status::failed_precondition(msg),
-        EngineError::Exhausted(_) => Status::resource_exhausted(msg),
-        EngineError::Internal(_) => Status::internal(msg),
+    let (code, kind) = match e {
+        EngineError::BadRequest(_) => (Code::InvalidArgument, "invalid_argument"),
+        EngineError::NotFound(_) => (Code::NotFound, "not_found"),
+        EngineError::Precondition(_) => (Code::FailedPrecondition, "precondition"),
+        EngineError::Exhausted(_) => (Code::ResourceExhausted, "exhausted"),
+        EngineError::Internal(_) => (Code::Internal, "internal"),
         EngineError::Tree(t) => match t {
-            TreeError::UnknownEpisode(_) | TreeError::UnknownNode(_) => Status::not_found(msg),
+            TreeError::UnknownEpisode(_) | TreeError::UnknownNode(_) => {
+                (Code::NotFound, "not_found")
+            }
             TreeError::TurnOutOfRange { .. } | TreeError::InvalidArgument(_) => {
-                Status::out_of_range(msg)
+                (Code::OutOfRange, "out_of_range")
+            }
+            // The turn has no committed checkpoint to fork or rewind to.
+            TreeError::NodeCollected { .. } | TreeError::NodeNotCommitted { .. } => {
+                (Code::FailedPrecondition, "not_restorable")
             }
             TreeError::EpisodeDeleted(_)
             | TreeError::EpisodeNotRunning { .. }
-            | TreeError::NodeCollected { .. }
-            | TreeError::NodeNotCommitted { .. }
-            | TreeError::NodeNotPending { .. } => Status::failed_precondition(msg),
-            _ => Status::internal(msg),
+            | TreeError::NodeNotPending { .. } => (Code::FailedPrecondition, "precondition"),
+            _ => (Code::Internal, "internal"),
         },
-    }
+    };
+    let mut st = Status::new(code, msg);
+    st.metadata_mut().insert(
+        "sandtree-error",
+        tonic::metadata::MetadataValue::from_static(kind),
+    );
+    st
 }
 
 fn episode_id(s: &str) -> Result<EpisodeId, Status> {
