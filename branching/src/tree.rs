@@ -411,15 +411,17 @@ impl Tree {
         policy: Policy,
         env: Vec<(String, String)>,
     ) -> Result<Episode> {
-        self.create_episode_with(image, policy, env, EpisodeMeta::default())
+        self.create_episode_with(image, policy, env, "/".to_owned(), EpisodeMeta::default())
     }
 
-    /// Like [`Tree::create_episode`], with labels and limits that its forks inherit.
+    /// Like [`Tree::create_episode`], with a starting working directory and the labels and
+    /// limits that its forks inherit.
     pub fn create_episode_with(
         &self,
         image: &str,
         policy: Policy,
         env: Vec<(String, String)>,
+        cwd: String,
         meta: EpisodeMeta,
     ) -> Result<Episode> {
         self.write(|t| {
@@ -438,10 +440,7 @@ impl Tree {
                 turn: 0,
                 action: String::new(),
                 observation: Observation::default(),
-                session: Session {
-                    cwd: "/".to_owned(),
-                    env,
-                },
+                session: Session { cwd, env },
                 verdict: Verdict::default(),
                 node: node.id,
             };

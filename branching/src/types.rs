@@ -205,6 +205,9 @@ pub struct EpisodeMeta {
     /// Sandbox limits of this episode; None: the service's.
     #[serde(default)]
     pub limits: Option<SandboxLimits>,
+    /// (uid, gid) that its turns run as (its image's `User`); None: root.
+    #[serde(default)]
+    pub user: Option<(u32, u32)>,
 }
 
 /// Resource limits of one episode's sandbox.

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Context};
 use sandtree_branching::{
-    EpisodeId, EpisodeMeta, EpisodeStatus, NewTurn, Node, NodeArtifacts, NodeId, NodeKind,
+    Episode, EpisodeId, EpisodeMeta, EpisodeStatus, NewTurn, Node, NodeArtifacts, NodeId, NodeKind,
     NodeState, NodeTimings, Observation, Policy, SandboxLimits, Session, SnapshotRef, Tree,
     TreeError, TurnRecord, Verdict, VerdictKind,
 };
@@ -82,6 +82,8 @@ struct Live {
     /// Set when a step changed the sandbox but its turn could not be recorded: the sandbox is
     /// ahead of its tree, so further steps are refused until a rewind (or a fork) replaces it.
     diverged: Option<String>,
+    /// (uid, gid) that turns run as (the image's `User`); None: root.
+    user: Option<(u32, u32)>,
 }
 
 /// Longest command a step takes: it reaches the turn's shell as one environment string, which
@@ -275,6 +277,46 @@ impl Engine {
         ))
     }
 
+    fn image_config_path(&self, image: &str) -> PathBuf {
+        self.config
+            .data_dir
+            .join("image-config")
+            .join(format!("{image}.json"))
+    }
+
+    /// Keeps what an image's config says an episode starts with (written durably, replaced
+    /// whole).
+    pub fn save_image_config(
+        &self,
+        image: &str,
+        config: &crate::images::ImageConfig,
+    ) -> anyhow::Result<()> {
+        use std::io::Write;
+        let path = self.image_config_path(image);
+        let dir = path.parent().expect("has a parent");
+        std::fs::create_dir_all(dir)?;
+        let tmp = path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(config)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    }
+
+    /// The image's config, or the default (root in /, no extra env) for images without one.
+    fn image_config(&self, image: &str) -> Result<crate::images::ImageConfig> {
+        match std::fs::read(self.image_config_path(image)) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                EngineError::Internal(anyhow!("image {image}: its config is unreadable: {e}"))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+            Err(e) => Err(EngineError::Internal(anyhow!(
+                "image {image}: cannot read its config: {e}"
+            ))),
+        }
+    }
+
     /// Refuses `n` more live episodes beyond `--max-episodes` (checked at admission; concurrent
     /// admissions may overshoot by what is in flight).
     fn admit(&self, n: usize) -> Result<()> {
@@ -359,16 +401,25 @@ impl Engine {
                 "unknown image {image}: build it with `sandtree image build {image}` or import it"
             )));
         }
-        let env: Vec<(String, String)> = DEFAULT_ENV
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let cfg = self.image_config(image)?;
+        let env = merge_env(
+            &DEFAULT_ENV
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>(),
+            &cfg.env,
+        );
+        let mut meta = meta;
+        meta.user = cfg.user;
         let limits = meta.limits;
-        let ep = self.tree.create_episode_with(image, policy, env, meta)?;
+        let cwd = cfg.working_dir.clone().unwrap_or_else(|| "/".into());
+        let ep = self
+            .tree
+            .create_episode_with(image, policy, env, cwd, meta)?;
         let (_, node, session) = self.tree.rewind(&ep.id, 0)?;
         match self.materialize(&ep.id, &node, 0, limits).await {
             Ok((sandbox, watch, volume)) => {
-                self.insert_live(&ep.id, policy, (sandbox, watch), volume, session, 0);
+                self.insert_live(&ep, (sandbox, watch), volume, session, 0);
                 Ok(ep.id)
             }
             Err(e) => {
@@ -380,16 +431,17 @@ impl Engine {
 
     fn insert_live(
         &self,
-        id: &EpisodeId,
-        policy: Policy,
+        ep: &Episode,
         (sandbox, watch): (Sandbox, Watch),
         volume: String,
         session: Session,
         turn: u32,
     ) {
+        let id = &ep.id;
         let live = Live {
             id: id.clone(),
-            policy,
+            policy: ep.policy,
+            user: ep.meta.user,
             sandbox,
             watch,
             volume,
@@ -502,6 +554,7 @@ impl Engine {
             },
             stdin: opts.stdin.clone(),
             stream: chunks.is_some(),
+            user: l.user,
         };
         let (runtime, sb) = (self.runtime.clone(), l.sandbox.clone());
         let res = blocking(move || {
@@ -879,7 +932,7 @@ impl Engine {
             |(ep, node, session)| async move {
                 match self.materialize(&ep.id, &node, 0, ep.meta.limits).await {
                     Ok((sb, w, vol)) => {
-                        self.insert_live(&ep.id, ep.policy, (sb, w), vol, session, turn);
+                        self.insert_live(&ep, (sb, w), vol, session, turn);
                         Ok(ep.id)
                     }
                     Err(e) => {
@@ -950,7 +1003,7 @@ impl Engine {
         let r = async {
             let (ep, node, session) = self.tree.rewind(id, turn)?;
             let (sb, w, vol) = self.materialize(id, &node, seq, ep.meta.limits).await?;
-            self.insert_live(id, ep.policy, (sb, w), vol, session, turn);
+            self.insert_live(&ep, (sb, w), vol, session, turn);
             Ok(())
         }
         .await;

@@ -60,6 +60,111 @@ pub fn import(
     path: &Path,
     opts: ImportOptions,
     progress: Progress,
+) -> Result<ImageConfig> {
+    let mut config = ImageConfig::default();
+    import_into(storage, name, path, opts, progress, &mut config)?;
+    Ok(config)
+}
+
+/// What an OCI or docker-save image's config says an episode starts with: its environment,
+/// working directory and user (resolved against the image's /etc/passwd and /etc/group at
+/// import, so a missing user fails the import, not a step).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageConfig {
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<String>,
+    /// (uid, gid) the image's `User` names; None: root.
+    pub user: Option<(u32, u32)>,
+}
+
+impl ImageConfig {
+    /// Reads the `config` object of an image config JSON (OCI image config or docker-save's).
+    fn from_json(v: &serde_json::Value, root: &Root) -> Result<ImageConfig> {
+        let c = &v["config"];
+        let mut env = Vec::new();
+        for e in c["Env"].as_array().into_iter().flatten() {
+            let e = e
+                .as_str()
+                .context("image config Env has a non-string entry")?;
+            let (k, val) = e
+                .split_once('=')
+                .with_context(|| format!("image config Env entry {e:?} has no '='"))?;
+            if k.is_empty() || k.contains('\0') || val.contains('\0') {
+                bail!("image config Env entry {e:?} is not a valid variable");
+            }
+            env.push((k.to_string(), val.to_string()));
+        }
+        let working_dir = c["WorkingDir"]
+            .as_str()
+            .filter(|w| !w.is_empty())
+            .map(|w| {
+                if !w.starts_with('/') || w.contains('\0') || w.len() > 4096 {
+                    bail!("image config WorkingDir {w:?} is not an absolute path");
+                }
+                Ok(w.to_string())
+            })
+            .transpose()?;
+        let user = match c["User"].as_str().filter(|u| !u.is_empty()) {
+            None => None,
+            Some(u) => resolve_user(root, u)?,
+        };
+        Ok(ImageConfig {
+            env,
+            working_dir,
+            user,
+        })
+    }
+}
+
+/// `User` of an image config (`name`, `uid`, `name:group`, `uid:gid`) as (uid, gid), looked up
+/// in the image's own /etc/passwd and /etc/group. root is None.
+fn resolve_user(root: &Root, spec: &str) -> Result<Option<(u32, u32)>> {
+    let read = |f: &str| -> String {
+        let mut s = String::new();
+        if let Ok(mut file) = root.open_file(Path::new(f)) {
+            let _ = (&mut file).take(1 << 20).read_to_string(&mut s);
+        }
+        s
+    };
+    let (passwd, group) = (read("etc/passwd"), read("etc/group"));
+    let (u, g) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let entry = |db: &str, name: &str| -> Option<(u32, Option<u32>)> {
+        db.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            if f.len() < 3 || f[0] != name {
+                return None;
+            }
+            Some((f[2].parse().ok()?, f.get(3).and_then(|x| x.parse().ok())))
+        })
+    };
+    let (uid, primary) = match u.parse::<u32>() {
+        Ok(n) => (n, None),
+        Err(_) => entry(&passwd, u).with_context(|| {
+            format!("the image's User {spec:?} names a user that is not in its /etc/passwd")
+        })?,
+    };
+    let gid = match g {
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => entry(&group, g).map(|(gid, _)| gid).with_context(|| {
+                format!("the image's User {spec:?} names a group that is not in its /etc/group")
+            })?,
+        },
+        None => primary.unwrap_or(uid),
+    };
+    Ok((uid != 0 || gid != 0).then_some((uid, gid)))
+}
+
+fn import_into(
+    storage: &dyn SnapshotBackend,
+    name: &str,
+    path: &Path,
+    opts: ImportOptions,
+    progress: Progress,
+    config: &mut ImageConfig,
 ) -> Result<()> {
     let meta = fs::metadata(path)
         .with_context(|| format!("import source {} does not exist", path.display()))?;
@@ -73,7 +178,12 @@ pub fn import(
         let root = Root::open(root_path)?;
         if meta.is_dir() && path.join("oci-layout").exists() {
             let src = Root::open(&path)?;
-            apply_layers(&root, &src, &oci_layers(&src)?, setid, progress)
+            let (layers, cfg) = oci_layers(&src)?;
+            apply_layers(&root, &src, &layers, setid, progress)?;
+            if let Some(c) = cfg {
+                *config = ImageConfig::from_json(&c, &root)?;
+            }
+            Ok(())
         } else if meta.is_dir() {
             progress(format!("copying {}", path.display()));
             let what = format!("image directory {}", path.display());
@@ -92,11 +202,15 @@ pub fn import(
                 let st = Root::open(&staging)?;
                 let what = format!("archive {}", path.display());
                 unpack::apply_layer(&st, &what, &open, SetId::Strip)?;
-                let layers = match shape {
+                let (layers, cfg) = match shape {
                     ArchiveShape::DockerSave => docker_save_layers(&st)?,
                     _ => oci_layers(&st)?,
                 };
-                apply_layers(&root, &st, &layers, setid, progress)
+                apply_layers(&root, &st, &layers, setid, progress)?;
+                if let Some(c) = cfg {
+                    *config = ImageConfig::from_json(&c, &root)?;
+                }
+                Ok(())
             })();
             let _ = fs::remove_dir_all(&staging);
             r
@@ -337,7 +451,8 @@ fn blob(digest: &str) -> Result<String> {
 }
 
 /// Layer tarballs of the first manifest of an OCI image layout, bottom first.
-fn oci_layers(dir: &Root) -> Result<Vec<PathBuf>> {
+/// Layer blobs of an OCI layout, bottom first, and its image config (if it has one).
+fn oci_layers(dir: &Root) -> Result<(Vec<PathBuf>, Option<serde_json::Value>)> {
     let index = read_json(dir, "index.json")?;
     let digest = index["manifests"][0]["digest"]
         .as_str()
@@ -351,19 +466,24 @@ fn oci_layers(dir: &Root) -> Result<Vec<PathBuf>> {
             .to_string();
         manifest = read_json(dir, &blob(&d)?)?;
     }
-    manifest["layers"]
+    let layers = manifest["layers"]
         .as_array()
         .context("manifest has no layers")?
         .iter()
         .map(|l| blob(l["digest"].as_str().context("layer without digest")?).map(PathBuf::from))
-        .collect()
+        .collect::<Result<_>>()?;
+    let config = match manifest["config"]["digest"].as_str() {
+        Some(d) => Some(read_json(dir, &blob(d)?)?),
+        None => None,
+    };
+    Ok((layers, config))
 }
 
-/// Layer tarballs of a `docker save` archive (unpacked in `dir`), bottom first. Each is opened
-/// inside `dir` (`Root::open_file`), so a layer path cannot name a file outside it.
-fn docker_save_layers(dir: &Root) -> Result<Vec<PathBuf>> {
+/// Layer tarballs of a `docker save` archive (unpacked in `dir`), bottom first, and its image
+/// config. Each is opened inside `dir` (`Root::open_file`), so a path cannot name a file outside.
+fn docker_save_layers(dir: &Root) -> Result<(Vec<PathBuf>, Option<serde_json::Value>)> {
     let manifest = read_json(dir, "manifest.json")?;
-    manifest[0]["Layers"]
+    let layers = manifest[0]["Layers"]
         .as_array()
         .context("manifest.json has no Layers")?
         .iter()
@@ -372,7 +492,20 @@ fn docker_save_layers(dir: &Root) -> Result<Vec<PathBuf>> {
             unpack::normalize(Path::new(rel))
                 .with_context(|| format!("layer path {rel:?} escapes the archive"))
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    let config = match manifest[0]["Config"].as_str() {
+        Some(rel) => {
+            let rel = unpack::normalize(Path::new(rel))
+                .with_context(|| format!("config path {rel:?} escapes the archive"))?;
+            // An archive without its config file imports with the default config.
+            match dir.open_file(&rel) {
+                Ok(_) => Some(read_json(dir, &rel.to_string_lossy())?),
+                Err(_) => None,
+            }
+        }
+        None => None,
+    };
+    Ok((layers, config))
 }
 
 /// Applies layer tarballs (paths inside `src`) in order, bottom first.

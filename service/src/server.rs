@@ -196,6 +196,8 @@ impl pb::sandtree_server::Sandtree for Api {
                 .engine
                 .episode_limits(r.memory_mib, r.pids, r.cpus)
                 .map_err(status)?,
+            // From the image's config, at create.
+            user: None,
         };
         let id = self
             .engine
@@ -467,9 +469,10 @@ impl pb::sandtree_server::Sandtree for Api {
         req: Request<pb::BuildImageRequest>,
     ) -> Result<Response<ProgressStream>, Status> {
         let name = req.into_inner().name;
-        let storage = self.engine.storage.clone();
+        let engine = self.engine.clone();
         Ok(Response::new(self.image_job(move |p| {
-            crate::images::build(&*storage, &name, p)
+            crate::images::build(&*engine.storage, &name, p)?;
+            engine.save_image_config(&name, &Default::default())
         })))
     }
 
@@ -479,12 +482,30 @@ impl pb::sandtree_server::Sandtree for Api {
         req: Request<pb::ImportImageRequest>,
     ) -> Result<Response<ProgressStream>, Status> {
         let r = req.into_inner();
-        let storage = self.engine.storage.clone();
+        let engine = self.engine.clone();
         Ok(Response::new(self.image_job(move |p| {
             let opts = crate::images::ImportOptions {
                 allow_setuid: r.allow_setuid,
             };
-            crate::images::import(&*storage, &r.name, Path::new(&r.path), opts, p)
+            let storage = &*engine.storage;
+            let config = crate::images::import(storage, &r.name, Path::new(&r.path), opts, p)?;
+            // The image and its config come as one: without its config it does not stay.
+            if let Err(e) = engine.save_image_config(&r.name, &config) {
+                let _ = storage.destroy_base(&r.name);
+                return Err(e);
+            }
+            if config != Default::default() {
+                p(format!(
+                    "image config: {} env vars, working dir {}, user {}",
+                    config.env.len(),
+                    config.working_dir.as_deref().unwrap_or("/"),
+                    config
+                        .user
+                        .map(|(u, g)| format!("{u}:{g}"))
+                        .unwrap_or_else(|| "root".into())
+                ));
+            }
+            Ok(())
         })))
     }
 

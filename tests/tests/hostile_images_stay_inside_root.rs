@@ -505,3 +505,82 @@ fn device_nodes_and_setuid_files_are_refused() {
     );
     sc.assert_intact("refused directory imports");
 }
+
+/// A `docker save` archive whose image config sets Env, WorkingDir and User.
+fn docker_save_with_config(layers: Vec<Vec<u8>>, config: serde_json::Value) -> Vec<u8> {
+    let mut outer = Tar::new();
+    let mut names = Vec::new();
+    for (i, l) in layers.iter().enumerate() {
+        let n = format!("layer{}/layer.tar", i + 1);
+        outer.dir(&format!("layer{}/", i + 1)).file(&n, 0o644, l);
+        names.push(n);
+    }
+    outer.file("c.json", 0o644, config.to_string().as_bytes());
+    let manifest = serde_json::json!([{"Config": "c.json", "RepoTags": ["t:1"], "Layers": names}]);
+    outer.file("manifest.json", 0o644, manifest.to_string().as_bytes());
+    outer.bytes()
+}
+
+/// The image config's Env, WorkingDir and User are what an episode starts with (as SWE-style
+/// images need); a User the image does not have fails the import, leaving nothing.
+#[test]
+fn image_config_sets_env_workdir_and_user() {
+    if !require_sandbox_host() {
+        return;
+    }
+    let svc = Service::start(Storage::Btrfs);
+    let scratch = Scratch::new(&svc);
+    let mut l = Tar::new();
+    l.busybox(0o755);
+    for a in ["id", "pwd", "echo", "touch"] {
+        l.symlink(&format!("bin/{a}"), "busybox");
+    }
+    l.dir("etc/")
+        .file(
+            "etc/passwd",
+            0o644,
+            b"root:x:0:0:root:/root:/bin/sh\nagent:x:1000:1001:agent:/home/agent:/bin/sh\n",
+        )
+        .file("etc/group", 0o644, b"root:x:0:\nagents:x:1001:\n")
+        .dir("testbed/");
+    let layer = l.bytes();
+    let config = serde_json::json!({"config": {
+        "Env": ["PATH=/bin:/usr/bin", "TASK=fix-bug"],
+        "WorkingDir": "/testbed",
+        "User": "agent",
+    }});
+    let archive = scratch.dir.join("cfg.tar");
+    std::fs::write(
+        &archive,
+        docker_save_with_config(vec![layer.clone()], config),
+    )
+    .unwrap();
+    let name = unique("cfg");
+    let (ok, out) = import(&svc, &name, archive.to_str().unwrap(), &[]);
+    assert!(ok, "{out}");
+    let ep = svc.ok(&["create", "--image", &name]).trim().to_string();
+    let r = svc.step(
+        &ep,
+        "id -u; id -g; pwd; echo $TASK; touch /root/x 2>/dev/null || echo denied",
+    );
+    assert_eq!(
+        r["stdout"], "1000\n1001\n/testbed\nfix-bug\ndenied\n",
+        "{r}"
+    );
+    // The session is recorded for that user too: cd and export carry to the next step.
+    svc.step(&ep, "cd /tmp && export NEXT=1");
+    let r = svc.step(&ep, "pwd; echo $NEXT; id -u");
+    assert_eq!(r["stdout"], "/tmp\n1\n1000\n", "{r}");
+    svc.ok(&["delete", &ep]);
+
+    let bad = serde_json::json!({"config": {"User": "nobody-here"}});
+    let archive = scratch.dir.join("bad.tar");
+    std::fs::write(&archive, docker_save_with_config(vec![layer], bad)).unwrap();
+    let name = unique("badcfg");
+    assert_refused(
+        &svc,
+        &name,
+        archive.to_str().unwrap(),
+        "names a user that is not in its /etc/passwd",
+    );
+}

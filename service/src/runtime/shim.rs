@@ -81,6 +81,9 @@ pub struct ExecSpec {
     /// Print stdout/stderr chunks as [`ShimEvent`] lines while the command runs.
     #[serde(default)]
     pub stream: bool,
+    /// Run as this (uid, gid) instead of root (the image's `User`).
+    #[serde(default)]
+    pub user: Option<(u32, u32)>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -570,6 +573,19 @@ fn exec(spec: &ExecSpec) -> Result<ExecResult> {
         fresh_file(&format!("{io}.out"))?,
         fresh_file(&format!("{io}.err"))?,
     );
+    if let Some((uid, gid)) = spec.user {
+        // The shell records its cwd and env on exit as that user: it needs to reach the io dir
+        // and own the two files it writes.
+        fs::set_permissions(
+            format!("{SANDTREE_DIR}/io"),
+            fs::Permissions::from_mode(0o711),
+        )?;
+        for suffix in ["cwd", "env"] {
+            let f = fresh_file(&format!("{io}.{suffix}"))?;
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))
+                .with_context(|| format!("chown {io}.{suffix}"))?;
+        }
+    }
     let stdin_path = format!("{io}.in");
     let stdin = if spec.stdin.is_empty() {
         None
@@ -713,6 +729,15 @@ fn exec_child(
         dup_onto(err, 2)?;
         close_fds_from(3);
         super::confine::confine()?;
+        if let Some((uid, gid)) = spec.user {
+            // After confine: CAP_SETUID/SETGID are among the kept capabilities, and becoming a
+            // non-root user then clears them all.
+            nix::unistd::setgroups(&[]).context("setgroups")?;
+            let g = nix::unistd::Gid::from_raw(gid);
+            nix::unistd::setresgid(g, g, g).context("setresgid")?;
+            let u = nix::unistd::Uid::from_raw(uid);
+            nix::unistd::setresuid(u, u, u).context("setresuid")?;
+        }
         let mut env: Vec<CString> = spec
             .env
             .iter()
