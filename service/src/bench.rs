@@ -689,6 +689,17 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         ensure_image(&mut c, i).await?;
     }
     let mut results = Vec::new();
+    // A bar over every trajectory run on a terminal; plain lines otherwise (logs, CI).
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let b = indicatif::ProgressBar::new((policies.len() * suite.len()) as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "[{elapsed_precise}] {bar:30} {pos}/{len} trajectory runs, eta {eta}: {msg}",
+            )
+            .expect("valid template"),
+        );
+        b
+    });
     for policy in &policies {
         let mut res = PolicyResult {
             policy: policy.clone(),
@@ -696,12 +707,19 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         };
         let mut seed = args.seed;
         for t in &suite {
-            eprintln!(
+            let line = format!(
                 "[{:>5.0}s] {policy:<4} {} ({} turns)",
                 started.elapsed().as_secs_f64(),
                 t.name,
                 t.turns.len()
             );
+            match &bar {
+                Some(b) => {
+                    b.set_message(format!("{policy} {}", t.name));
+                    b.inc(1);
+                }
+                None => eprintln!("{line}"),
+            }
             run_one(&mut c, &svc.data_dir, t, policy, &args, &mut seed, &mut res)
                 .await
                 .with_context(|| format!("{} under {policy}", t.name))?;
@@ -717,6 +735,9 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         res.checkpoint_ms_p50 = after.checkpoint_ms_p50;
         res.checkpoint_ms_p99 = after.checkpoint_ms_p99;
         results.push(res);
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
     }
     let inspector = c
         .stats(pb::StatsRequest::default())

@@ -380,14 +380,39 @@ pub async fn list(socket: &Path, req: pb::ListEpisodesRequest, json: bool) -> Re
     Ok(ExitCode::SUCCESS)
 }
 
+/// Shows an image job's progress: a spinner with the latest line and the elapsed time on a
+/// terminal (each finished line is kept above it), plain lines otherwise (logs, CI).
 async fn follow(mut s: tonic::Streaming<pb::ImageProgress>) -> Result<()> {
-    while let Some(m) = s.message().await.map_err(rpc_err)? {
-        if m.done {
-            break;
+    use std::io::IsTerminal;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                .expect("valid template"),
+        );
+        b.enable_steady_tick(std::time::Duration::from_millis(120));
+        b
+    });
+    let r = async {
+        while let Some(m) = s.message().await.map_err(rpc_err)? {
+            if m.done {
+                break;
+            }
+            match &bar {
+                Some(b) => {
+                    b.println(&m.message);
+                    b.set_message(m.message);
+                }
+                None => eprintln!("{}", m.message),
+            }
         }
-        eprintln!("{}", m.message);
+        Ok(())
     }
-    Ok(())
+    .await;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    r
 }
 
 pub async fn build_image(socket: &Path, kind: String) -> Result<ExitCode> {
