@@ -20,10 +20,10 @@ mod types;
 pub use error::{Result, TreeError};
 pub use tree::{Tree, ABANDONED_REASON, SCHEMA_VERSION};
 pub use types::{
-    turn_kind, Episode, EpisodeId, EpisodeMeta, EpisodeStatus, ForgetReport, NewTurn, Node,
-    NodeArtifacts, NodeId, NodeKind, NodeState, NodeTimings, Observation, ParsePolicyError, Policy,
-    ReconcileReport, SandboxLimits, Session, SnapshotRef, Truncation, TurnId, TurnNo, TurnRecord,
-    Verdict, VerdictKind,
+    turn_kind, Episode, EpisodeId, EpisodeMeta, EpisodeStatus, Family, FamilyTurn, ForgetReport,
+    NewTurn, Node, NodeArtifacts, NodeId, NodeKind, NodeState, NodeTimings, Observation,
+    ParsePolicyError, Policy, ReconcileReport, SandboxLimits, Session, SnapshotRef, Truncation,
+    TurnId, TurnNo, TurnRecord, Verdict, VerdictKind,
 };
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).

@@ -14,9 +14,9 @@ use tracing::{debug, info, warn};
 use crate::error::{Result, TreeError};
 use crate::now_unix_ms;
 use crate::types::{
-    Episode, EpisodeId, EpisodeMeta, EpisodeStatus, ForgetReport, NewTurn, Node, NodeArtifacts,
-    NodeId, NodeKind, NodeState, Observation, Policy, ReconcileReport, Session, Truncation, TurnId,
-    TurnNo, TurnRecord, Verdict,
+    Episode, EpisodeId, EpisodeMeta, EpisodeStatus, Family, FamilyTurn, ForgetReport, NewTurn,
+    Node, NodeArtifacts, NodeId, NodeKind, NodeState, Observation, Policy, ReconcileReport,
+    Session, Truncation, TurnId, TurnNo, TurnRecord, Verdict,
 };
 
 /// Schema version written to (and required in) the `meta` table.
@@ -566,6 +566,74 @@ impl Tree {
         self.read(|t| {
             let ep = require_episode(&t.eps, id)?;
             path_to(&t.turns, ep.head)
+        })
+    }
+
+    /// The whole tree `id` belongs to, across its forks: the root episode of its fork family
+    /// (following `forked_from` up), every episode of the family that is not deleted, and every
+    /// turn record on one of their live paths, each once, in id order, with the episodes whose
+    /// live path holds it and the episodes forked from it.
+    pub fn family(&self, id: &EpisodeId) -> Result<Family> {
+        self.read(|t| {
+            require_episode(&t.eps, id)?;
+            let all = all_episodes(&t.eps)?;
+            let by_id: HashMap<&str, &Episode> = all.iter().map(|e| (e.id.as_str(), e)).collect();
+            let mut root = by_id[id.as_str()];
+            while let Some(p) = root
+                .forked_from
+                .as_ref()
+                .and_then(|(p, _)| by_id.get(p.as_str()))
+            {
+                root = p;
+            }
+            fn root_of<'a>(mut e: &'a Episode, by_id: &HashMap<&str, &'a Episode>) -> EpisodeId {
+                while let Some(p) = e
+                    .forked_from
+                    .as_ref()
+                    .and_then(|(p, _)| by_id.get(p.as_str()))
+                {
+                    e = p;
+                }
+                e.id.clone()
+            }
+            let members: Vec<&Episode> = all
+                .iter()
+                .filter(|e| e.status != EpisodeStatus::Deleted && root_of(e, &by_id) == root.id)
+                .collect();
+            let mut turns: std::collections::BTreeMap<TurnId, FamilyTurn> = Default::default();
+            for e in &members {
+                let path = path_to(&t.turns, e.head)?;
+                for rec in path {
+                    turns
+                        .entry(rec.id)
+                        .or_insert_with(|| FamilyTurn {
+                            record: rec.clone(),
+                            episodes: Vec::new(),
+                            forks: Vec::new(),
+                        })
+                        .episodes
+                        .push(e.id.clone());
+                }
+            }
+            for e in &members {
+                if let Some((src, turn)) = &e.forked_from {
+                    // The fork point is the source's record at that turn; find it on the
+                    // child's own path (the child shares the source's history up to it).
+                    let at = path_to(&t.turns, e.head)?
+                        .into_iter()
+                        .find(|r| r.turn == *turn)
+                        .map(|r| r.id);
+                    if let Some(ft) = at.and_then(|id| turns.get_mut(&id)) {
+                        ft.forks.push(e.id.clone());
+                    }
+                    let _ = src;
+                }
+            }
+            Ok(Family {
+                root: root.id.clone(),
+                episodes: members.iter().map(|e| e.id.clone()).collect(),
+                turns: turns.into_values().collect(),
+            })
         })
     }
 

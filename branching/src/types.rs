@@ -221,6 +221,28 @@ pub struct SandboxLimits {
     pub cpu_quota_us: u64,
 }
 
+/// The whole tree of a fork family (see `Tree::family`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Family {
+    /// The episode every other one was forked from, directly or not.
+    pub root: EpisodeId,
+    /// Every episode of the family that is not deleted.
+    pub episodes: Vec<EpisodeId>,
+    /// Every turn record on one of their live paths, once each, in id order.
+    pub turns: Vec<FamilyTurn>,
+}
+
+/// One turn record of a [`Family`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FamilyTurn {
+    /// The turn record.
+    pub record: TurnRecord,
+    /// Episodes whose live path holds this record.
+    pub episodes: Vec<EpisodeId>,
+    /// Episodes forked at this record.
+    pub forks: Vec<EpisodeId>,
+}
+
 /// What an action produced.
 #[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Observation {

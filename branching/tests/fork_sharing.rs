@@ -116,3 +116,52 @@ fn turn_kinds_for_display() {
         .collect();
     assert_eq!(kinds, vec!["base", "fs", "shared", "full"]);
 }
+
+/// `family` gives the same whole tree from any member: every record once, which episodes hold
+/// it, and where each fork branched; deleted episodes drop out.
+#[test]
+fn family_is_the_whole_tree_across_forks() {
+    let dir = common::tempdir();
+    let tree = Tree::open(common::db_path(&dir)).unwrap();
+    let root = tree
+        .create_episode("busybox", Policy::Full, Vec::new())
+        .unwrap()
+        .id;
+    for a in ["a", "b"] {
+        let (_, n) = tree
+            .append_turn(&root, step(a, VerdictKind::Proc, Some(NodeKind::Full)))
+            .unwrap();
+        let n = n.unwrap().id;
+        tree.commit_node(n, artifacts(n, 10)).unwrap();
+    }
+    let f1 = tree.fork(&root, 1, 1).unwrap()[0].0.id.clone();
+    let (_, n) = tree
+        .append_turn(&f1, step("c", VerdictKind::Proc, Some(NodeKind::Full)))
+        .unwrap();
+    let n = n.unwrap().id;
+    tree.commit_node(n, artifacts(n, 10)).unwrap();
+    let f2 = tree.fork(&f1, 2, 1).unwrap()[0].0.id.clone();
+    tree.append_turn(&f2, step("d", VerdictKind::None, None))
+        .unwrap();
+    let fam = tree.family(&f2).unwrap();
+    assert_eq!(fam, tree.family(&root).unwrap());
+    assert_eq!(fam, tree.family(&f1).unwrap());
+    assert_eq!(fam.root, root);
+    assert_eq!(fam.episodes.len(), 3);
+    // Records: root's 0, 1 (a), 2 (b); f1's 2 (c); f2's 3 (d): 5 in all, once each.
+    let actions: Vec<&str> = fam.turns.iter().map(|t| t.record.action.as_str()).collect();
+    let mut sorted = actions.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["", "a", "b", "c", "d"]);
+    assert_eq!(fam.turns.len(), 5, "{actions:?}");
+    let at = |a: &str| fam.turns.iter().find(|t| t.record.action == a).unwrap();
+    assert_eq!(at("a").episodes.len(), 3, "turn 1 is on every path");
+    assert_eq!(at("a").forks, vec![f1.clone()]);
+    assert_eq!(at("c").forks, vec![f2.clone()]);
+    assert_eq!(at("b").episodes, vec![root.clone()]);
+    assert_eq!(at("d").episodes, vec![f2.clone()]);
+    tree.delete_episode(&f2).unwrap();
+    let fam = tree.family(&root).unwrap();
+    assert_eq!(fam.episodes.len(), 2);
+    assert!(fam.turns.iter().all(|t| t.record.action != "d"));
+}

@@ -601,6 +601,7 @@ async fn turns_with_image(c: &mut Client, ep: &str) -> Result<std::collections::
     let turns = c
         .tree(pb::TreeRequest {
             episode: ep.to_string(),
+            whole: false,
         })
         .await
         .map_err(rpc_err)?
@@ -631,6 +632,7 @@ async fn full_dedup_savings(c: &mut Client, data_dir: &Path, ep: &str) -> Result
     let tree = c
         .tree(pb::TreeRequest {
             episode: ep.to_string(),
+            whole: false,
         })
         .await
         .map_err(rpc_err)?
@@ -1375,6 +1377,7 @@ pub async fn demo(data_dir: PathBuf) -> Result<std::process::ExitCode> {
     let tree = c
         .tree(pb::TreeRequest {
             episode: fork[0].clone(),
+            whole: false,
         })
         .await
         .map_err(rpc_err)?

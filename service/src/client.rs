@@ -224,14 +224,57 @@ pub async fn rewind(socket: &Path, episode: String, turn: u32) -> Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn tree(socket: &Path, episode: String, json: bool) -> Result<ExitCode> {
+/// The fork family as an indented tree: one line per turn record, children below their parent,
+/// with the episodes forked at it.
+fn print_family(r: &pb::TreeResponse) {
+    println!(
+        "fork family of {}: {} episodes, {} turn records",
+        r.family_root,
+        r.family_episodes.len(),
+        r.family.len()
+    );
+    let mut children: std::collections::BTreeMap<u64, Vec<&pb::TurnInfo>> = Default::default();
+    for t in &r.family {
+        children.entry(t.parent_record).or_default().push(t);
+    }
+    fn walk(
+        children: &std::collections::BTreeMap<u64, Vec<&pb::TurnInfo>>,
+        parent: u64,
+        depth: usize,
+    ) {
+        for t in children.get(&parent).into_iter().flatten() {
+            let mut action = t.action.replace('\n', "\\n");
+            if action.chars().count() > 50 {
+                action = action.chars().take(47).collect::<String>() + "...";
+            }
+            let forks = if t.forks.is_empty() {
+                String::new()
+            } else {
+                format!("  <- forked: {}", t.forks.join(", "))
+            };
+            println!(
+                "{:indent$}turn {} [{} {} {}B] {action}{forks}",
+                "",
+                t.turn,
+                t.kind,
+                t.verdict,
+                t.bytes,
+                indent = depth.min(40) * 2
+            );
+            walk(children, t.record, depth + 1);
+        }
+    }
+    walk(&children, 0, 0);
+}
+
+pub async fn tree(socket: &Path, episode: String, json: bool, whole: bool) -> Result<ExitCode> {
     let r = connect(socket)
         .await?
-        .tree(pb::TreeRequest { episode })
+        .tree(pb::TreeRequest { episode, whole })
         .await
         .map_err(rpc_err)?
         .into_inner();
-    let ep = r.episode.unwrap_or_default();
+    let ep = r.episode.clone().unwrap_or_default();
     if json {
         let turns: Vec<_> = r
             .turns
@@ -243,11 +286,28 @@ pub async fn tree(socket: &Path, episode: String, json: bool) -> Result<ExitCode
                 "state": t.state, "cwd": t.cwd})
             })
             .collect();
-        println!(
-            "{}",
-            serde_json::json!({"episode": ep.id, "image": ep.image, "policy": ep.policy, "status": ep.status,
-            "turn": ep.turn, "forked_from": ep.forked_from, "turns": turns})
-        );
+        let mut out = serde_json::json!({"episode": ep.id, "image": ep.image, "policy": ep.policy, "status": ep.status,
+            "turn": ep.turn, "forked_from": ep.forked_from, "labels": ep.labels, "turns": turns});
+        if whole {
+            out["family_root"] = r.family_root.clone().into();
+            out["family_episodes"] = r.family_episodes.clone().into();
+            out["family"] = r
+                .family
+                .iter()
+                .map(|t| {
+                    serde_json::json!({"record": t.record, "parent_record": (t.parent_record > 0).then_some(t.parent_record),
+                    "turn": t.turn, "action": t.action, "exit_code": t.exit_code, "verdict": t.verdict,
+                    "node": t.node, "kind": t.kind, "bytes": t.bytes, "state": t.state,
+                    "episodes": t.episodes, "forks": t.forks})
+                })
+                .collect::<Vec<_>>()
+                .into();
+        }
+        println!("{out}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if whole {
+        print_family(&r);
         return Ok(ExitCode::SUCCESS);
     }
     println!(

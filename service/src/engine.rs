@@ -1121,6 +1121,24 @@ impl Engine {
         Ok((ep, out))
     }
 
+    /// The whole tree of `id`'s fork family, each record with its node and display kind.
+    pub async fn family_view(
+        &self,
+        id: &EpisodeId,
+    ) -> Result<(sandtree_branching::Family, Vec<(Node, &'static str)>)> {
+        self.settle(id).await;
+        let fam = self.tree.family(id)?;
+        let by_id: HashMap<_, _> = fam.turns.iter().map(|t| (t.record.id, &t.record)).collect();
+        let mut out = Vec::with_capacity(fam.turns.len());
+        for t in &fam.turns {
+            let node = self.tree.node(t.record.node)?;
+            let parent = t.record.parent.and_then(|p| by_id.get(&p).copied());
+            let kind = sandtree_branching::turn_kind(&t.record, parent, &node.kind);
+            out.push((node, kind));
+        }
+        Ok((fam, out))
+    }
+
     /// Waits until no checkpoint is pending on any live episode, and no rewind's cleanup.
     pub async fn settle_all(&self) {
         self.settle_background().await;

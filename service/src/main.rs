@@ -165,6 +165,9 @@ enum Cmd {
         episode: String,
         #[arg(long)]
         json: bool,
+        /// The whole tree of the episode's fork family, not only its live path.
+        #[arg(long)]
+        whole: bool,
     },
     /// Checkpoint totals and per-episode figures, with C/R timings.
     Stats {
@@ -383,7 +386,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => client::fork(&socket, episode, turn, count, json).await,
         Cmd::Rewind { episode, turn } => client::rewind(&socket, episode, turn).await,
-        Cmd::Tree { episode, json } => client::tree(&socket, episode, json).await,
+        Cmd::Tree {
+            episode,
+            json,
+            whole,
+        } => client::tree(&socket, episode, json, whole).await,
         Cmd::Stats { json } => client::stats(&socket, json).await,
         Cmd::List {
             json,

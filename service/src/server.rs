@@ -83,6 +83,35 @@ fn info(ep: &sandtree_branching::Episode) -> pb::EpisodeInfo {
     }
 }
 
+fn turn_info(
+    t: sandtree_branching::TurnRecord,
+    n: &sandtree_branching::Node,
+    kind: &str,
+) -> pb::TurnInfo {
+    pb::TurnInfo {
+        turn: t.turn,
+        action: t.action,
+        exit_code: t.observation.exit_code,
+        verdict: verdict_str(t.verdict.kind).into(),
+        reasons: t.verdict.reasons,
+        node: n.id.0,
+        kind: kind.into(),
+        bytes: if kind == "shared" { 0 } else { n.bytes },
+        image_bytes: if kind == "shared" { 0 } else { n.image_bytes },
+        image_dumped_bytes: if kind == "shared" { 0 } else { dumped(n) },
+        image_parent: match (kind, n.image_parent) {
+            ("shared", _) | (_, None) => 0,
+            (_, Some(p)) => p.0,
+        },
+        state: match &n.state {
+            sandtree_branching::NodeState::Failed { .. } => "failed".into(),
+            s => s.to_string(),
+        },
+        cwd: t.session.cwd,
+        ..Default::default()
+    }
+}
+
 fn step_response(o: crate::engine::StepOutcome) -> pb::StepResponse {
     pb::StepResponse {
         turn: o.turn,
@@ -334,35 +363,36 @@ impl pb::sandtree_server::Sandtree for Api {
         &self,
         req: Request<pb::TreeRequest>,
     ) -> Result<Response<pb::TreeResponse>, Status> {
-        let id = episode_id(&req.into_inner().episode)?;
+        let r = req.into_inner();
+        let id = episode_id(&r.episode)?;
         let (ep, turns) = self.engine.tree_view(&id).await.map_err(status)?;
-        Ok(Response::new(pb::TreeResponse {
+        let mut resp = pb::TreeResponse {
             episode: Some(info(&ep)),
             turns: turns
                 .into_iter()
-                .map(|(t, n, kind)| pb::TurnInfo {
-                    turn: t.turn,
-                    action: t.action,
-                    exit_code: t.observation.exit_code,
-                    verdict: verdict_str(t.verdict.kind).into(),
-                    reasons: t.verdict.reasons,
-                    node: n.id.0,
-                    kind: kind.into(),
-                    bytes: if kind == "shared" { 0 } else { n.bytes },
-                    image_bytes: if kind == "shared" { 0 } else { n.image_bytes },
-                    image_dumped_bytes: if kind == "shared" { 0 } else { dumped(&n) },
-                    image_parent: match (kind, n.image_parent) {
-                        ("shared", _) | (_, None) => 0,
-                        (_, Some(p)) => p.0,
-                    },
-                    state: match n.state {
-                        sandtree_branching::NodeState::Failed { .. } => "failed".into(),
-                        s => s.to_string(),
-                    },
-                    cwd: t.session.cwd,
-                })
+                .map(|(t, n, kind)| turn_info(t, &n, kind))
                 .collect(),
-        }))
+            ..Default::default()
+        };
+        if r.whole {
+            let (fam, nodes) = self.engine.family_view(&id).await.map_err(status)?;
+            resp.family_root = fam.root.to_string();
+            resp.family_episodes = fam.episodes.iter().map(|e| e.to_string()).collect();
+            resp.family = fam
+                .turns
+                .into_iter()
+                .zip(nodes)
+                .map(|(ft, (n, kind))| {
+                    let mut ti = turn_info(ft.record.clone(), &n, kind);
+                    ti.record = ft.record.id.0;
+                    ti.parent_record = ft.record.parent.map_or(0, |p| p.0);
+                    ti.episodes = ft.episodes.iter().map(|e| e.to_string()).collect();
+                    ti.forks = ft.forks.iter().map(|e| e.to_string()).collect();
+                    ti
+                })
+                .collect();
+        }
+        Ok(Response::new(resp))
     }
 
     async fn stats(

@@ -278,6 +278,16 @@ fn labels_filter_and_limits_hold() {
     assert_eq!(r["stdout"], "137\n", "{r}");
     let r = svc.step(&small, "echo alive");
     assert_eq!(r["stdout"], "alive\n");
+    // The whole tree across forks, from any member: a's turns once each, f forked at turn 1.
+    svc.step(&f, "echo in-fork");
+    let whole: serde_json::Value =
+        serde_json::from_str(&svc.ok(&["tree", &f, "--whole", "--json"])).unwrap();
+    assert_eq!(whole["family_root"], a.as_str(), "{whole}");
+    let family = whole["family"].as_array().unwrap();
+    assert_eq!(family.len(), 3, "turn 0, a's turn 1, f's turn 2: {whole}");
+    let t1 = family.iter().find(|t| t["turn"] == 1).unwrap();
+    assert_eq!(t1["forks"], serde_json::json!([f.as_str()]), "{whole}");
+    assert_eq!(t1["episodes"].as_array().unwrap().len(), 2);
     for e in [&a, &b, &f, &small] {
         svc.ok(&["delete", e]);
     }
