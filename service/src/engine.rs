@@ -536,6 +536,7 @@ impl Engine {
         let mut l = live.lock().await;
         let waited_us = self.ready(id, &mut l).await?;
         let spec = ExecSpec {
+            seccomp: Default::default(),
             init_pid: 0,
             v2_cgroup: PathBuf::new(),
             procs_files: Vec::new(),

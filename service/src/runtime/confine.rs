@@ -60,7 +60,7 @@ fn last_err(what: &str) -> std::io::Error {
 
 /// Drops capabilities, sets no_new_privs and installs the seccomp filter. Called in a
 /// single-threaded child right before exec.
-pub fn confine() -> std::io::Result<()> {
+pub fn confine(seccomp: &Seccomp) -> std::io::Result<()> {
     let last_cap: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -113,11 +113,63 @@ pub fn confine() -> std::io::Result<()> {
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(last_err("prctl(PR_SET_NO_NEW_PRIVS)"));
     }
-    let filters = seccomp_filters().map_err(|e| std::io::Error::other(format!("seccomp: {e}")))?;
-    for f in &filters {
-        seccompiler::apply_filter(f).map_err(|e| std::io::Error::other(format!("seccomp: {e}")))?;
+    // Never run a sandboxed process without its filter, whatever the caller passed.
+    if seccomp.0.is_empty() || seccomp.0.iter().any(|p| p.is_empty()) {
+        return Err(std::io::Error::other("seccomp: no programs to install"));
+    }
+    for f in seccomp.programs() {
+        seccompiler::apply_filter(&f)
+            .map_err(|e| std::io::Error::other(format!("seccomp: {e}")))?;
     }
     Ok(())
+}
+
+/// The sandbox's compiled seccomp programs, as the service hands them to the shim: translating
+/// the profile costs milliseconds, so the service does it once ([`Seccomp::get`]) instead of
+/// every shim on every step. Each instruction is packed as code<<48 | jt<<40 | jf<<32 | k.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Seccomp(Vec<Vec<u64>>);
+
+impl Seccomp {
+    /// The programs of [`seccomp_filters`], computed once per process.
+    pub fn get() -> Result<Seccomp, String> {
+        static CACHE: std::sync::OnceLock<Result<Seccomp, String>> = std::sync::OnceLock::new();
+        CACHE
+            .get_or_init(|| {
+                Ok(Seccomp(
+                    seccomp_filters()?
+                        .into_iter()
+                        .map(|p| {
+                            p.iter()
+                                .map(|i| {
+                                    (u64::from(i.code) << 48)
+                                        | (u64::from(i.jt) << 40)
+                                        | (u64::from(i.jf) << 32)
+                                        | u64::from(i.k)
+                                })
+                                .collect()
+                        })
+                        .collect(),
+                ))
+            })
+            .clone()
+    }
+
+    fn programs(&self) -> Vec<seccompiler::BpfProgram> {
+        self.0
+            .iter()
+            .map(|p| {
+                p.iter()
+                    .map(|&w| seccompiler::sock_filter {
+                        code: (w >> 48) as u16,
+                        jt: (w >> 40) as u8,
+                        jf: (w >> 32) as u8,
+                        k: w as u32,
+                    })
+                    .collect()
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -359,5 +411,18 @@ mod tests {
     fn seccomp_programs_compile() {
         let progs = seccomp_filters().expect("filters build");
         assert_eq!(progs.len(), 2, "allow-list + ENOSYS for clone3");
+    }
+
+    #[test]
+    fn packed_programs_round_trip() {
+        let progs = seccomp_filters().unwrap();
+        let back = Seccomp::get().unwrap().programs();
+        assert_eq!(back.len(), progs.len());
+        for (a, b) in back.iter().zip(&progs) {
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(b) {
+                assert_eq!((x.code, x.jt, x.jf, x.k), (y.code, y.jt, y.jf, y.k));
+            }
+        }
     }
 }

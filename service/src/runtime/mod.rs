@@ -123,6 +123,7 @@ impl Runtime {
     pub fn start(&self, name: &str, rootfs: &Path, limits: Option<Limits>) -> Result<Sandbox> {
         let cgroup = self.layout.create(name, limits.unwrap_or(self.limits))?;
         let spec = shim::StartSpec {
+            seccomp: confine::Seccomp::get().map_err(|e| anyhow::anyhow!("seccomp: {e}"))?,
             rootfs: rootfs.to_path_buf(),
             hostname: "sandbox".into(),
             procs_files: cgroup.procs_files(),
@@ -148,6 +149,7 @@ impl Runtime {
         mut spec: ExecSpec,
         on_chunk: &mut dyn FnMut(shim::ShimEvent),
     ) -> Result<ExecResult> {
+        spec.seccomp = confine::Seccomp::get().map_err(|e| anyhow::anyhow!("seccomp: {e}"))?;
         spec.init_pid = sb.init_pid;
         spec.v2_cgroup = sb.cgroup.v2.clone();
         spec.procs_files = sb.cgroup.procs_files();
@@ -165,6 +167,7 @@ impl Runtime {
     /// Writes or reads a file inside the sandbox, as a process of the sandbox would.
     pub fn file(&self, sb: &Sandbox, path: &str, op: shim::FileOp) -> Result<shim::FileResult> {
         let spec = shim::FileSpec {
+            seccomp: confine::Seccomp::get().map_err(|e| anyhow::anyhow!("seccomp: {e}"))?,
             init_pid: sb.init_pid,
             v2_cgroup: sb.cgroup.v2.clone(),
             procs_files: sb.cgroup.procs_files(),

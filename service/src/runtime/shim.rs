@@ -52,6 +52,7 @@ pub const SANDTREE_DIR: &str = "/.sandtree";
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct StartSpec {
+    pub seccomp: super::confine::Seccomp,
     pub rootfs: PathBuf,
     pub hostname: String,
     /// cgroup.procs files the sandbox joins before anything else.
@@ -65,6 +66,8 @@ pub struct Started {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExecSpec {
+    /// Filled in by `Runtime::exec`.
+    pub seccomp: super::confine::Seccomp,
     pub init_pid: u32,
     /// The v2 cgroup path that init must be in (guards against a recycled pid).
     pub v2_cgroup: PathBuf,
@@ -114,6 +117,7 @@ pub enum ShimEvent {
 /// and confinement), so paths resolve exactly as they would for the agent.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FileSpec {
+    pub seccomp: super::confine::Seccomp,
     pub init_pid: u32,
     pub v2_cgroup: PathBuf,
     pub procs_files: Vec<PathBuf>,
@@ -369,7 +373,7 @@ fn setup_init(spec: &StartSpec) -> Result<std::convert::Infallible> {
     // Nothing inherited from the host may reach init (CRIU refuses fds that point outside);
     // the readiness pipe stays open until exec closes it.
     cloexec_fds_from(3);
-    super::confine::confine()?;
+    super::confine::confine(&spec.seccomp)?;
     let prog = CString::new(format!("{SANDTREE_DIR}/init"))?;
     let argv = [CString::new("init")?];
     let envp: [CString; 0] = [];
@@ -728,7 +732,7 @@ fn exec_child(
         dup_onto(out, 1)?;
         dup_onto(err, 2)?;
         close_fds_from(3);
-        super::confine::confine()?;
+        super::confine::confine(&spec.seccomp)?;
         if let Some((uid, gid)) = spec.user {
             // After confine: CAP_SETUID/SETGID are among the kept capabilities, and becoming a
             // non-root user then clears them all.
@@ -802,7 +806,7 @@ fn file_child(spec: &FileSpec) -> FileResult {
         errno: e as i32,
         message: format!("{what} {}: {}", spec.path, e.desc()),
     };
-    if let Err(e) = super::confine::confine() {
+    if let Err(e) = super::confine::confine(&spec.seccomp) {
         return FileResult::Failed {
             errno: libc::EPERM,
             message: format!("confine: {e}"),
