@@ -34,38 +34,77 @@ class HealthResponse(_message.Message):
     def __init__(self, version: _Optional[str] = ..., storage: _Optional[str] = ..., probes: _Optional[_Iterable[_Union[Probe, _Mapping]]] = ..., inspector: _Optional[str] = ...) -> None: ...
 
 class CreateEpisodeRequest(_message.Message):
-    __slots__ = ("image", "policy")
+    __slots__ = ("image", "policy", "labels", "memory_mib", "pids", "cpus")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    PIDS_FIELD_NUMBER: _ClassVar[int]
+    CPUS_FIELD_NUMBER: _ClassVar[int]
     image: str
     policy: str
-    def __init__(self, image: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    memory_mib: int
+    pids: int
+    cpus: float
+    def __init__(self, image: _Optional[str] = ..., policy: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., memory_mib: _Optional[int] = ..., pids: _Optional[int] = ..., cpus: _Optional[float] = ...) -> None: ...
 
 class EpisodeInfo(_message.Message):
-    __slots__ = ("id", "image", "policy", "status", "turn", "forked_from")
+    __slots__ = ("id", "image", "policy", "status", "turn", "forked_from", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     TURN_FIELD_NUMBER: _ClassVar[int]
     FORKED_FROM_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     id: str
     image: str
     policy: str
     status: str
     turn: int
     forked_from: str
-    def __init__(self, id: _Optional[str] = ..., image: _Optional[str] = ..., policy: _Optional[str] = ..., status: _Optional[str] = ..., turn: _Optional[int] = ..., forked_from: _Optional[str] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[str] = ..., image: _Optional[str] = ..., policy: _Optional[str] = ..., status: _Optional[str] = ..., turn: _Optional[int] = ..., forked_from: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("episode", "command", "timeout_ms")
+    __slots__ = ("episode", "command", "timeout_ms", "env", "cwd", "stdin", "max_output_bytes")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     EPISODE_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    CWD_FIELD_NUMBER: _ClassVar[int]
+    STDIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     episode: str
     command: str
     timeout_ms: int
-    def __init__(self, episode: _Optional[str] = ..., command: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    env: _containers.ScalarMap[str, str]
+    cwd: str
+    stdin: bytes
+    max_output_bytes: int
+    def __init__(self, episode: _Optional[str] = ..., command: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., stdin: _Optional[bytes] = ..., max_output_bytes: _Optional[int] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("turn", "stdout", "stderr", "stdout_truncated", "stderr_truncated", "exit_code", "duration_ms", "cwd", "verdict", "reasons", "node", "timed_out", "accepted_us")
@@ -83,8 +122,8 @@ class StepResponse(_message.Message):
     TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_US_FIELD_NUMBER: _ClassVar[int]
     turn: int
-    stdout: str
-    stderr: str
+    stdout: bytes
+    stderr: bytes
     stdout_truncated: bool
     stderr_truncated: bool
     exit_code: int
@@ -95,7 +134,47 @@ class StepResponse(_message.Message):
     node: int
     timed_out: bool
     accepted_us: int
-    def __init__(self, turn: _Optional[int] = ..., stdout: _Optional[str] = ..., stderr: _Optional[str] = ..., stdout_truncated: bool = ..., stderr_truncated: bool = ..., exit_code: _Optional[int] = ..., duration_ms: _Optional[int] = ..., cwd: _Optional[str] = ..., verdict: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ..., node: _Optional[int] = ..., timed_out: bool = ..., accepted_us: _Optional[int] = ...) -> None: ...
+    def __init__(self, turn: _Optional[int] = ..., stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., stdout_truncated: bool = ..., stderr_truncated: bool = ..., exit_code: _Optional[int] = ..., duration_ms: _Optional[int] = ..., cwd: _Optional[str] = ..., verdict: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ..., node: _Optional[int] = ..., timed_out: bool = ..., accepted_us: _Optional[int] = ...) -> None: ...
+
+class StepEvent(_message.Message):
+    __slots__ = ("stdout", "stderr", "result")
+    STDOUT_FIELD_NUMBER: _ClassVar[int]
+    STDERR_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    stdout: bytes
+    stderr: bytes
+    result: StepResponse
+    def __init__(self, stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., result: _Optional[_Union[StepResponse, _Mapping]] = ...) -> None: ...
+
+class WriteFileRequest(_message.Message):
+    __slots__ = ("episode", "path", "data", "mode")
+    EPISODE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    episode: str
+    path: str
+    data: bytes
+    mode: int
+    def __init__(self, episode: _Optional[str] = ..., path: _Optional[str] = ..., data: _Optional[bytes] = ..., mode: _Optional[int] = ...) -> None: ...
+
+class ReadFileRequest(_message.Message):
+    __slots__ = ("episode", "path", "max_bytes")
+    EPISODE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    episode: str
+    path: str
+    max_bytes: int
+    def __init__(self, episode: _Optional[str] = ..., path: _Optional[str] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+
+class ReadFileResponse(_message.Message):
+    __slots__ = ("data", "size")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    size: int
+    def __init__(self, data: _Optional[bytes] = ..., size: _Optional[int] = ...) -> None: ...
 
 class DeleteEpisodeRequest(_message.Message):
     __slots__ = ("episode",)
@@ -268,8 +347,19 @@ class StatsResponse(_message.Message):
     def __init__(self, checkpoint_bytes: _Optional[int] = ..., episodes: _Optional[int] = ..., nodes_fs: _Optional[int] = ..., nodes_full: _Optional[int] = ..., turns_shared: _Optional[int] = ..., per_episode: _Optional[_Iterable[_Union[EpisodeStats, _Mapping]]] = ..., dump_ms_p50: _Optional[float] = ..., dump_ms_p99: _Optional[float] = ..., snapshot_ms_p50: _Optional[float] = ..., snapshot_ms_p99: _Optional[float] = ..., restore_ms_p50: _Optional[float] = ..., restore_ms_p99: _Optional[float] = ..., checkpoint_ms_p50: _Optional[float] = ..., checkpoint_ms_p99: _Optional[float] = ..., inspector: _Optional[str] = ..., inspector_loaded: bool = ..., bpf_map_bytes: _Optional[int] = ..., verdicts_checked: _Optional[int] = ..., verdicts_unsafe: _Optional[int] = ..., verdicts_fs_without_change: _Optional[int] = ..., watched_sandboxes: _Optional[int] = ..., sandbox_map_bytes: _Optional[int] = ..., dedup_ms_p50: _Optional[float] = ..., dedup_ms_p99: _Optional[float] = ..., image_bytes: _Optional[int] = ..., image_dumped_bytes: _Optional[int] = ...) -> None: ...
 
 class ListEpisodesRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("labels", "status")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.ScalarMap[str, str]
+    status: str
+    def __init__(self, labels: _Optional[_Mapping[str, str]] = ..., status: _Optional[str] = ...) -> None: ...
 
 class ListEpisodesResponse(_message.Message):
     __slots__ = ("episodes",)
@@ -284,12 +374,14 @@ class BuildImageRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ImportImageRequest(_message.Message):
-    __slots__ = ("name", "path")
+    __slots__ = ("name", "path", "allow_setuid")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_SETUID_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+    allow_setuid: bool
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., allow_setuid: bool = ...) -> None: ...
 
 class ImageProgress(_message.Message):
     __slots__ = ("message", "done")

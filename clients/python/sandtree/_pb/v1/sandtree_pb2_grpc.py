@@ -49,6 +49,21 @@ class SandtreeStub(object):
                 request_serializer=sandtree_dot_v1_dot_sandtree__pb2.StepRequest.SerializeToString,
                 response_deserializer=sandtree_dot_v1_dot_sandtree__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.StepStream = channel.unary_stream(
+                '/sandtree.v1.Sandtree/StepStream',
+                request_serializer=sandtree_dot_v1_dot_sandtree__pb2.StepRequest.SerializeToString,
+                response_deserializer=sandtree_dot_v1_dot_sandtree__pb2.StepEvent.FromString,
+                _registered_method=True)
+        self.WriteFile = channel.unary_unary(
+                '/sandtree.v1.Sandtree/WriteFile',
+                request_serializer=sandtree_dot_v1_dot_sandtree__pb2.WriteFileRequest.SerializeToString,
+                response_deserializer=sandtree_dot_v1_dot_sandtree__pb2.StepResponse.FromString,
+                _registered_method=True)
+        self.ReadFile = channel.unary_unary(
+                '/sandtree.v1.Sandtree/ReadFile',
+                request_serializer=sandtree_dot_v1_dot_sandtree__pb2.ReadFileRequest.SerializeToString,
+                response_deserializer=sandtree_dot_v1_dot_sandtree__pb2.ReadFileResponse.FromString,
+                _registered_method=True)
         self.DeleteEpisode = channel.unary_unary(
                 '/sandtree.v1.Sandtree/DeleteEpisode',
                 request_serializer=sandtree_dot_v1_dot_sandtree__pb2.DeleteEpisodeRequest.SerializeToString,
@@ -112,6 +127,26 @@ class SandtreeServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def Step(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StepStream(self, request, context):
+        """The same turn, with stdout/stderr chunks streamed as they come, then the result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WriteFile(self, request, context):
+        """A write is a turn of its own (checkpointed and judged like a step); a read is not.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadFile(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -189,6 +224,21 @@ def add_SandtreeServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=sandtree_dot_v1_dot_sandtree__pb2.StepRequest.FromString,
                     response_serializer=sandtree_dot_v1_dot_sandtree__pb2.StepResponse.SerializeToString,
+            ),
+            'StepStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.StepStream,
+                    request_deserializer=sandtree_dot_v1_dot_sandtree__pb2.StepRequest.FromString,
+                    response_serializer=sandtree_dot_v1_dot_sandtree__pb2.StepEvent.SerializeToString,
+            ),
+            'WriteFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.WriteFile,
+                    request_deserializer=sandtree_dot_v1_dot_sandtree__pb2.WriteFileRequest.FromString,
+                    response_serializer=sandtree_dot_v1_dot_sandtree__pb2.StepResponse.SerializeToString,
+            ),
+            'ReadFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadFile,
+                    request_deserializer=sandtree_dot_v1_dot_sandtree__pb2.ReadFileRequest.FromString,
+                    response_serializer=sandtree_dot_v1_dot_sandtree__pb2.ReadFileResponse.SerializeToString,
             ),
             'DeleteEpisode': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteEpisode,
@@ -317,6 +367,87 @@ class Sandtree(object):
             '/sandtree.v1.Sandtree/Step',
             sandtree_dot_v1_dot_sandtree__pb2.StepRequest.SerializeToString,
             sandtree_dot_v1_dot_sandtree__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sandtree.v1.Sandtree/StepStream',
+            sandtree_dot_v1_dot_sandtree__pb2.StepRequest.SerializeToString,
+            sandtree_dot_v1_dot_sandtree__pb2.StepEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandtree.v1.Sandtree/WriteFile',
+            sandtree_dot_v1_dot_sandtree__pb2.WriteFileRequest.SerializeToString,
+            sandtree_dot_v1_dot_sandtree__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandtree.v1.Sandtree/ReadFile',
+            sandtree_dot_v1_dot_sandtree__pb2.ReadFileRequest.SerializeToString,
+            sandtree_dot_v1_dot_sandtree__pb2.ReadFileResponse.FromString,
             options,
             channel_credentials,
             insecure,
