@@ -218,8 +218,10 @@ class Episode:
         check_timeout: bool = False,
     ) -> Iterator[Chunk | StepResult]:
         """`step`, with the output as it comes: yields `Chunk`s, `("stdout", b"...")` or
-        `("stderr", b"...")` tuples, in the order the command wrote them, then the `StepResult`
-        (whose stdout/stderr hold the whole output again) as the last item. Leaving the loop early
+        `("stderr", b"...")` tuples, then the `StepResult` (whose stdout/stderr hold the whole
+        output again) as the last item. The service reads the output about every 50 ms: each
+        stream's chunks are in order, and within one read stdout's chunk comes before stderr's;
+        like the result, the chunks stop at `max_output` bytes per stream. Leaving the loop early
         stops the stream, not the step: it runs to its end and records its turn::
 
             for item in ep.step_stream("echo a; sleep 1; echo b"):
