@@ -2,13 +2,19 @@
 
     import sandtree
 
-    with sandtree.Client() as c, c.create("busybox") as ep:
-        ep.step("echo hello > f")
-        a, b = ep.fork(n=2)
+    c = sandtree.Client()                        # $SANDTREE_SOCKET, else /run/sandtree/sandtree.sock
+    with c.create("busybox", labels={"task": "t1"}) as ep:    # deleted on exit
+        ep.write_file("/workspace/a.py", b"print(1)\\n")     # a turn of its own
+        r = ep.step("echo hi", timeout=30, env={"A": "1"})
+        print(r.turn, r.stdout, r.exit_code)
+        kids = ep.fork(turn=1, n=4)              # live copies of turn 1
+        ep.rewind(1)
 
-The asyncio client is `sandtree.aio.AsyncClient`.
+`sandtree.AsyncClient` (also `sandtree.aio.AsyncClient`) is the same API, awaited. Errors are
+`SandtreeError` subclasses carrying the service's message.
 """
 
+from sandtree.aio import AsyncClient, AsyncEpisode
 from sandtree.client import Client, Episode
 from sandtree.errors import (
     Cancelled,
@@ -17,16 +23,32 @@ from sandtree.errors import (
     Internal,
     InvalidArgument,
     NotFound,
+    NotRestorable,
     OutOfRange,
+    ResourceExhausted,
     SandtreeError,
+    StepTimeout,
     Unavailable,
 )
-from sandtree.models import EpisodeInfo, EpisodeStats, Health, Probe, Stats, StepResult, Tree, Turn
+from sandtree.models import (
+    Chunk,
+    EpisodeInfo,
+    EpisodeStats,
+    Health,
+    Probe,
+    Stats,
+    StepResult,
+    Tree,
+    Turn,
+)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "AsyncClient",
+    "AsyncEpisode",
     "Cancelled",
+    "Chunk",
     "Client",
     "DeadlineExceeded",
     "Episode",
@@ -37,11 +59,14 @@ __all__ = [
     "Internal",
     "InvalidArgument",
     "NotFound",
+    "NotRestorable",
     "OutOfRange",
     "Probe",
+    "ResourceExhausted",
     "SandtreeError",
     "Stats",
     "StepResult",
+    "StepTimeout",
     "Tree",
     "Turn",
     "Unavailable",

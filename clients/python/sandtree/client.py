@@ -1,20 +1,43 @@
-"""The synchronous client: `Client` (one channel to the service) and `Episode` (a handle)."""
+"""The synchronous client: `Client` (one channel to the service) and `Episode` (a handle).
+
+Example::
+
+    import sandtree
+
+    c = sandtree.Client()
+    with c.create("busybox", labels={"task": "t1"}) as ep:  # deleted on exit
+        ep.write_file("/workspace/a.py", b"print(1)\\n")
+        r = ep.step("cat /workspace/a.py", timeout=30)
+        kids = ep.fork(turn=1, n=4)  # live copies of turn 1
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
 import grpc
 
-from sandtree._common import CHANNEL_OPTIONS, check_count, resolve_socket, target
+from sandtree._common import (
+    CHANNEL_OPTIONS,
+    check_count,
+    checked,
+    create_request,
+    list_request,
+    read_request,
+    read_result,
+    resolve_socket,
+    step_request,
+    target,
+    write_request,
+)
 from sandtree._pb.v1 import sandtree_pb2 as pb
 from sandtree._pb.v1 import sandtree_pb2_grpc as pb_grpc
 from sandtree.errors import from_rpc_error
-from sandtree.models import EpisodeInfo, Health, Stats, StepResult, Tree, timeout_ms
+from sandtree.models import Chunk, EpisodeInfo, Health, Stats, StepResult, Tree
 
 __all__ = ["Client", "Episode"]
 
@@ -26,7 +49,10 @@ class Client:
 
     `socket`: the argument, else $SANDTREE_SOCKET, else /run/sandtree/sandtree.sock. Connecting
     is lazy: a service that is not running shows as `Unavailable` on the first call. Thread-safe;
-    close it (or use it as a context manager) when done.
+    close it (or use it as a context manager) when done::
+
+        with sandtree.Client() as c:
+            ep = c.create("busybox", policy="auto", labels={"task": "t1"})
     """
 
     def __init__(self, socket: str | os.PathLike[str] | None = None) -> None:
@@ -49,18 +75,48 @@ class Client:
         """The service's version, storage, inspector and host probes."""
         return Health.from_pb(self._call("Health", pb.HealthRequest()))
 
-    def create(self, image: str = "busybox", policy: str = "auto") -> Episode:
-        """A new episode on `image`; `policy`: none | full | auto."""
-        info = self._call("CreateEpisode", pb.CreateEpisodeRequest(image=image, policy=policy))
-        return Episode(self, info.id)
+    def create(
+        self,
+        image: str = "busybox",
+        policy: str = "auto",
+        *,
+        labels: Mapping[str, str] | None = None,
+        memory_mib: int | None = None,
+        pids: int | None = None,
+        cpus: float | None = None,
+    ) -> Episode:
+        """A new episode on `image`, its sandbox started.
+
+        `policy`: none | full | auto. `labels`: at most 32, keys 1..=256 bytes, values at most 256
+        (`episodes(labels=...)` filters on them; forks inherit them). `memory_mib` (>= 16),
+        `pids` (>= 8), `cpus` (>= 0.01): this episode's limits, each at most the server's
+        (--sandbox-memory-mib, --sandbox-pids, --sandbox-cpus); None: the server's. Raises
+        `InvalidArgument` past a limit, `NotFound` for an unknown image, `ResourceExhausted` when the
+        host has --max-episodes live::
+
+            ep = c.create("busybox", labels={"task": "t1"}, memory_mib=256)
+        """
+        req = create_request(image, policy, labels, memory_mib, pids, cpus)
+        return Episode(self, self._call("CreateEpisode", req).id)
 
     def episode(self, id: str) -> Episode:
         """A handle on an existing episode (no call is made; an unknown id fails at first use)."""
         return Episode(self, id)
 
-    def list_episodes(self) -> list[EpisodeInfo]:
-        """Every live episode of the service."""
-        r = self._call("ListEpisodes", pb.ListEpisodesRequest())
+    def episodes(self, labels: Mapping[str, str] | None = None, status: str | None = None) -> list[Episode]:
+        """Handles on the episodes whose labels include every one of `labels` and whose status is
+        `status` (running | stopped | deleted; None: all but deleted)::
+
+            for ep in c.episodes(labels={"task": "t1"}):
+                ep.delete()
+        """
+        return [Episode(self, e.id) for e in self.list_episodes(labels, status)]
+
+    def list_episodes(
+        self, labels: Mapping[str, str] | None = None, status: str | None = None
+    ) -> list[EpisodeInfo]:
+        """What `episodes` selects, as `EpisodeInfo` (image, policy, status, turn, labels, ...)."""
+        r = self._call("ListEpisodes", list_request(labels, status))
         return [EpisodeInfo.from_pb(e) for e in r.episodes]
 
     def stats(self, reset_timings: bool = False) -> Stats:
@@ -110,40 +166,146 @@ class Client:
 
 
 class Episode:
-    """A handle on one episode. As a context manager it deletes the episode on exit."""
+    """A handle on one episode (`id`). As a context manager it deletes the episode on exit.
+
+    Example::
+
+        with c.create("busybox") as ep:
+            ep.step("echo hi")
+    """
 
     def __init__(self, client: Client, id: str) -> None:
         self.client = client
         self.id = id
         self._deleted = False
 
-    def step(self, cmd: str, timeout: float | None = None) -> StepResult:
-        """Runs `cmd` with `sh -c` in the episode's shell session (cwd and exported variables carry
-        over); `timeout` in seconds (None: the service's default)."""
-        req = pb.StepRequest(episode=self.id, command=cmd, timeout_ms=timeout_ms(timeout))
-        return StepResult.from_pb(self.client._call("Step", req))
+    def step(
+        self,
+        cmd: str,
+        timeout: float | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+        max_output: int | None = None,
+        check_timeout: bool = False,
+    ) -> StepResult:
+        """Runs `cmd` with `sh -c` in the episode's shell session as its next turn (cwd and
+        exported variables carry over to later steps).
+
+        `timeout` in seconds (None: the server's default, 600 s unless --step-timeout); a step
+        that hits it is killed and its result has `timed_out` set, or, with `check_timeout=True`,
+        `StepTimeout` is raised carrying that result. `env` and `cwd` (absolute) apply to this
+        step only. `stdin`: bytes for the command's standard input (a str is sent as UTF-8; at most
+        32 MiB). `max_output`: cap in bytes on stdout and on stderr each (at most the server's
+        1 MiB, also the default)::
+
+            r = ep.step("cat; echo $A", env={"A": "1"}, stdin=b"in\\n", cwd="/tmp")
+            assert r.stdout == "in\\n1\\n" and r.exit_code == 0
+        """
+        req = step_request(self.id, cmd, timeout, env, cwd, stdin, max_output)
+        return checked(StepResult.from_pb(self.client._call("Step", req)), check_timeout, timeout)
+
+    def step_stream(
+        self,
+        cmd: str,
+        timeout: float | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+        max_output: int | None = None,
+        check_timeout: bool = False,
+    ) -> Iterator[Chunk | StepResult]:
+        """`step`, with the output as it comes: yields `Chunk`s, `("stdout", b"...")` or
+        `("stderr", b"...")` tuples, then the `StepResult` (whose stdout/stderr hold the whole
+        output again) as the last item. The service reads the output about every 50 ms: each
+        stream's chunks are in order, and within one read stdout's chunk comes before stderr's;
+        like the result, the chunks stop at `max_output` bytes per stream. Leaving the loop early
+        stops the stream, not the step: it runs to its end and records its turn::
+
+            for item in ep.step_stream("echo a; sleep 1; echo b"):
+                if isinstance(item, sandtree.StepResult):
+                    print("exit", item.exit_code)
+                else:
+                    stream, data = item
+                    print(stream, data)
+        """
+        req = step_request(self.id, cmd, timeout, env, cwd, stdin, max_output)
+        call = self.client._call("StepStream", req)
+        try:
+            with self.client._errors():
+                for ev in call:
+                    which = ev.WhichOneof("event")
+                    if which == "result":
+                        yield checked(StepResult.from_pb(ev.result), check_timeout, timeout)
+                        return
+                    if which == "stdout" or which == "stderr":
+                        yield Chunk(which, bytes(getattr(ev, which)))
+        finally:
+            call.cancel()
+
+    def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> StepResult:
+        """Writes `data` (a str is written as UTF-8; at most 32 MiB) to `path` in the sandbox as a
+        turn of its own, judged and checkpointed like a step (under policy auto its verdict is
+        "fs"; under full "proc", under none "none"), so fork and rewind see it like any other
+        turn. The file is created with `mode` (the mode of an existing file is kept) or truncated;
+        its directory must exist.
+        `path` resolves inside the sandbox's root as the sandbox would see it (relative paths from
+        /, `..` and absolute symlinks stay inside). Returns that turn's `StepResult`::
+
+            r = ep.write_file("/workspace/a.py", b"print(1)\\n")
+            assert r.verdict == "fs"  # policy auto
+        """
+        return StepResult.from_pb(self.client._call("WriteFile", write_request(self.id, path, data, mode)))
+
+    def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
+        """The contents of `path` in the sandbox (resolved as for `write_file`); not a turn.
+        `max_bytes`: read at most that many (at most 32 MiB); None: the whole file, and a file over
+        32 MiB raises `InvalidArgument`. A missing file raises `NotFound`, a directory
+        `InvalidArgument`::
+
+            assert ep.read_file("/workspace/a.py") == b"print(1)\\n"
+        """
+        r = self.client._call("ReadFile", read_request(self.id, path, max_bytes))
+        return read_result(path, r, max_bytes)
 
     def fork(self, turn: int | None = None, n: int = 1) -> list[Episode]:
-        """`n` new episodes, each a live copy of this one as it was after `turn` (None: the
-        current turn)."""
+        """`n` (1..=64) new episodes, each a live copy of this one as it was after `turn` (None:
+        the current turn): files, and under a full checkpoint its running processes too. Raises
+        `OutOfRange` for a turn past the end, `NotRestorable` for a turn without a checkpoint::
+
+            kids = ep.fork(turn=2, n=4)
+        """
         check_count(n)
         if turn is None:
-            turn = self.info().turn
+            turn = self.turn
         r = self.client._call("Fork", pb.ForkRequest(episode=self.id, turn=turn, count=n))
         return [Episode(self.client, e) for e in r.episodes]
 
     def rewind(self, turn: int) -> int:
-        """Brings the episode back to how it was after `turn`; returns its turn now."""
+        """Brings the episode back to how it was after `turn` (its later turns are dropped);
+        returns its turn now. Raises `OutOfRange` and `NotRestorable` as `fork` does."""
         r = self.client._call("Rewind", pb.RewindRequest(episode=self.id, turn=turn))
         return int(r.turn)
 
     def tree(self) -> Tree:
-        """The episode and every turn of its path in the checkpoint tree."""
+        """The episode and every turn of its path in the checkpoint tree (waits for the pending
+        checkpoint of its latest turn)::
+
+            for t in ep.tree().turns:
+                print(t.turn, t.action, t.verdict, t.kind)
+        """
         return Tree.from_pb(self.client._call("Tree", pb.TreeRequest(episode=self.id)))
 
     def info(self) -> EpisodeInfo:
-        """The episode's image, policy, status and current turn."""
+        """The episode's image, policy, status, current turn and labels (one Tree call)."""
         return self.tree().episode
+
+    @property
+    def turn(self) -> int:
+        """The episode's current turn, asked of the service (one Tree call)."""
+        return self.info().turn
 
     def delete(self) -> None:
         """Stops the episode's sandbox and frees what only it uses."""

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from google.protobuf.message import Message
 
 from sandtree._pb.v1 import sandtree_pb2 as pb
 
 __all__ = [
+    "Chunk",
     "EpisodeInfo",
     "EpisodeStats",
     "Health",
@@ -37,36 +37,74 @@ def _from_pb(cls: type[T], msg: Message, **computed: Any) -> T:
 
 @dataclass(frozen=True)
 class StepResult:
-    """The observation of one turn (`Episode.step`)."""
+    """The observation of one turn (`Episode.step`, `Episode.write_file`, the end of
+    `Episode.step_stream`)::
+
+        r = ep.step("echo hi; exit 3")
+        r.turn, r.stdout, r.exit_code  # (1, "hi\\n", 3)
+    """
 
     turn: int
     """The turn this step made (the first step of an episode is turn 1)."""
     stdout: str
+    """The command's standard output, decoded as UTF-8 (undecodable bytes become U+FFFD)."""
     stderr: str
-    stdout_truncated: bool
-    stderr_truncated: bool
     exit_code: int
-    timed_out: bool
-    """The step hit its timeout; its process group was killed."""
-    duration: float
-    """Seconds the command ran."""
-    checkpoint_wait: float
-    """Seconds the step waited for the previous turn's checkpoint before it ran."""
+    """The command's exit status (128+N when killed by signal N; 0 for a write)."""
+    duration_ms: int
+    """Milliseconds the command ran."""
     cwd: str
     """The shell's working directory after the turn."""
     verdict: str
-    """What the turn changed: none | fs | proc; may be empty while its checkpoint is pending."""
+    """What the turn changed: none | fs | proc (a write is always fs)."""
+    timed_out: bool
+    """The step hit its timeout; its process group was killed."""
+    stdout_truncated: bool
+    """Output past the step's cap (`max_output`, at most the server's 1 MiB) was dropped."""
+    stderr_truncated: bool
     reasons: tuple[str, ...]
+    """Why the verdict is what it is."""
     node: int
+    """The checkpoint node of the turn."""
+    accepted_us: int
+    """Microseconds the step waited for the previous turn's checkpoint before it ran."""
+    stdout_bytes: bytes = field(repr=False)
+    """The raw bytes of stdout."""
+    stderr_bytes: bytes = field(repr=False)
 
     @property
     def ok(self) -> bool:
         """Exit code 0 and no timeout."""
         return self.exit_code == 0 and not self.timed_out
 
+    @property
+    def duration(self) -> float:
+        """Seconds the command ran (`duration_ms` / 1000)."""
+        return self.duration_ms / 1000.0
+
+    @property
+    def checkpoint_wait(self) -> float:
+        """Seconds the step waited for the previous turn's checkpoint (`accepted_us` / 1e6)."""
+        return self.accepted_us / 1e6
+
     @staticmethod
     def from_pb(m: pb.StepResponse) -> StepResult:
-        return _from_pb(StepResult, m, duration=m.duration_ms / 1000.0, checkpoint_wait=m.accepted_us / 1e6)
+        return _from_pb(
+            StepResult,
+            m,
+            stdout=m.stdout.decode("utf-8", errors="replace"),
+            stderr=m.stderr.decode("utf-8", errors="replace"),
+            stdout_bytes=m.stdout,
+            stderr_bytes=m.stderr,
+        )
+
+
+class Chunk(NamedTuple):
+    """A piece of a running step's output, as `Episode.step_stream` yields it. A tuple:
+    `("stdout", b"...")` or `("stderr", b"...")`."""
+
+    stream: Literal["stdout", "stderr"]
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -76,14 +114,17 @@ class EpisodeInfo:
     policy: str
     """none | full | auto"""
     status: str
+    """running | stopped | deleted"""
     turn: int
     """The episode's current turn (0: nothing run yet)."""
     forked_from: str
     """Where this episode was forked from, as "EPISODE@TURN" ("" if it was not forked)."""
+    labels: dict[str, str] = field(hash=False)
+    """The labels given at create (forks inherit them)."""
 
     @staticmethod
     def from_pb(m: pb.EpisodeInfo) -> EpisodeInfo:
-        return _from_pb(EpisodeInfo, m)
+        return _from_pb(EpisodeInfo, m, labels=dict(m.labels))
 
 
 @dataclass(frozen=True)
@@ -203,12 +244,3 @@ class Stats:
     @staticmethod
     def from_pb(m: pb.StatsResponse) -> Stats:
         return _from_pb(Stats, m, per_episode=tuple(_from_pb(EpisodeStats, e) for e in m.per_episode))
-
-
-def timeout_ms(timeout: float | None) -> int:
-    """StepRequest.timeout_ms for a timeout in seconds (None: the service's default)."""
-    if timeout is None:
-        return 0
-    if not (timeout > 0 and math.isfinite(timeout)):
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    return math.ceil(timeout * 1000)
