@@ -37,6 +37,17 @@ pub enum CriuError {
     },
     #[error("post-dump hook failed: {0}")]
     Hook(String),
+    #[error(
+        "cannot checkpoint: pid {pid} (pid {ns_pid} in the sandbox) has been blocked in vfork() \
+         for over {waited_ms} ms, waiting for its child to exec or exit; the kernel lets no tracer \
+         stop a task there, so CRIU cannot dump the sandbox until the child does (CRIU's own test \
+         of this, zdtm vfork00, expects the dump to fail)"
+    )]
+    VforkPending {
+        pid: u32,
+        ns_pid: u32,
+        waited_ms: u64,
+    },
 }
 
 type Result<T, E = CriuError> = std::result::Result<T, E>;
@@ -276,6 +287,118 @@ impl Criu {
     }
 }
 
+/// A task of a tree that CRIU cannot seize: a parent blocked in vfork() (or clone with
+/// CLONE_VFORK) until its child execs or exits. The kernel waits there killably
+/// (`wait_for_vfork_done`), so PTRACE_INTERRUPT never stops it: CRIU's seize waits for its
+/// timeout (10 s, with the rest of the tree ptrace-stopped meanwhile) and fails with
+/// "Unseizable non-zombie PID found, state D".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VforkWait {
+    /// Host pid (thread id) of the blocked task.
+    pub tid: u32,
+    /// Its pid in its innermost pid namespace.
+    pub ns_tid: u32,
+}
+
+/// How long a checkpoint waits for a vfork in the tree to end (posix_spawn, Python's
+/// subprocess and shells vfork then exec at once) before it gives up without running CRIU.
+pub const VFORK_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Waits up to `grace` until no task of the tree rooted at `root` is blocked in vfork; else the
+/// error names the first one still blocked.
+pub fn wait_seizable(root: u32, grace: std::time::Duration) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let Some(w) = vfork_waiters(root).into_iter().next() else {
+            return Ok(());
+        };
+        if started.elapsed() >= grace {
+            return Err(CriuError::VforkPending {
+                pid: w.tid,
+                ns_pid: w.ns_tid,
+                waited_ms: started.elapsed().as_millis() as u64,
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// The tasks of the tree rooted at `root` (every thread of every descendant, through
+/// /proc/PID/task/TID/children) that are blocked in vfork.
+pub fn vfork_waiters(root: u32) -> Vec<VforkWait> {
+    let mut found = Vec::new();
+    let mut todo = vec![root];
+    let mut seen = std::collections::HashSet::new();
+    while let Some(pid) = todo.pop() {
+        if !seen.insert(pid) {
+            continue;
+        }
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for tid in tasks
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        {
+            let dir = format!("/proc/{pid}/task/{tid}");
+            if let Ok(children) = std::fs::read_to_string(format!("{dir}/children")) {
+                todo.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+            let (Ok(stat), Ok(syscall)) = (
+                std::fs::read_to_string(format!("{dir}/stat")),
+                std::fs::read_to_string(format!("{dir}/syscall")),
+            ) else {
+                continue;
+            };
+            if in_vfork(&stat, &syscall) {
+                let ns_tid = std::fs::read_to_string(format!("{dir}/status"))
+                    .ok()
+                    .and_then(|s| innermost_nspid(&s))
+                    .unwrap_or(tid);
+                found.push(VforkWait { tid, ns_tid });
+            }
+        }
+    }
+    found
+}
+
+/// Whether a task whose /proc/PID/stat and /proc/PID/syscall read so is a parent blocked in
+/// vfork: in uninterruptible sleep (D) inside vfork, clone with CLONE_VFORK, or clone3 (whose
+/// flags are in memory; the sandbox's seccomp answers it ENOSYS anyway).
+fn in_vfork(stat: &str, syscall: &str) -> bool {
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    if state != Some("D") {
+        return false;
+    }
+    let mut f = syscall.split_whitespace();
+    let nr = f.next().and_then(|n| n.parse::<i64>().ok());
+    let arg0 = f
+        .next()
+        .and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok());
+    match nr {
+        Some(libc::SYS_vfork) | Some(libc::SYS_clone3) => true,
+        Some(libc::SYS_clone) => arg0.is_some_and(|fl| fl & libc::CLONE_VFORK as u64 != 0),
+        _ => false,
+    }
+}
+
+/// The last `NSpid:` field of /proc/PID/status: the pid in the task's own pid namespace.
+fn innermost_nspid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
+}
+
 impl Session {
     fn send(&mut self, req: rpc::CriuReq) -> Result<()> {
         send(
@@ -404,6 +527,42 @@ fn itoa(mut n: u32, buf: &mut [u8; 16]) -> &[u8] {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_vfork_parent_is_recognized_from_stat_and_syscall() {
+        use super::in_vfork;
+        // Read from a real vfork parent: state D, syscall 58 (vfork).
+        let stat = "30010 (vf) D 30005 2 2 0 -1 4194368";
+        let vfork = "58 0x40176d 0x0 0x0 0x40fd380 0x0 0x4adaa0 0x7fff768453d0 0x430d28";
+        assert!(in_vfork(stat, vfork));
+        // A comm with spaces and parentheses does not confuse the state.
+        assert!(in_vfork("7 (a) S (b)) D 1", vfork));
+        assert!(!in_vfork("30010 (vf) S 30005", vfork), "not asleep in D");
+        // clone with CLONE_VFORK|CLONE_VM|SIGCHLD (posix_spawn) is one; a plain fork's clone is not.
+        assert!(in_vfork(
+            stat,
+            "56 0x4111 0x7f00 0x0 0x0 0x0 0x0 0x7ffd 0x4a0"
+        ));
+        assert!(!in_vfork(
+            stat,
+            "56 0x1200011 0x0 0x0 0x7f00 0x0 0x0 0x7ffd 0x4a0"
+        ));
+        // Other uninterruptible sleeps, a running task, an unreadable file.
+        assert!(!in_vfork(
+            stat,
+            "0 0x3 0x7ffd 0x1000 0x0 0x0 0x0 0x7ffd 0x4a0"
+        ));
+        assert!(!in_vfork(stat, "running"));
+        assert!(!in_vfork(stat, ""));
+    }
+
+    #[test]
+    fn nspid_is_the_innermost() {
+        let status = "Name:\tvf\nNSpid:\t30010\t5\nNSpgid:\t29990\t2\n";
+        assert_eq!(super::innermost_nspid(status), Some(5));
+        assert_eq!(super::innermost_nspid("NSpid:\t42\n"), Some(42));
+        assert_eq!(super::innermost_nspid("Name:\tx\n"), None);
+    }
+
     #[test]
     fn itoa_formats() {
         let mut b = [0u8; 16];

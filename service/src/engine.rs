@@ -1253,6 +1253,9 @@ impl Checkpoint<'_> {
                 (info.bytes, 0, None)
             }
             NodeKind::Full => {
+                // A task in vfork cannot be dumped (criu.rs, `VforkWait`): fail at once, before
+                // the inspector is suspended and CRIU stops the sandbox for nothing.
+                runtime.seizable(sb)?;
                 std::fs::create_dir_all(images)?;
                 let mut info = None;
                 // The inspector does not record while CRIU's parasite runs in the sandbox; the

@@ -177,6 +177,16 @@ impl Runtime {
         self.shim("file", &spec)
     }
 
+    /// Waits (up to [`crate::criu::VFORK_GRACE`]) until CRIU can seize every task of the
+    /// sandbox: none is blocked in vfork. Checked before a dump, which would otherwise keep the
+    /// sandbox ptrace-stopped for CRIU's 10 s seize timeout and fail anyway.
+    pub fn seizable(&self, sb: &Sandbox) -> Result<()> {
+        Ok(crate::criu::wait_seizable(
+            sb.init_pid,
+            crate::criu::VFORK_GRACE,
+        )?)
+    }
+
     /// CRIU dump (leave running); `post_dump` runs while the sandbox is frozen.
     pub fn checkpoint(
         &self,
