@@ -53,11 +53,27 @@ pub fn status(e: EngineError) -> Status {
     st
 }
 
+/// An error found at the edge, before the engine: the same `sandtree-error` kinds as
+/// [`status`].
+fn edge_status(code: Code, msg: impl Into<String>) -> Status {
+    let kind = match code {
+        Code::InvalidArgument => "invalid_argument",
+        _ => "internal",
+    };
+    let mut st = Status::new(code, msg.into());
+    st.metadata_mut().insert(
+        "sandtree-error",
+        tonic::metadata::MetadataValue::from_static(kind),
+    );
+    st
+}
+
 fn episode_id(s: &str) -> Result<EpisodeId, Status> {
     if s.is_empty() || s.len() > 64 || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return Err(Status::invalid_argument(format!(
-            "invalid episode id {s:?}"
-        )));
+        return Err(edge_status(
+            Code::InvalidArgument,
+            format!("invalid episode id {s:?}"),
+        ));
     }
     Ok(EpisodeId::new(s))
 }
@@ -172,8 +188,11 @@ impl Api {
                     message: "done".into(),
                     done: true,
                 }),
-                Ok(Err(e)) => Err(Status::invalid_argument(format!("{e:#}"))),
-                Err(e) => Err(Status::internal(format!("image task panicked: {e}"))),
+                Ok(Err(e)) => Err(edge_status(Code::InvalidArgument, format!("{e:#}"))),
+                Err(e) => Err(edge_status(
+                    Code::Internal,
+                    format!("image task panicked: {e}"),
+                )),
             });
         });
         Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
@@ -188,7 +207,7 @@ impl pb::sandtree_server::Sandtree for Api {
     ) -> Result<Response<pb::HealthResponse>, Status> {
         let probes = tokio::task::spawn_blocking(crate::doctor::probes)
             .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| edge_status(Code::Internal, e.to_string()))?;
         Ok(Response::new(pb::HealthResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             storage: self.engine.storage.describe(),
@@ -215,10 +234,14 @@ impl pb::sandtree_server::Sandtree for Api {
         } else {
             r.policy
                 .parse()
-                .map_err(|e| Status::invalid_argument(format!("{e}")))?
+                .map_err(|e| edge_status(Code::InvalidArgument, format!("{e}")))?
         };
-        sandtree_storage::validate_name(&r.image)
-            .map_err(|_| Status::invalid_argument(format!("invalid image name {:?}", r.image)))?;
+        sandtree_storage::validate_name(&r.image).map_err(|_| {
+            edge_status(
+                Code::InvalidArgument,
+                format!("invalid image name {:?}", r.image),
+            )
+        })?;
         let meta = sandtree_branching::EpisodeMeta {
             labels: r.labels.into_iter().collect(),
             limits: self
@@ -254,7 +277,7 @@ impl pb::sandtree_server::Sandtree for Api {
         let opts = step_options(&r);
         let o = tokio::spawn(async move { engine.step(&id, r.command, opts, None).await })
             .await
-            .map_err(|e| Status::internal(format!("step task failed: {e}")))?
+            .map_err(|e| edge_status(Code::Internal, format!("step task failed: {e}")))?
             .map_err(status)?;
         Ok(Response::new(step_response(o)))
     }
@@ -287,7 +310,10 @@ impl pb::sandtree_server::Sandtree for Api {
                     event: Some(Event::Result(step_response(o))),
                 }),
                 Ok(Err(e)) => Err(status(e)),
-                Err(e) => Err(Status::internal(format!("step task failed: {e}"))),
+                Err(e) => Err(edge_status(
+                    Code::Internal,
+                    format!("step task failed: {e}"),
+                )),
             };
             let _ = tx.send(end);
         });
@@ -305,7 +331,7 @@ impl pb::sandtree_server::Sandtree for Api {
         let engine = self.engine.clone();
         let o = tokio::spawn(async move { engine.write_file(&id, r.path, r.data, r.mode).await })
             .await
-            .map_err(|e| Status::internal(format!("write task failed: {e}")))?
+            .map_err(|e| edge_status(Code::Internal, format!("write task failed: {e}")))?
             .map_err(status)?;
         Ok(Response::new(step_response(o)))
     }
@@ -341,7 +367,7 @@ impl pb::sandtree_server::Sandtree for Api {
         let id = episode_id(&r.episode)?;
         let ids = self
             .engine
-            .fork(&id, r.turn, r.count.max(1))
+            .fork(&id, r.turn, r.count)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::ForkResponse {
@@ -469,10 +495,13 @@ impl pb::sandtree_server::Sandtree for Api {
     ) -> Result<Response<pb::ListEpisodesResponse>, Status> {
         let r = req.into_inner();
         if !["", "running", "stopped", "deleted"].contains(&r.status.as_str()) {
-            return Err(Status::invalid_argument(format!(
-                "unknown status {:?}: expected running, stopped or deleted",
-                r.status
-            )));
+            return Err(edge_status(
+                Code::InvalidArgument,
+                format!(
+                    "unknown status {:?}: expected running, stopped or deleted",
+                    r.status
+                ),
+            ));
         }
         let eps = self
             .engine
@@ -546,8 +575,8 @@ impl pb::sandtree_server::Sandtree for Api {
         let storage = self.engine.storage.clone();
         let entries = tokio::task::spawn_blocking(move || storage.list())
             .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| edge_status(Code::Internal, e.to_string()))?
+            .map_err(|e| edge_status(Code::Internal, e.to_string()))?;
         let images = entries
             .into_iter()
             .filter_map(|e| match e {
