@@ -59,11 +59,13 @@ pub fn timeout_ms(timeout: Option<f64>) -> Result<u64> {
     })
 }
 
-fn episode_json(e: &pb::EpisodeInfo) -> serde_json::Value {
-    serde_json::json!({
-        "id": e.id, "image": e.image, "policy": e.policy, "status": e.status, "turn": e.turn,
-        "forked_from": e.forked_from, "labels": e.labels,
-    })
+/// `--json` output: the API's own message, serialized (proto field names), so it cannot drift.
+fn to_json(m: &impl serde::Serialize) -> String {
+    serde_json::to_string(m).expect("API messages serialize")
+}
+
+fn episode_json(e: &pb::EpisodeInfo) -> String {
+    to_json(e)
 }
 
 pub async fn create(socket: &Path, req: pb::CreateEpisodeRequest, json: bool) -> Result<ExitCode> {
@@ -77,15 +79,8 @@ pub async fn create(socket: &Path, req: pb::CreateEpisodeRequest, json: bool) ->
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn step_json(r: &pb::StepResponse) -> serde_json::Value {
-    serde_json::json!({
-        "turn": r.turn,
-        "stdout": String::from_utf8_lossy(&r.stdout), "stderr": String::from_utf8_lossy(&r.stderr),
-        "stdout_truncated": r.stdout_truncated, "stderr_truncated": r.stderr_truncated,
-        "exit_code": r.exit_code, "duration_ms": r.duration_ms, "cwd": r.cwd,
-        "verdict": r.verdict, "reasons": r.reasons, "node": r.node, "timed_out": r.timed_out,
-        "accepted_us": r.accepted_us,
-    })
+pub fn step_json(r: &pb::StepResponse) -> String {
+    to_json(r)
 }
 
 fn step_end(r: &pb::StepResponse) -> ExitCode {
@@ -206,7 +201,7 @@ pub async fn fork(
         .map_err(rpc_err)?
         .into_inner();
     if json {
-        println!("{}", serde_json::json!({ "episodes": r.episodes }));
+        println!("{}", to_json(&r));
     } else {
         for id in r.episodes {
             println!("{id}");
@@ -276,34 +271,8 @@ pub async fn tree(socket: &Path, episode: String, json: bool, whole: bool) -> Re
         .into_inner();
     let ep = r.episode.clone().unwrap_or_default();
     if json {
-        let turns: Vec<_> = r
-            .turns
-            .iter()
-            .map(|t| {
-                serde_json::json!({"turn": t.turn, "action": t.action, "exit_code": t.exit_code, "verdict": t.verdict,
-                "reasons": t.reasons, "node": t.node, "kind": t.kind, "bytes": t.bytes, "image_bytes": t.image_bytes,
-                "image_dumped_bytes": t.image_dumped_bytes, "image_parent": (t.image_parent > 0).then_some(t.image_parent),
-                "state": t.state, "cwd": t.cwd})
-            })
-            .collect();
-        let mut out = serde_json::json!({"episode": ep.id, "image": ep.image, "policy": ep.policy, "status": ep.status,
-            "turn": ep.turn, "forked_from": ep.forked_from, "labels": ep.labels, "turns": turns});
-        if whole {
-            out["family_root"] = r.family_root.clone().into();
-            out["family_episodes"] = r.family_episodes.clone().into();
-            out["family"] = r
-                .family
-                .iter()
-                .map(|t| {
-                    serde_json::json!({"record": t.record, "parent_record": (t.parent_record > 0).then_some(t.parent_record),
-                    "turn": t.turn, "action": t.action, "exit_code": t.exit_code, "verdict": t.verdict,
-                    "node": t.node, "kind": t.kind, "bytes": t.bytes, "state": t.state,
-                    "episodes": t.episodes, "forks": t.forks})
-                })
-                .collect::<Vec<_>>()
-                .into();
-        }
-        println!("{out}");
+        // The whole TreeResponse; `family` is empty unless --whole.
+        println!("{}", to_json(&r));
         return Ok(ExitCode::SUCCESS);
     }
     if whole {
@@ -358,28 +327,7 @@ pub async fn stats(socket: &Path, json: bool) -> Result<ExitCode> {
         .map_err(rpc_err)?
         .into_inner();
     if json {
-        let per: Vec<_> = r
-            .per_episode
-            .iter()
-            .map(|e| {
-                serde_json::json!({"id": e.id, "policy": e.policy, "status": e.status, "turn": e.turn,
-                "checkpoint_bytes": e.checkpoint_bytes, "image_bytes": e.image_bytes, "image_dumped_bytes": e.image_dumped_bytes, "nodes_fs": e.nodes_fs, "nodes_full": e.nodes_full, "turns_shared": e.turns_shared})
-            })
-            .collect();
-        println!(
-            "{}",
-            serde_json::json!({"checkpoint_bytes": r.checkpoint_bytes, "episodes": r.episodes, "nodes_fs": r.nodes_fs,
-            "nodes_full": r.nodes_full, "turns_shared": r.turns_shared, "per_episode": per,
-            "timings_ms": {"dump_p50": r.dump_ms_p50, "dump_p99": r.dump_ms_p99, "snapshot_p50": r.snapshot_ms_p50,
-            "snapshot_p99": r.snapshot_ms_p99, "restore_p50": r.restore_ms_p50, "restore_p99": r.restore_ms_p99,
-            "checkpoint_p50": r.checkpoint_ms_p50, "checkpoint_p99": r.checkpoint_ms_p99,
-            "dedup_p50": r.dedup_ms_p50, "dedup_p99": r.dedup_ms_p99},
-            "image_bytes": r.image_bytes, "image_dumped_bytes": r.image_dumped_bytes,
-            "inspector": {"status": r.inspector, "loaded": r.inspector_loaded, "bpf_map_bytes": r.bpf_map_bytes,
-            "watched_sandboxes": r.watched_sandboxes, "sandbox_map_bytes": r.sandbox_map_bytes,
-            "verdicts_checked": r.verdicts_checked, "verdicts_unsafe": r.verdicts_unsafe,
-            "verdicts_fs_without_change": r.verdicts_fs_without_change}})
-        );
+        println!("{}", to_json(&r));
         return Ok(ExitCode::SUCCESS);
     }
     println!(

@@ -485,8 +485,8 @@ fn kill9_anywhere_loses_no_committed_node_and_leaves_no_orphan() {
 
         // Every committed turn is still there; only the turn whose checkpoint was running may go.
         let tr = tree(&svc, &ep);
-        assert_eq!(tr["status"], "stopped", "iter {iter}: {tr}");
-        let head = tr["turn"].as_u64().unwrap() as u32;
+        assert_eq!(tr["episode"]["status"], "stopped", "iter {iter}: {tr}");
+        let head = tr["episode"]["turn"].as_u64().unwrap() as u32;
         assert!(
             head >= m.committed && head <= returned,
             "iter {iter}: head turn {head} after restart; known committed {}, returned {returned}",
@@ -604,7 +604,7 @@ fn kill9_anywhere_loses_no_committed_node_and_leaves_no_orphan() {
     for rec in tr["turns"].as_array().unwrap().iter().skip(1) {
         assert_eq!(rec["state"], "committed", "{tr}");
     }
-    let head = tr["turn"].as_u64().unwrap() as u32;
+    let head = tr["episode"]["turn"].as_u64().unwrap() as u32;
     verify_fork(&svc, &ep, &m, head);
     svc.ok(&["delete", &ep]);
     assert!(episodes(&svc).is_empty());

@@ -65,7 +65,7 @@ fn fork4(storage: Storage, extra: &[&str], traj: &str, tick: &str, upto: usize) 
                 assert_eq!(last, before + k as u64 + 1, "fork {k} ({f}) counter");
                 let tree: serde_json::Value =
                     serde_json::from_str(&svc.ok(&["tree", f, "--json"])).unwrap();
-                assert_eq!(tree["turn"], (upto + k + 1) as u64);
+                assert_eq!(tree["episode"]["turn"], (upto + k + 1) as u64);
             });
         }
     });
@@ -85,7 +85,7 @@ fn fork4(storage: Storage, extra: &[&str], traj: &str, tick: &str, upto: usize) 
         "rewind restores the daemon"
     );
     let tree: serde_json::Value = serde_json::from_str(&svc.ok(&["tree", &ep, "--json"])).unwrap();
-    assert_eq!(tree["turn"], upto as u64 + 1);
+    assert_eq!(tree["episode"]["turn"], upto as u64 + 1);
     mark("source tick+rewind", &mut since);
     for f in forks.iter().chain([&ep]) {
         svc.ok(&["delete", f]);

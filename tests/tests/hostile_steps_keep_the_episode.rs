@@ -15,7 +15,7 @@ use sandtree_tests::*;
 
 fn turn_of(svc: &Service, ep: &str) -> u64 {
     let tree: serde_json::Value = serde_json::from_str(&svc.ok(&["tree", ep, "--json"])).unwrap();
-    tree["turn"].as_u64().unwrap()
+    tree["episode"]["turn"].as_u64().unwrap()
 }
 
 fn planted_fifo_and_link(svc: &Service) {

@@ -32,7 +32,7 @@ fn full_turns(svc: &Service, ep: &str) -> Vec<(u64, u64, u64, u64, Option<u64>)>
                 t["node"].as_u64().unwrap(),
                 t["image_bytes"].as_u64().unwrap(),
                 t["image_dumped_bytes"].as_u64().unwrap(),
-                t["image_parent"].as_u64(),
+                t["image_parent"].as_u64().filter(|&p| p > 0),
             )
         })
         .collect()

@@ -80,8 +80,8 @@ fn restore_under_writes(storage: Storage, turns: u32, count: u32, rounds: u32) -
         "{turns} turns in {:?} (+{:?} to settle), dump p50 {:.0} ms, checkpoint p50 {:.0} ms, log at {} lines",
         settled - started,
         settled.elapsed(),
-        st["timings_ms"]["dump_p50"].as_f64().unwrap_or(0.0),
-        st["timings_ms"]["checkpoint_p50"].as_f64().unwrap_or(0.0),
+        st["dump_ms_p50"].as_f64().unwrap_or(0.0),
+        st["checkpoint_ms_p50"].as_f64().unwrap_or(0.0),
         counted.last().unwrap()
     );
     let tree: serde_json::Value = serde_json::from_str(&svc.ok(&["tree", &ep, "--json"])).unwrap();
