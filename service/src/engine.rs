@@ -58,6 +58,8 @@ pub struct Config {
     pub restore_slots: usize,
     /// Live episodes on this host; create and fork beyond it are refused.
     pub max_episodes: usize,
+    /// Size cap of each sandbox's root filesystem; 0: none.
+    pub disk_bytes: u64,
 }
 
 pub const DEFAULT_ENV: &[(&str, &str)] = &[
@@ -476,6 +478,7 @@ impl Engine {
         let timings = self.timings.clone();
         let restored = matches!(node.kind, NodeKind::Full);
         let verdicts = self.verdicts.clone();
+        let disk_bytes = self.config.disk_bytes;
         let _slot = self
             .restores
             .acquire()
@@ -488,6 +491,14 @@ impl Engine {
                 (_, Some(s)) => storage.clone_snapshot(&s.volume, &s.snap, &vol)?,
                 (_, None) => anyhow::bail!("checkpoint node {} has no snapshot", node.id),
             };
+            if disk_bytes > 0 {
+                if let Err(e) = storage.set_quota(&vol, disk_bytes) {
+                    let _ = storage.destroy_volume(&vol);
+                    return Err(
+                        anyhow::Error::from(e).context(format!("limit volume {vol}'s disk"))
+                    );
+                }
+            }
             let sb = match (&node.kind, images) {
                 (NodeKind::Full, Some(images)) => runtime.restore(&vol, &images, &root, limits),
                 (NodeKind::Full, None) => {

@@ -73,6 +73,10 @@ enum Cmd {
         /// CPU time of one sandbox, in CPUs (1.0 = one core's worth per 100 ms).
         #[arg(long, default_value_t = 1.0)]
         sandbox_cpus: f64,
+        /// Size of one sandbox's root filesystem in MiB (its image included); 0: no limit.
+        /// Enforced by btrfs quota groups or zfs refquota; the dir backend has none.
+        #[arg(long, default_value_t = 10240)]
+        sandbox_disk_mib: u64,
         /// Live episodes (running sandboxes) on this host; create and fork beyond it are
         /// refused with RESOURCE_EXHAUSTED. With the memory limit this bounds the committed
         /// memory: max-episodes x sandbox-memory-mib.
@@ -289,6 +293,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             sandbox_memory_mib,
             sandbox_pids,
             sandbox_cpus,
+            sandbox_disk_mib,
             max_episodes,
         } => {
             if !(0.01..=1024.0).contains(&sandbox_cpus) {
@@ -308,6 +313,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 max_image_chain,
                 restore_slots,
                 max_episodes,
+                disk_bytes: sandbox_disk_mib << 20,
             };
             serve(socket, config, storage, verdicts, limits).await?;
             Ok(ExitCode::SUCCESS)
@@ -465,6 +471,12 @@ async fn serve(
             .into()
     };
     tracing::info!(storage = %storage.describe(), "storage ready");
+    if config.disk_bytes > 0 && storage.kind() == sandtree_storage::Kind::Dir {
+        tracing::warn!(
+            "the dir backend cannot limit a sandbox's disk: --sandbox-disk-mib is not enforced"
+        );
+        config.disk_bytes = 0;
+    }
     let tree = sandtree_branching::Tree::open(data_dir.join("sandtree.redb"))?;
     let runtime = runtime::Runtime::new(&instance_tag(&data_dir), limits)?;
     tracing::info!(criu = %runtime.criu.bin.display(), cgroup = %runtime.layout.v2_parent.display(), "runtime ready");

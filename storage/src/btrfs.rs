@@ -54,11 +54,58 @@ pub struct Btrfs {
     fs_root: PathBuf,
     root: PathBuf,
     seq: AtomicU64,
+    /// The whole filesystem is sandtree's (the embedded loop image): filesystem-wide settings
+    /// such as quotas may be changed.
+    owns_fs: bool,
+    quotas_on: std::sync::atomic::AtomicBool,
 }
 
 impl Btrfs {
     /// Opens (and on first use lays out) the backend in `<root>/sandtree`. `root` must be on a
     /// mounted btrfs filesystem.
+    /// Marks the filesystem as sandtree's own (the embedded loop image), so that
+    /// [`SnapshotBackend::set_quota`] may turn btrfs quotas on for it.
+    pub fn owning_the_filesystem(mut self) -> Btrfs {
+        self.owns_fs = true;
+        self
+    }
+
+    /// Turns quota groups on (once) if they are off: only on a filesystem sandtree owns.
+    fn ensure_quotas(&self) -> Result<()> {
+        if self.quotas_on.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let on = cmd::run(
+            "btrfs",
+            [
+                std::ffi::OsStr::new("qgroup"),
+                "show".as_ref(),
+                self.fs_root.as_os_str(),
+            ],
+        )
+        .is_ok();
+        if !on {
+            if !self.owns_fs {
+                return Err(SnapshotError::Unsupported(format!(
+                    "btrfs quotas are off on {} and that filesystem is not sandtree's to change; \
+                     turn them on with `btrfs quota enable` or run without a disk limit",
+                    self.fs_root.display()
+                )));
+            }
+            cmd::run(
+                "btrfs",
+                [
+                    std::ffi::OsStr::new("quota"),
+                    "enable".as_ref(),
+                    self.fs_root.as_os_str(),
+                ],
+            )?;
+            tracing::info!(fs = %self.fs_root.display(), "enabled btrfs quotas");
+        }
+        self.quotas_on.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
     pub fn open(root: &Path) -> Result<Btrfs> {
         let fs_root = std::fs::canonicalize(root)
             .map_err(|source| io(format!("cannot open btrfs root {}", root.display()), source))?;
@@ -82,6 +129,8 @@ impl Btrfs {
             root: fs_root.join("sandtree"),
             fs_root,
             seq: AtomicU64::new(0),
+            owns_fs: false,
+            quotas_on: std::sync::atomic::AtomicBool::new(false),
         };
         for dir in [
             me.root.clone(),
@@ -443,6 +492,21 @@ impl SnapshotBackend for Btrfs {
         // Fails harmlessly while other snapshots of `vol` remain.
         let _ = std::fs::remove_dir(self.snapshots().join(vol));
         Ok(())
+    }
+
+    fn set_quota(&self, vol: &str, bytes: u64) -> Result<()> {
+        let path = self.require_volume(vol)?;
+        self.ensure_quotas()?;
+        cmd::run(
+            "btrfs",
+            [
+                std::ffi::OsStr::new("qgroup"),
+                "limit".as_ref(),
+                bytes.to_string().as_ref(),
+                path.as_os_str(),
+            ],
+        )
+        .map(drop)
     }
 
     fn list(&self) -> Result<Vec<Entry>> {

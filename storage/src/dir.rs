@@ -403,6 +403,14 @@ impl SnapshotBackend for Dir {
         Ok(())
     }
 
+    fn set_quota(&self, vol: &str, _bytes: u64) -> Result<()> {
+        self.require_volume(vol)?;
+        Err(SnapshotError::Unsupported(
+            "the dir backend cannot limit a volume's size (use btrfs or zfs for disk limits)"
+                .into(),
+        ))
+    }
+
     fn list(&self) -> Result<Vec<Entry>> {
         let mut out = Vec::new();
         for name in names_in(&self.images())? {

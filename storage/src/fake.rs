@@ -337,6 +337,15 @@ impl SnapshotBackend for FakeBackend {
         Ok(())
     }
 
+    fn set_quota(&self, vol: &str, bytes: u64) -> Result<()> {
+        let s = self.begin(format!("set_quota {vol} {bytes}"))?;
+        validate_name(vol)?;
+        if !s.volumes.contains_key(vol) {
+            return Err(not_found("volume", vol));
+        }
+        Ok(())
+    }
+
     fn list(&self) -> Result<Vec<Entry>> {
         let s = self.begin("list".to_string())?;
         let mut out: Vec<Entry> = s

@@ -122,6 +122,10 @@ pub trait SnapshotBackend: Send + Sync + std::fmt::Debug {
     /// for those clones until they are gone (zfs: the volume is parked and reaped by [`gc`]).
     fn destroy_volume(&self, vol: &str) -> Result<()>;
     fn destroy_snapshot(&self, vol: &str, snap: &str) -> Result<()>;
+    /// Caps the size of volume `vol`'s filesystem (everything it references, its image's files
+    /// included) at `bytes`: writes beyond it fail with EDQUOT or ENOSPC inside the sandbox.
+    /// Backends that cannot enforce it say so ([`SnapshotError::Unsupported`]).
+    fn set_quota(&self, vol: &str, bytes: u64) -> Result<()>;
     /// Everything under the prefix (parked objects excluded).
     fn list(&self) -> Result<Vec<Entry>>;
     /// Reaps parked objects whose dependents are gone. Returns how many were removed.
@@ -185,7 +189,8 @@ pub fn open(spec: &StorageSpec, data_dir: &Path) -> Result<Box<dyn SnapshotBacke
     match spec {
         StorageSpec::Btrfs => {
             let mnt = pool::ensure_btrfs_loop(&data_dir.join("storage"), pool::DEFAULT_LOOP_SIZE)?;
-            Ok(Box::new(btrfs::Btrfs::open(&mnt)?))
+            // The loop image is sandtree's own filesystem: it may turn quotas on there.
+            Ok(Box::new(btrfs::Btrfs::open(&mnt)?.owning_the_filesystem()))
         }
         StorageSpec::Zfs { dataset } => {
             Ok(Box::new(zfs::Zfs::open(dataset, &data_dir.join("zfs"))?))

@@ -1008,6 +1008,12 @@ impl SnapshotBackend for Zfs {
         })
     }
 
+    fn set_quota(&self, vol: &str, bytes: u64) -> Result<()> {
+        validate_name(vol)?;
+        let inc = self.require_live(Family::Volumes, vol)?;
+        zfs(["set", &format!("refquota={bytes}"), &inc.dataset]).map(drop)
+    }
+
     fn list(&self) -> Result<Vec<Entry>> {
         let out = zfs([
             "list",

@@ -136,6 +136,45 @@ fn client_goes_away(svc: &Service) {
     svc.ok(&["delete", &ep]);
 }
 
+/// A sandbox filling its disk: the writes past the limit fail inside the sandbox, the episode
+/// goes on, and another episode on the same pool can still write.
+fn disk_full(storage: Storage) {
+    let svc = Service::start_with(storage, &["--sandbox-disk-mib", "64"]);
+    let ep = svc.create("busybox", "auto");
+    let other = svc.create("busybox", "auto");
+    let r = svc.step(
+        &ep,
+        "dd if=/dev/zero of=/tmp/big bs=1M count=200 2>&1; sync; \
+         echo size $(($(wc -c < /tmp/big) / 1048576))",
+    );
+    let out = r["stdout"].as_str().unwrap();
+    let size: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("size "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{r}"));
+    assert!(
+        size < 64,
+        "the sandbox wrote {size} MiB past a 64 MiB disk: {r}"
+    );
+    assert!(
+        out.contains("quota") || out.contains("space"),
+        "dd says why it stopped: {r}"
+    );
+    svc.step(&ep, "rm /tmp/big");
+    assert_eq!(
+        svc.step(&ep, "echo ok > /tmp/small && cat /tmp/small")["stdout"],
+        "ok\n"
+    );
+    let r = svc.step(
+        &other,
+        "dd if=/dev/zero of=/tmp/f bs=1M count=16 2>/dev/null; wc -c < /tmp/f",
+    );
+    assert_eq!(r["stdout"], "16777216\n", "{r}");
+    svc.ok(&["delete", &ep]);
+    svc.ok(&["delete", &other]);
+}
+
 fn all(storage: Storage) {
     let svc = Service::start(storage);
     planted_fifo_and_link(&svc);
@@ -148,6 +187,20 @@ fn all(storage: Storage) {
 fn hostile_steps_keep_the_episode_btrfs() {
     if require_sandbox_host() {
         all(Storage::Btrfs);
+    }
+}
+
+#[test]
+fn a_full_disk_stays_in_its_sandbox_btrfs() {
+    if require_sandbox_host() {
+        disk_full(Storage::Btrfs);
+    }
+}
+
+#[test]
+fn a_full_disk_stays_in_its_sandbox_zfs_fuse() {
+    if require_sandbox_host() && require_zfs() {
+        disk_full(Storage::Zfs);
     }
 }
 
