@@ -1335,7 +1335,7 @@ impl Checkpoint<'_> {
             NodeKind::Base { .. } => anyhow::bail!("base nodes are not checkpointed"),
         };
         // The snapshot is made durable before the node is committed.
-        sync_fs(&sb.rootfs);
+        sync_fs(&sb.rootfs)?;
         t.total_ms = started.elapsed().as_millis() as u64;
         record(&timings.checkpoint, started.elapsed().as_secs_f64() * 1e3);
         Ok(NodeArtifacts {
@@ -1353,20 +1353,33 @@ impl Checkpoint<'_> {
     }
 }
 
+/// Makes an image directory durable: its files, the directory itself, and its entry in its
+/// parent (a crash must not lose the directory of a committed node).
 fn sync_dir(dir: &Path) -> anyhow::Result<()> {
     for e in std::fs::read_dir(dir)?.flatten() {
         std::fs::File::open(e.path())?.sync_all()?;
     }
     std::fs::File::open(dir)?.sync_all()?;
+    if let Some(parent) = dir.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
     Ok(())
 }
 
-fn sync_fs(path: &Path) {
-    if let Ok(f) = std::fs::File::open(path) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: syncfs(2) on an fd we own for the duration of the call.
-        unsafe { libc::syncfs(f.as_raw_fd()) };
+/// syncfs(2) of the filesystem holding `path`; a failure fails the commit (the node would not be
+/// durable).
+fn sync_fs(path: &Path) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    // SAFETY: syncfs(2) on an fd we own for the duration of the call.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        anyhow::bail!(
+            "syncfs {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
     }
+    Ok(())
 }
 
 /// What a step may add to a turn beyond its command.
