@@ -17,6 +17,7 @@ mod error;
 mod tree;
 mod types;
 
+pub mod policy;
 pub use error::{Result, TreeError};
 pub use tree::{Tree, ABANDONED_REASON, SCHEMA_VERSION};
 pub use types::{

@@ -807,40 +807,36 @@ impl Engine {
             l.watch,
             l.policy,
         );
-        blocking(move || match policy {
-            Policy::Auto => {
-                let (mut v, others) = verdicts.judge(watch, &sb, storage.as_ref(), &vol)?;
-                let node = match v.kind {
-                    VerdictKind::None => None,
-                    VerdictKind::Proc => Some(NodeKind::Full),
-                    VerdictKind::Fs => {
-                        if !others.is_empty() {
-                            v.reasons.push(
-                                "full node: processes other than init are alive, and a restore needs their image with the snapshot".into(),
-                            );
-                            Some(NodeKind::Full)
-                        } else {
-                            Some(NodeKind::Fs)
-                        }
-                    }
-                };
-                Ok((v, node))
-            }
-            Policy::None | Policy::Full => {
-                let seen = verdicts.observe(watch, &sb);
-                let (kind, what) = if policy == Policy::None {
-                    (VerdictKind::None, "policy none: chat-only")
-                } else {
-                    (VerdictKind::Proc, "policy full: checkpoint every turn")
-                };
-                let mut reasons = vec![what.to_string()];
-                if let Some(v) = seen {
-                    reasons.push(format!("inspector: {:?}", v.kind).to_lowercase());
-                    reasons.extend(v.reasons);
+        blocking(move || {
+            // The inspector's epoch ends here under every policy; auto judges by it, none and
+            // full only report what it saw.
+            let (mut reasons, observed, others_alive) = match policy {
+                Policy::Auto => {
+                    let (v, others) = verdicts.judge(watch, &sb, storage.as_ref(), &vol)?;
+                    (v.reasons, v.kind, !others.is_empty())
                 }
-                let node = (policy == Policy::Full).then_some(NodeKind::Full);
-                Ok((Verdict { kind, reasons }, node))
-            }
+                Policy::None | Policy::Full => {
+                    let mut reasons = vec![if policy == Policy::None {
+                        "policy none: chat-only".to_string()
+                    } else {
+                        "policy full: checkpoint every turn".to_string()
+                    }];
+                    if let Some(v) = verdicts.observe(watch, &sb) {
+                        reasons.push(format!("inspector: {:?}", v.kind).to_lowercase());
+                        reasons.extend(v.reasons);
+                    }
+                    (reasons, VerdictKind::None, false)
+                }
+            };
+            let d = sandtree_branching::policy::decide(policy, observed, others_alive);
+            reasons.extend(d.upgrade.map(String::from));
+            Ok((
+                Verdict {
+                    kind: d.verdict,
+                    reasons,
+                },
+                d.node,
+            ))
         })
         .await
     }
