@@ -537,5 +537,17 @@ async fn serve(
     tracing::info!("shutting down: stopping sandboxes");
     engine.shutdown().await;
     let _ = std::fs::remove_file(&socket);
+    if matches!(spec, sandtree_storage::StorageSpec::Btrfs) {
+        // Release the embedded loop image this service mounted; the next start mounts it again.
+        let dir = data_dir.join("storage");
+        drop(engine);
+        match tokio::task::spawn_blocking(move || sandtree_storage::pool::unmount_btrfs_loop(&dir))
+            .await
+        {
+            Ok(Ok(())) => tracing::info!("unmounted the embedded btrfs image"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot unmount the embedded btrfs image"),
+            Err(e) => tracing::warn!(error = %e, "unmount task failed"),
+        }
+    }
     Ok(())
 }
