@@ -428,32 +428,15 @@ async fn run_one(
             .into_iter()
             .next()
             .context("fork returned no episode")?;
-        let mut ok = true;
-        for (i, turn) in t.turns.iter().enumerate().skip(t0) {
-            let r = step(c, &f, &turn.cmd).await?;
-            if i == t0 {
-                let ms = fork_rpc + r.accepted_us as f64 / 1e3;
-                res.fork_ms.push(ms);
-                if restores_image.contains(&(t0 as u32)) {
-                    res.fork_image_ms.push(ms);
-                } else {
-                    res.fork_fs_ms.push(ms);
-                }
-            }
-            let got = obs(&r);
-            if got != original[i] {
-                ok = false;
-                if res.mismatches.len() < 20 {
-                    res.mismatches.push(format!(
-                        "{} fork@{t0} turn {}: `{}` expected {:?} got {:?}",
-                        t.name,
-                        i + 1,
-                        turn.cmd,
-                        original[i],
-                        got
-                    ));
-                }
-                break;
+        let what = format!("fork@{t0}");
+        let (ok, first) = replay(c, &f, t, &original, t0..t.turns.len(), &what, res).await?;
+        if let Some(accepted_us) = first {
+            let ms = fork_rpc + accepted_us as f64 / 1e3;
+            res.fork_ms.push(ms);
+            if restores_image.contains(&(t0 as u32)) {
+                res.fork_image_ms.push(ms);
+            } else {
+                res.fork_fs_ms.push(ms);
             }
         }
         res.fork_points += 1;
@@ -499,6 +482,41 @@ async fn run_one(
         .await
         .map_err(rpc_err)?;
     Ok(())
+}
+
+/// Replays turns `range` of `t` in episode `f` and compares each observation with the original
+/// run's; the first difference is recorded in `res.mismatches` (named by `what`) and ends the
+/// replay. Returns whether all matched, and how long the first step waited (its accepted_us).
+async fn replay(
+    c: &mut Client,
+    f: &str,
+    t: &Trajectory,
+    original: &[Obs],
+    range: std::ops::Range<usize>,
+    what: &str,
+    res: &mut PolicyResult,
+) -> Result<(bool, Option<u64>)> {
+    let mut first = None;
+    for i in range {
+        let turn = &t.turns[i];
+        let r = step(c, f, &turn.cmd).await?;
+        first.get_or_insert(r.accepted_us);
+        let got = obs(&r);
+        if got != original[i] {
+            if res.mismatches.len() < 20 {
+                res.mismatches.push(format!(
+                    "{} {what} turn {}: `{}` expected {:?} got {:?}",
+                    t.name,
+                    i + 1,
+                    turn.cmd,
+                    original[i],
+                    got
+                ));
+            }
+            return Ok((false, first));
+        }
+    }
+    Ok((true, first))
 }
 
 /// The fork points of a chain of forks of forks over `n` turns: up to three distinct turns in
@@ -557,31 +575,10 @@ async fn nested_chain(
         copies.push(f.clone());
         res.nested_depth = res.nested_depth.max(level + 1);
         let until = points.get(level + 1).copied().unwrap_or(t.turns.len());
-        for (i, (turn, want)) in t
-            .turns
-            .iter()
-            .zip(original)
-            .enumerate()
-            .take(until)
-            .skip(t0)
-        {
-            let r = step(c, &f, &turn.cmd).await?;
-            let got = obs(&r);
-            if got != *want {
-                ok = false;
-                if res.mismatches.len() < 20 {
-                    res.mismatches.push(format!(
-                        "{} nested fork level {} @{t0} turn {}: `{}` expected {:?} got {:?}",
-                        t.name,
-                        level + 1,
-                        i + 1,
-                        turn.cmd,
-                        want,
-                        got
-                    ));
-                }
-                break 'chain;
-            }
+        let what = format!("nested fork level {} @{t0}", level + 1);
+        if !replay(c, &f, t, original, t0..until, &what, res).await?.0 {
+            ok = false;
+            break 'chain;
         }
         src = f;
     }

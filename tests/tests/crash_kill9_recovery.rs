@@ -39,30 +39,6 @@ use sandtree_tests::*;
 const DEFAULT_SEED: u64 = 0x5eed_c0de_2026;
 const ITERATIONS: usize = 6;
 
-/// xorshift64*: a small seeded generator (no dependency for a few random delays).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        // splitmix64 of the seed: distinct seeds give distinct, non-zero states.
-        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        Rng((z ^ (z >> 31)) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// What the test knows about the episode's live path. Index = turn (index 0 is the base).
 struct Model {
     actions: Vec<String>,

@@ -19,24 +19,6 @@ use std::collections::BTreeMap;
 
 use sandtree_tests::*;
 
-/// xorshift64*: small, seedable, good enough to pick steps.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
 /// What a sandbox holds after a turn, as far as the test can tell from outside.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Model {
@@ -229,7 +211,7 @@ fn run(svc: &Service, ep: &mut Episode, steps: &[Step]) {
 fn tree(storage: Storage, policy: &str, seed: u64) {
     eprintln!("nested forks on {policy}: seed {seed} (SANDTREE_NESTED_SEED={seed} to rerun)");
     let svc = Service::start(storage);
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let mut tags = 0;
     let mut root = Episode {
         id: svc.create("busybox", policy),

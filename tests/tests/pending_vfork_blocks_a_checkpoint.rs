@@ -19,23 +19,6 @@ use std::process::Command;
 
 use sandtree_tests::*;
 
-/// A directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(prefix: &str) -> TempDir {
-        let d = std::env::temp_dir().join(unique(prefix));
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// busybox with its applets in /bin, /tmp, and tests/probes/vfork_pending.c compiled static
 /// at /vf.
 fn image_dir(dir: &Path) -> PathBuf {

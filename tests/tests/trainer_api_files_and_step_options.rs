@@ -74,7 +74,8 @@ fn files_are_turns_and_stay_inside_the_sandbox() {
     assert!(!o.status.success(), "rewound past the write");
 
     // Paths resolve inside the sandbox's root, whatever they say.
-    let sentinel_dir = tempdir("sandtree-files-sentinel-");
+    let scratch = TempDir::new("sandtree-files-sentinel-");
+    let sentinel_dir = &scratch.0;
     let sentinel = sentinel_dir.join("keep");
     std::fs::write(&sentinel, b"host\n").unwrap();
     svc.step(&ep, "echo inside > /tmp/x");
@@ -94,7 +95,7 @@ fn files_are_turns_and_stay_inside_the_sandbox() {
     let o = read(&svc, &ep, "/workspace/host-link");
     assert!(!o.status.success());
     assert_eq!(std::fs::read(&sentinel).unwrap(), b"host\n");
-    assert_eq!(std::fs::read_dir(&sentinel_dir).unwrap().count(), 1);
+    assert_eq!(std::fs::read_dir(sentinel_dir).unwrap().count(), 1);
 
     // Clear errors that change nothing.
     let before = turn_of(&svc, &ep);
@@ -118,15 +119,8 @@ fn files_are_turns_and_stay_inside_the_sandbox() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert_eq!(turn_of(&svc, &ep), before, "refused writes record no turn");
-    let _ = std::fs::remove_dir_all(&sentinel_dir);
     svc.ok(&["delete", &fork]);
     svc.ok(&["delete", &ep]);
-}
-
-fn tempdir(prefix: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(unique(prefix));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 #[test]
