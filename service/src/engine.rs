@@ -86,6 +86,9 @@ struct Live {
     diverged: Option<String>,
     /// (uid, gid) that turns run as (the image's `User`); None: root.
     user: Option<(u32, u32)>,
+    /// Set, under this lock, by a rewind or delete that is tearing this sandbox down: whoever
+    /// gets the lock afterwards must not use it, and looks the episode up again.
+    retired: bool,
 }
 
 /// Longest command a step takes: it reaches the turn's shell as one environment string, which
@@ -153,6 +156,8 @@ pub struct Engine {
     pub config: Config,
     pub timings: Arc<Timings>,
     live: StdMutex<HashMap<EpisodeId, Arc<Mutex<Live>>>>,
+    /// One rewind at a time per episode, also for an episode with no live sandbox.
+    rewinds: StdMutex<HashMap<EpisodeId, Arc<Mutex<()>>>>,
     slots: Arc<Semaphore>,
     /// Host-wide restore slots (`Config::restore_slots`).
     restores: Arc<Semaphore>,
@@ -189,6 +194,7 @@ impl Engine {
             config,
             timings: Arc::default(),
             live: StdMutex::default(),
+            rewinds: StdMutex::default(),
             background: StdMutex::default(),
         })
     }
@@ -198,6 +204,21 @@ impl Engine {
             .data_dir
             .join("images")
             .join(format!("n{}", node.0))
+    }
+
+    /// The episode's live sandbox, locked. A sandbox that a rewind or delete retired while this
+    /// waited for the lock is never handed out: the episode is looked up again (a rewind has put
+    /// its new sandbox in the map by then; a delete has removed it).
+    async fn lock_live(&self, id: &EpisodeId) -> Result<tokio::sync::OwnedMutexGuard<Live>> {
+        for _ in 0..8 {
+            let g = self.get_live(id)?.lock_owned().await;
+            if !g.retired {
+                return Ok(g);
+            }
+        }
+        Err(EngineError::Precondition(format!(
+            "episode {id} is being rewound or deleted by another call; try again"
+        )))
     }
 
     fn get_live(&self, id: &EpisodeId) -> Result<Arc<Mutex<Live>>> {
@@ -451,6 +472,7 @@ impl Engine {
             turn,
             pending: None,
             diverged: None,
+            retired: false,
         };
         self.live
             .lock()
@@ -543,8 +565,7 @@ impl Engine {
             )));
         }
         opts.validate(self.config.out_cap)?;
-        let live = self.get_live(id)?;
-        let mut l = live.lock().await;
+        let mut l = self.lock_live(id).await?;
         let waited_us = self.ready(id, &mut l).await?;
         let spec = ExecSpec {
             seccomp: Default::default(),
@@ -727,8 +748,7 @@ impl Engine {
                 "mode {mode:o} is not a set of permission bits"
             )));
         }
-        let live = self.get_live(id)?;
-        let mut l = live.lock().await;
+        let mut l = self.lock_live(id).await?;
         let waited_us = self.ready(id, &mut l).await?;
         let (runtime, sb) = (self.runtime.clone(), l.sandbox.clone());
         let (p, n) = (path.clone(), data.len());
@@ -776,8 +796,7 @@ impl Engine {
             }
             m => m,
         };
-        let live = self.get_live(id)?;
-        let l = live.lock().await;
+        let l = self.lock_live(id).await?;
         let (runtime, sb, p) = (self.runtime.clone(), l.sandbox.clone(), path.clone());
         let res = blocking(move || {
             runtime.file(&sb, &p, crate::runtime::shim::FileOp::Read { max_bytes })
@@ -969,17 +988,31 @@ impl Engine {
     }
 
     pub async fn rewind(&self, id: &EpisodeId, turn: u32) -> Result<()> {
-        let live = self.live.lock().expect("live lock").get(id).cloned();
-        let _guard = match &live {
-            Some(l) => {
-                let mut g = l.clone().lock_owned().await;
-                if let Some(p) = g.pending.take() {
-                    let _ = p.await;
-                }
-                Some(g)
+        let one_at_a_time = self
+            .rewinds
+            .lock()
+            .expect("rewinds lock")
+            .entry(id.clone())
+            .or_default()
+            .clone();
+        let _rewinding = one_at_a_time.lock().await;
+        // The live sandbox, if any, locked; one that another rewind or a delete retired while
+        // this waited is looked up again.
+        let mut _guard = None;
+        for _ in 0..8 {
+            let Some(l) = self.live.lock().expect("live lock").get(id).cloned() else {
+                break;
+            };
+            let mut g = l.lock_owned().await;
+            if g.retired {
+                continue;
             }
-            None => None,
-        };
+            if let Some(p) = g.pending.take() {
+                let _ = p.await;
+            }
+            _guard = Some(g);
+            break;
+        }
         // Validate before tearing anything down.
         let ep = self.tree.episode(id)?;
         let target = self.tree.turn(id, turn)?;
@@ -1003,11 +1036,15 @@ impl Engine {
             .map_or(1, |s| s + 1);
         // The old sandbox is stopped now; its volume and the garbage are freed after the
         // rewind answers (`background`), so the trainer waits only for the restore.
+        if let Some(g) = _guard.as_mut() {
+            g.retired = true;
+        }
         let old_volume = match &_guard {
             Some(g) if self.stop_sandbox(&g.sandbox, g.watch).await => Some(g.volume.clone()),
             _ => None,
         };
-        self.live.lock().expect("live lock").remove(id);
+        // The retired sandbox stays in the map until its replacement is in: a step that comes
+        // meanwhile waits on its lock and then finds the new one, instead of finding none.
         let r = async {
             let (ep, node, session) = self.tree.rewind(id, turn)?;
             let (sb, w, vol) = self.materialize(id, &node, seq, ep.meta.limits).await?;
@@ -1016,6 +1053,7 @@ impl Engine {
         }
         .await;
         if r.is_err() {
+            self.live.lock().expect("live lock").remove(id);
             let _ = self.tree.set_status(id, EpisodeStatus::Stopped);
         }
         drop(_guard);
@@ -1086,10 +1124,21 @@ impl Engine {
     }
 
     pub async fn delete(&self, id: &EpisodeId) -> Result<()> {
+        // Never beside a rewind of the same episode, which would put a new sandbox in the map
+        // after this took the old one out.
+        let one_at_a_time = self
+            .rewinds
+            .lock()
+            .expect("rewinds lock")
+            .entry(id.clone())
+            .or_default()
+            .clone();
+        let _deleting = one_at_a_time.lock().await;
         self.settle_background().await;
         let live = self.live.lock().expect("live lock").remove(id);
         if let Some(live) = live {
             let mut l = live.lock().await;
+            l.retired = true;
             if let Some(p) = l.pending.take() {
                 let _ = p.await;
             }
