@@ -158,6 +158,9 @@ pub struct Engine {
     live: StdMutex<HashMap<EpisodeId, Arc<Mutex<Live>>>>,
     /// One rewind at a time per episode, also for an episode with no live sandbox.
     rewinds: StdMutex<HashMap<EpisodeId, Arc<Mutex<()>>>>,
+    /// Checkpoints in flight, each with a flag set when it has committed or failed: `stats`
+    /// waits on these, not on the episodes' locks, so it never waits behind a step.
+    in_flight: Arc<StdMutex<HashMap<NodeId, tokio::sync::watch::Receiver<bool>>>>,
     slots: Arc<Semaphore>,
     /// Host-wide restore slots (`Config::restore_slots`).
     restores: Arc<Semaphore>,
@@ -195,6 +198,7 @@ impl Engine {
             timings: Arc::default(),
             live: StdMutex::default(),
             rewinds: StdMutex::default(),
+            in_flight: Arc::default(),
             background: StdMutex::default(),
         })
     }
@@ -880,7 +884,26 @@ impl Engine {
             _ => None,
         };
         let max_chain = self.config.max_image_chain;
+        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+        let in_flight = self.in_flight.clone();
+        in_flight
+            .lock()
+            .expect("in-flight lock")
+            .insert(node.id, done_rx);
         tokio::spawn(async move {
+            // Whatever happens below (even a panic), the node counts as settled at the end.
+            struct Settled(
+                NodeId,
+                tokio::sync::watch::Sender<bool>,
+                Arc<StdMutex<HashMap<NodeId, tokio::sync::watch::Receiver<bool>>>>,
+            );
+            impl Drop for Settled {
+                fn drop(&mut self) {
+                    self.2.lock().expect("in-flight lock").remove(&self.0);
+                    let _ = self.1.send(true);
+                }
+            }
+            let _settled = Settled(node.id, done_tx, in_flight);
             let _permit = slots.acquire_owned().await;
             let node_id = node.id;
             let kind = node.kind.clone();
@@ -1197,6 +1220,22 @@ impl Engine {
     }
 
     /// Waits until no checkpoint is pending on any live episode, and no rewind's cleanup.
+    /// Waits until every checkpoint in flight now has committed or failed, without taking any
+    /// episode's lock (a step running meanwhile does not hold this up).
+    pub async fn settle_checkpoints(&self) {
+        self.settle_background().await;
+        let waiting: Vec<tokio::sync::watch::Receiver<bool>> = self
+            .in_flight
+            .lock()
+            .expect("in-flight lock")
+            .values()
+            .cloned()
+            .collect();
+        for mut rx in waiting {
+            let _ = rx.wait_for(|done| *done).await;
+        }
+    }
+
     pub async fn settle_all(&self) {
         self.settle_background().await;
         let ids: Vec<EpisodeId> = self

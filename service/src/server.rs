@@ -426,7 +426,7 @@ impl pb::sandtree_server::Sandtree for Api {
         req: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
         let reset = req.into_inner().reset_timings;
-        self.engine.settle_all().await;
+        self.engine.settle_checkpoints().await;
         let e = &self.engine;
         let nodes = e.tree.all_nodes().map_err(|x| status(x.into()))?;
         let mut resp = pb::StatsResponse::default();

@@ -194,3 +194,38 @@ fn sandbox_pids(svc: &Service) -> Vec<u32> {
 }
 
 use std::process::Command;
+
+/// `stats` waits for checkpoints in flight, not for another episode's running step.
+#[test]
+fn stats_do_not_wait_behind_a_step() {
+    if !require_sandbox_host() {
+        return;
+    }
+    let svc = Service::start(Storage::Btrfs);
+    let slow = svc.create("busybox", "auto");
+    let other = svc.create("busybox", "full");
+    svc.step(&other, "echo x > /x");
+    std::thread::scope(|s| {
+        let h = s.spawn(|| svc.step(&slow, "sleep 6; echo done"));
+        std::thread::sleep(std::time::Duration::from_millis(800));
+        let t = std::time::Instant::now();
+        let stats: serde_json::Value = serde_json::from_str(&svc.ok(&["stats", "--json"])).unwrap();
+        let took = t.elapsed();
+        assert!(
+            took < std::time::Duration::from_secs(3),
+            "stats took {took:?} behind a 6 s step"
+        );
+        // It still waited for the other episode's checkpoint: its full node is counted.
+        let o = stats["per_episode"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["id"] == other.as_str())
+            .unwrap()
+            .clone();
+        assert!(o["nodes_full"].as_u64().unwrap() >= 1, "{o}");
+        assert_eq!(h.join().unwrap()["stdout"], "done\n");
+    });
+    svc.ok(&["delete", &slow]);
+    svc.ok(&["delete", &other]);
+}
