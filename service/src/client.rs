@@ -514,3 +514,389 @@ pub async fn doctor(socket: &Path, json: bool) -> Result<ExitCode> {
         ExitCode::SUCCESS
     })
 }
+
+/// The first line of an exported trajectory (docs/trajectory-format.md).
+pub const TRAJECTORY_FORMAT: &str = "sandtree.trajectory";
+pub const TRAJECTORY_VERSION: u64 = 1;
+
+/// The exported records of `root`: its live path, or with `all_forks` every record of its fork
+/// family, each as one JSON object of docs/trajectory-format.md.
+fn trajectory_records(
+    root: &str,
+    whole: &pb::TreeResponse,
+    infos: &std::collections::HashMap<String, pb::EpisodeInfo>,
+    all_forks: bool,
+) -> Vec<serde_json::Value> {
+    whole
+        .family
+        .iter()
+        .filter(|t| all_forks || t.episodes.iter().any(|e| e == root))
+        .map(|t| {
+            // The root if its path holds the record, else the oldest episode holding it (the
+            // fork that made it: later forks only inherit it).
+            let episode = if t.episodes.iter().any(|e| e == root) {
+                root.to_string()
+            } else {
+                whole
+                    .family_episodes
+                    .iter()
+                    .find(|e| t.episodes.contains(e))
+                    .or(t.episodes.first())
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            let info = infos.get(&episode);
+            let forked_from = info
+                .map(|i| i.forked_from.clone())
+                .filter(|f| !f.is_empty());
+            let labels = info.map(|i| i.labels.clone()).unwrap_or_default();
+            serde_json::json!({
+                "record": t.record,
+                "parent": (t.parent_record != 0).then_some(t.parent_record),
+                "episode": episode,
+                "turn": t.turn,
+                "action": t.action,
+                "stdout": t.stdout,
+                "stderr": t.stderr,
+                "exit_code": t.exit_code,
+                "duration_ms": t.duration_ms,
+                "cwd": t.cwd,
+                "verdict": t.verdict,
+                "reasons": t.reasons,
+                "node": t.node,
+                "kind": t.kind,
+                "bytes": t.bytes,
+                "labels": labels.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+                "forked_from": forked_from,
+                "episodes": t.episodes,
+                "forks": t.forks,
+            })
+        })
+        .collect()
+}
+
+/// `sandtree export EPISODE [--all-forks]`: the trajectory as JSON Lines on stdout.
+pub async fn export(socket: &Path, episode: String, all_forks: bool) -> Result<ExitCode> {
+    use std::io::Write;
+    let mut c = connect(socket).await?;
+    // The family view is the one that carries record ids; without --all-forks only the
+    // records on the episode's live path are kept.
+    let r = c
+        .tree(pb::TreeRequest {
+            episode: episode.clone(),
+            whole: true,
+        })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    let ep = r.episode.clone().unwrap_or_default();
+    let mut infos: std::collections::HashMap<String, pb::EpisodeInfo> = c
+        .list_episodes(pb::ListEpisodesRequest::default())
+        .await
+        .map_err(rpc_err)?
+        .into_inner()
+        .episodes
+        .into_iter()
+        .map(|e| (e.id.clone(), e))
+        .collect();
+    infos.insert(ep.id.clone(), ep.clone());
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let header = serde_json::json!({
+        "format": TRAJECTORY_FORMAT,
+        "version": TRAJECTORY_VERSION,
+        "root": ep.id,
+        "image": ep.image,
+        "policy": ep.policy,
+    });
+    writeln!(out, "{header}")?;
+    let records = trajectory_records(&ep.id, &r, &infos, all_forks);
+    for rec in &records {
+        writeln!(out, "{rec}")?;
+    }
+    out.flush()?;
+    eprintln!(
+        "sandtree: exported {} turn records of {}{}",
+        records.len(),
+        ep.id,
+        if all_forks { " and its fork family" } else { "" }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `sandtree replay` is asked to do.
+pub struct ReplayArgs {
+    pub file: PathBuf,
+    pub from_turn: Option<u32>,
+    pub image: Option<String>,
+    pub masks: Vec<String>,
+}
+
+/// A turn to replay: the record's command and what it observed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expected {
+    pub turn: u32,
+    pub action: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub exit_code: i64,
+    pub cwd: String,
+}
+
+/// A parsed trajectory file: the header and the root's live path (turn 1 and up, in order).
+pub struct Trajectory {
+    pub root: String,
+    pub image: String,
+    pub path: Vec<Expected>,
+}
+
+/// Reads a `sandtree.trajectory` file (docs/trajectory-format.md).
+pub fn read_trajectory(text: &str) -> Result<Trajectory> {
+    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+    let (_, first) = lines.next().context("the file is empty")?;
+    let header: serde_json::Value =
+        serde_json::from_str(first).context("line 1 is not a JSON object")?;
+    if header["format"] != TRAJECTORY_FORMAT {
+        anyhow::bail!(
+            "line 1 is not a {TRAJECTORY_FORMAT} header (format {})",
+            header["format"]
+        );
+    }
+    if header["version"] != TRAJECTORY_VERSION {
+        anyhow::bail!(
+            "trajectory version {} is not one this sandtree reads ({TRAJECTORY_VERSION})",
+            header["version"]
+        );
+    }
+    let text_of = |v: &serde_json::Value, what: &str| -> Result<String> {
+        v.as_str()
+            .map(str::to_string)
+            .with_context(|| format!("header field {what} is not a string"))
+    };
+    let root = text_of(&header["root"], "root")?;
+    let image = text_of(&header["image"], "image")?;
+    let mut path = Vec::new();
+    for (i, line) in lines {
+        let r: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("line {} is not a JSON object", i + 1))?;
+        let on_root = r["episodes"]
+            .as_array()
+            .is_some_and(|es| es.iter().any(|e| e == root.as_str()));
+        let turn = r["turn"]
+            .as_u64()
+            .and_then(|t| u32::try_from(t).ok())
+            .with_context(|| format!("line {}: turn is not a number", i + 1))?;
+        if !on_root || turn == 0 {
+            continue;
+        }
+        let field = |k: &str| -> Result<String> {
+            r[k].as_str()
+                .map(str::to_string)
+                .with_context(|| format!("line {}: {k} is not a string", i + 1))
+        };
+        path.push(Expected {
+            turn,
+            action: field("action")?,
+            stdout: field("stdout")?,
+            stderr: field("stderr")?,
+            exit_code: r["exit_code"]
+                .as_i64()
+                .with_context(|| format!("line {}: exit_code is not a number", i + 1))?,
+            cwd: field("cwd")?,
+        });
+    }
+    path.sort_by_key(|e| e.turn);
+    for (k, e) in path.iter().enumerate() {
+        if e.turn as usize != k + 1 {
+            anyhow::bail!(
+                "the root's live path is not turns 1..={} once each (turn {} at position {})",
+                path.len(),
+                e.turn,
+                k + 1
+            );
+        }
+    }
+    Ok(Trajectory { root, image, path })
+}
+
+/// The first field of a replayed turn that differs from its record, after masking:
+/// (field, expected, actual).
+pub fn first_difference(
+    want: &Expected,
+    got: &pb::StepResponse,
+    masks: &[regex::Regex],
+) -> Option<(&'static str, String, String)> {
+    let mask = |s: &str| {
+        masks
+            .iter()
+            .fold(s.to_string(), |s, m| m.replace_all(&s, "").into_owned())
+    };
+    let fields = [
+        ("stdout", want.stdout.clone(), String::from_utf8_lossy(&got.stdout).into_owned()),
+        ("stderr", want.stderr.clone(), String::from_utf8_lossy(&got.stderr).into_owned()),
+    ];
+    for (name, w, g) in fields {
+        let (w, g) = (mask(&w), mask(&g));
+        if w != g {
+            return Some((name, w, g));
+        }
+    }
+    if want.exit_code != i64::from(got.exit_code) {
+        return Some((
+            "exit_code",
+            want.exit_code.to_string(),
+            got.exit_code.to_string(),
+        ));
+    }
+    if want.cwd != got.cwd {
+        return Some(("cwd", want.cwd.clone(), got.cwd.clone()));
+    }
+    None
+}
+
+/// `sandtree replay FILE`: exit 0 when every turn matches its record, 1 at the first
+/// divergence, 2 when it cannot replay.
+pub async fn replay(socket: &Path, args: ReplayArgs) -> Result<ExitCode> {
+    match replay_inner(socket, args).await {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            eprintln!("sandtree: replay: {e:#}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+async fn replay_inner(socket: &Path, args: ReplayArgs) -> Result<ExitCode> {
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("read {}", args.file.display()))?;
+    let tr = read_trajectory(&text).with_context(|| format!("{}", args.file.display()))?;
+    let masks = args
+        .masks
+        .iter()
+        .map(|m| regex::Regex::new(m).with_context(|| format!("--mask {m:?}")))
+        .collect::<Result<Vec<_>>>()?;
+    let from = args.from_turn.unwrap_or(0);
+    if from as usize > tr.path.len() {
+        anyhow::bail!(
+            "--from-turn {from} is past the recorded path's last turn {}",
+            tr.path.len()
+        );
+    }
+    let todo: Vec<&Expected> = tr.path.iter().filter(|e| e.turn > from).collect();
+    // A write's record does not hold the file's data: refuse before making anything.
+    if let Some(w) = todo.iter().find(|e| e.action.starts_with("# sandtree write ")) {
+        anyhow::bail!(
+            "turn {} is a file write ({}); its data is not in the record, so it cannot be \
+             replayed: replay from after it with --from-turn {}",
+            w.turn,
+            w.action,
+            w.turn
+        );
+    }
+    let mut c = connect(socket).await?;
+    let ep = match args.from_turn {
+        Some(t) => {
+            let r = c
+                .fork(pb::ForkRequest {
+                    episode: tr.root.clone(),
+                    turn: t,
+                    count: 1,
+                })
+                .await
+                .map_err(|s| {
+                    anyhow::anyhow!(
+                        "cannot fork the recorded episode {} at turn {t}: {} (--from-turn needs \
+                         the episode and a committed checkpoint of that turn)",
+                        tr.root,
+                        s.message()
+                    )
+                })?
+                .into_inner();
+            r.episodes.into_iter().next().context("fork made no episode")?
+        }
+        None => {
+            c.create_episode(pb::CreateEpisodeRequest {
+                image: args.image.clone().unwrap_or_else(|| tr.image.clone()),
+                policy: "none".into(),
+                ..Default::default()
+            })
+            .await
+            .map_err(rpc_err)?
+            .into_inner()
+            .id
+        }
+    };
+    eprintln!(
+        "sandtree: replaying {} turns of {} in episode {ep}{}",
+        todo.len(),
+        tr.root,
+        if from > 0 {
+            format!(" (forked at turn {from})")
+        } else {
+            String::new()
+        }
+    );
+    let started = std::time::Instant::now();
+    let run = async {
+        for want in &todo {
+            eprintln!("sandtree: turn {}: {}", want.turn, one_line(&want.action, 70));
+            let got = c
+                .step(pb::StepRequest {
+                    episode: ep.clone(),
+                    command: want.action.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(rpc_err)
+                .with_context(|| format!("turn {}", want.turn))?
+                .into_inner();
+            if got.turn != want.turn {
+                anyhow::bail!("the replay's turn is {}, the record's {}", got.turn, want.turn);
+            }
+            if let Some((field, w, g)) = first_difference(want, &got, &masks) {
+                return Ok(Some((want.turn, field, w, g)));
+            }
+        }
+        Ok(None)
+    }
+    .await;
+    let secs = started.elapsed().as_secs_f64();
+    let del = c
+        .delete_episode(pb::DeleteEpisodeRequest {
+            episode: ep.clone(),
+        })
+        .await;
+    if let Err(s) = del {
+        eprintln!("sandtree: warning: cannot delete replay episode {ep}: {}", s.message());
+    }
+    match run? {
+        Some((turn, field, want, got)) => {
+            let action = todo
+                .iter()
+                .find(|e| e.turn == turn)
+                .map(|e| one_line(&e.action, 200))
+                .unwrap_or_default();
+            println!("divergence at turn {turn} (`{action}`): {field}");
+            println!("  expected: {want:?}");
+            println!("  actual:   {got:?}");
+            Ok(ExitCode::from(1))
+        }
+        None => {
+            eprintln!(
+                "sandtree: replayed {} turns in {secs:.2} s ({:.1} turns/s): no divergence",
+                todo.len(),
+                todo.len() as f64 / secs.max(1e-9)
+            );
+            println!("no divergence in {} turns", todo.len());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn one_line(s: &str, max: usize) -> String {
+    let s = s.replace('\n', "\\n");
+    if s.chars().count() > max {
+        s.chars().take(max - 3).collect::<String>() + "..."
+    } else {
+        s
+    }
+}

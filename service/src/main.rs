@@ -173,6 +173,29 @@ enum Cmd {
         #[arg(long)]
         whole: bool,
     },
+    /// Export an episode's turns as JSON Lines (docs/trajectory-format.md) on stdout.
+    Export {
+        episode: String,
+        /// Every turn record of the episode's fork family, not only its live path.
+        #[arg(long)]
+        all_forks: bool,
+    },
+    /// Re-run an exported trajectory's live path in a fresh episode and compare each turn's
+    /// stdout, stderr, exit code and cwd with the record. Exit 0: no divergence; 1: the first
+    /// divergence is printed; 2: it could not be replayed.
+    Replay {
+        file: PathBuf,
+        /// Fork the recorded episode at this turn (it must still exist) and replay from the next.
+        #[arg(long)]
+        from_turn: Option<u32>,
+        /// Replay on this image instead of the header's.
+        #[arg(long)]
+        image: Option<String>,
+        /// Remove the matches of this regex from the expected and actual outputs before
+        /// comparing them (repeatable).
+        #[arg(long = "mask", value_name = "REGEX")]
+        masks: Vec<String>,
+    },
     /// Checkpoint totals and per-episode figures, with C/R timings.
     Stats {
         #[arg(long)]
@@ -397,6 +420,21 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             json,
             whole,
         } => client::tree(&socket, episode, json, whole).await,
+        Cmd::Export { episode, all_forks } => client::export(&socket, episode, all_forks).await,
+        Cmd::Replay {
+            file,
+            from_turn,
+            image,
+            masks,
+        } => {
+            let args = client::ReplayArgs {
+                file,
+                from_turn,
+                image,
+                masks,
+            };
+            client::replay(&socket, args).await
+        }
         Cmd::Stats { json } => client::stats(&socket, json).await,
         Cmd::List {
             json,
