@@ -618,7 +618,11 @@ pub async fn export(socket: &Path, episode: String, all_forks: bool) -> Result<E
         "sandtree: exported {} turn records of {}{}",
         records.len(),
         ep.id,
-        if all_forks { " and its fork family" } else { "" }
+        if all_forks {
+            " and its fork family"
+        } else {
+            ""
+        }
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -651,7 +655,10 @@ pub struct Trajectory {
 
 /// Reads a `sandtree.trajectory` file (docs/trajectory-format.md).
 pub fn read_trajectory(text: &str) -> Result<Trajectory> {
-    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
     let (_, first) = lines.next().context("the file is empty")?;
     let header: serde_json::Value =
         serde_json::from_str(first).context("line 1 is not a JSON object")?;
@@ -731,8 +738,16 @@ pub fn first_difference(
             .fold(s.to_string(), |s, m| m.replace_all(&s, "").into_owned())
     };
     let fields = [
-        ("stdout", want.stdout.clone(), String::from_utf8_lossy(&got.stdout).into_owned()),
-        ("stderr", want.stderr.clone(), String::from_utf8_lossy(&got.stderr).into_owned()),
+        (
+            "stdout",
+            want.stdout.clone(),
+            String::from_utf8_lossy(&got.stdout).into_owned(),
+        ),
+        (
+            "stderr",
+            want.stderr.clone(),
+            String::from_utf8_lossy(&got.stderr).into_owned(),
+        ),
     ];
     for (name, w, g) in fields {
         let (w, g) = (mask(&w), mask(&g));
@@ -783,7 +798,10 @@ async fn replay_inner(socket: &Path, args: ReplayArgs) -> Result<ExitCode> {
     }
     let todo: Vec<&Expected> = tr.path.iter().filter(|e| e.turn > from).collect();
     // A write's record does not hold the file's data: refuse before making anything.
-    if let Some(w) = todo.iter().find(|e| e.action.starts_with("# sandtree write ")) {
+    if let Some(w) = todo
+        .iter()
+        .find(|e| e.action.starts_with("# sandtree write "))
+    {
         anyhow::bail!(
             "turn {} is a file write ({}); its data is not in the record, so it cannot be \
              replayed: replay from after it with --from-turn {}",
@@ -811,7 +829,10 @@ async fn replay_inner(socket: &Path, args: ReplayArgs) -> Result<ExitCode> {
                     )
                 })?
                 .into_inner();
-            r.episodes.into_iter().next().context("fork made no episode")?
+            r.episodes
+                .into_iter()
+                .next()
+                .context("fork made no episode")?
         }
         None => {
             c.create_episode(pb::CreateEpisodeRequest {
@@ -838,7 +859,11 @@ async fn replay_inner(socket: &Path, args: ReplayArgs) -> Result<ExitCode> {
     let started = std::time::Instant::now();
     let run = async {
         for want in &todo {
-            eprintln!("sandtree: turn {}: {}", want.turn, one_line(&want.action, 70));
+            eprintln!(
+                "sandtree: turn {}: {}",
+                want.turn,
+                one_line(&want.action, 70)
+            );
             let got = c
                 .step(pb::StepRequest {
                     episode: ep.clone(),
@@ -850,7 +875,11 @@ async fn replay_inner(socket: &Path, args: ReplayArgs) -> Result<ExitCode> {
                 .with_context(|| format!("turn {}", want.turn))?
                 .into_inner();
             if got.turn != want.turn {
-                anyhow::bail!("the replay's turn is {}, the record's {}", got.turn, want.turn);
+                anyhow::bail!(
+                    "the replay's turn is {}, the record's {}",
+                    got.turn,
+                    want.turn
+                );
             }
             if let Some((field, w, g)) = first_difference(want, &got, &masks) {
                 return Ok(Some((want.turn, field, w, g)));
@@ -866,7 +895,10 @@ async fn replay_inner(socket: &Path, args: ReplayArgs) -> Result<ExitCode> {
         })
         .await;
     if let Err(s) = del {
-        eprintln!("sandtree: warning: cannot delete replay episode {ep}: {}", s.message());
+        eprintln!(
+            "sandtree: warning: cannot delete replay episode {ep}: {}",
+            s.message()
+        );
     }
     match run? {
         Some((turn, field, want, got)) => {
