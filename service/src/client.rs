@@ -932,3 +932,213 @@ fn one_line(s: &str, max: usize) -> String {
         s
     }
 }
+
+/// Escapes text for HTML/SVG content and attribute values.
+fn escape_html(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&#39;"),
+            // Control characters other than newline and tab are not allowed in XML.
+            c if c.is_control() && c != '\n' && c != '\t' => o.push('\u{fffd}'),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+fn cut(s: &str, max: usize) -> String {
+    if s.chars().count() > max {
+        s.chars().take(max).collect::<String>() + "\n[...]"
+    } else {
+        s.to_string()
+    }
+}
+
+/// A self-contained HTML page with the whole tree of a fork family as inline SVG: one circle
+/// per turn record (class `node kind-<kind>`, plus `live` on an episode's head), its radius
+/// growing with the node's checkpoint bytes, a `<title>` tooltip with the command and its output.
+/// The layout is a deterministic tidy tree: depth is the turn number, leaves are laid out left
+/// to right in record order, and a parent sits centred over its children.
+pub fn tree_html(r: &pb::TreeResponse) -> String {
+    use std::collections::BTreeMap;
+    use std::fmt::Write;
+    let mut children: BTreeMap<u64, Vec<&pb::TurnInfo>> = BTreeMap::new();
+    for t in &r.family {
+        children.entry(t.parent_record).or_default().push(t);
+    }
+    // Each episode's head: the deepest record on its live path.
+    let mut heads: BTreeMap<u64, Vec<&str>> = BTreeMap::new();
+    for e in &r.family_episodes {
+        if let Some(h) = r
+            .family
+            .iter()
+            .filter(|t| t.episodes.contains(e))
+            .max_by_key(|t| t.turn)
+        {
+            heads.entry(h.record).or_default().push(e);
+        }
+    }
+    // Tidy layout: x in leaf slots, y = depth. Iterative post-order (deep trees stay on the heap).
+    let mut x: BTreeMap<u64, f64> = BTreeMap::new();
+    let mut next_leaf = 0f64;
+    let roots: Vec<u64> = children
+        .get(&0)
+        .map(|v| v.iter().map(|t| t.record).collect())
+        .unwrap_or_default();
+    let mut stack: Vec<(u64, bool)> = roots.iter().rev().map(|&id| (id, false)).collect();
+    while let Some((id, done)) = stack.pop() {
+        let kids = children.get(&id);
+        if done {
+            let ks = kids.expect("visited twice only with children");
+            let (first, last) = (x[&ks[0].record], x[&ks[ks.len() - 1].record]);
+            x.insert(id, (first + last) / 2.0);
+        } else if let Some(ks) = kids.filter(|k| !k.is_empty()) {
+            stack.push((id, true));
+            stack.extend(ks.iter().rev().map(|t| (t.record, false)));
+        } else {
+            x.insert(id, next_leaf);
+            next_leaf += 1.0;
+        }
+    }
+    let (dx, dy, pad) = (56.0, 64.0, 40.0);
+    let depth = r.family.iter().map(|t| t.turn).max().unwrap_or(0) as f64;
+    let width = pad * 2.0 + (next_leaf.max(1.0) - 1.0) * dx + 160.0;
+    let height = pad * 2.0 + depth * dy;
+    let pos = |t: &pb::TurnInfo| {
+        (
+            pad + x.get(&t.record).copied().unwrap_or(0.0) * dx,
+            pad + t.turn as f64 * dy,
+        )
+    };
+    let radius = |bytes: u64| 5.0 + (1.0 + bytes as f64 / 4096.0).log2().min(12.0);
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}">"#
+    );
+    svg.push_str("\n<g class=\"edges\">\n");
+    let by_id: BTreeMap<u64, &pb::TurnInfo> = r.family.iter().map(|t| (t.record, t)).collect();
+    for t in &r.family {
+        if let Some(p) = by_id.get(&t.parent_record) {
+            let ((x1, y1), (x2, y2)) = (pos(p), pos(t));
+            let _ = writeln!(
+                svg,
+                r#"<line x1="{x1:.1}" y1="{y1:.1}" x2="{x2:.1}" y2="{y2:.1}"/>"#
+            );
+        }
+    }
+    svg.push_str("</g>\n<g class=\"nodes\">\n");
+    for t in &r.family {
+        let (cx, cy) = pos(t);
+        let live = heads.get(&t.record);
+        let mut tip = format!(
+            "turn {} (record {}, node {}, {} {} B, verdict {}, exit {}, {} ms)\ncwd {}\n$ {}",
+            t.turn,
+            t.record,
+            t.node,
+            t.kind,
+            t.bytes,
+            t.verdict,
+            t.exit_code,
+            t.duration_ms,
+            t.cwd,
+            cut(&t.action, 2000)
+        );
+        if !t.stdout.is_empty() {
+            let _ = write!(tip, "\n--- stdout\n{}", cut(&t.stdout, 2000));
+        }
+        if !t.stderr.is_empty() {
+            let _ = write!(tip, "\n--- stderr\n{}", cut(&t.stderr, 2000));
+        }
+        if !t.reasons.is_empty() {
+            let _ = write!(tip, "\n--- why\n{}", t.reasons.join("\n"));
+        }
+        if let Some(es) = live {
+            let _ = write!(tip, "\n--- head of {}", es.join(", "));
+        }
+        if !t.forks.is_empty() {
+            let _ = write!(tip, "\n--- forked here: {}", t.forks.join(", "));
+        }
+        let _ = writeln!(
+            svg,
+            r#"<circle class="node kind-{kind}{live}" data-record="{rec}" data-turn="{turn}" cx="{cx:.1}" cy="{cy:.1}" r="{rad:.1}"><title>{tip}</title></circle>"#,
+            kind = escape_html(&t.kind),
+            live = if live.is_some() { " live" } else { "" },
+            rec = t.record,
+            turn = t.turn,
+            rad = radius(t.bytes),
+            tip = escape_html(&tip),
+        );
+        if let Some(es) = live {
+            let _ = writeln!(
+                svg,
+                r#"<text class="head" x="{:.1}" y="{:.1}">{}</text>"#,
+                cx + radius(t.bytes) + 4.0,
+                cy + 4.0,
+                escape_html(&es.join(", "))
+            );
+        }
+    }
+    svg.push_str("</g>\n</svg>");
+    let ep = r.episode.clone().unwrap_or_default();
+    format!(
+        r#"<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>sandtree: fork family of {root}</title>
+<style>
+body {{ font: 14px system-ui, sans-serif; margin: 1em; }}
+.edges line {{ stroke: #999; stroke-width: 1.5; }}
+.node {{ stroke: #333; stroke-width: 1; }}
+.node.live {{ stroke: #d00; stroke-width: 3; }}
+.kind-base {{ fill: #ffffff; }}
+.kind-shared {{ fill: #c8c8c8; }}
+.kind-fs {{ fill: #6fa8dc; }}
+.kind-full {{ fill: #e69138; }}
+text.head {{ font: 11px monospace; fill: #d00; }}
+.legend span {{ display: inline-block; width: 12px; height: 12px; border: 1px solid #333; border-radius: 6px; vertical-align: middle; margin: 0 4px 0 12px; }}
+</style>
+</head>
+<body>
+<h1>Fork family of {root}</h1>
+<p>Episode {id} ({image}, policy {policy}); {n_eps} episodes, {n_recs} turn records. Depth is the turn; hover a node for its command and output.</p>
+<p class="legend"><span class="kind-base"></span>base<span class="kind-shared"></span>shared (no checkpoint)<span class="kind-fs"></span>fs snapshot<span class="kind-full"></span>full (snapshot + CRIU image)<span class="live" style="border: 3px solid #d00"></span>an episode's head (live leaf); size grows with checkpoint bytes</p>
+{svg}
+</body>
+</html>
+"#,
+        root = escape_html(&r.family_root),
+        id = escape_html(&ep.id),
+        image = escape_html(&ep.image),
+        policy = escape_html(&ep.policy),
+        n_eps = r.family_episodes.len(),
+        n_recs = r.family.len(),
+    )
+}
+
+/// `sandtree tree EPISODE --html FILE`.
+pub async fn tree_html_file(socket: &Path, episode: String, file: &Path) -> Result<ExitCode> {
+    let r = connect(socket)
+        .await?
+        .tree(pb::TreeRequest {
+            episode,
+            whole: true,
+        })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    std::fs::write(file, tree_html(&r)).with_context(|| format!("write {}", file.display()))?;
+    eprintln!(
+        "sandtree: wrote {} ({} turn records of {} episodes)",
+        file.display(),
+        r.family.len(),
+        r.family_episodes.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -172,6 +172,9 @@ enum Cmd {
         /// The whole tree of the episode's fork family, not only its live path.
         #[arg(long)]
         whole: bool,
+        /// Write the whole tree across forks as a self-contained HTML page (inline SVG) to FILE.
+        #[arg(long, value_name = "FILE", conflicts_with = "json")]
+        html: Option<PathBuf>,
     },
     /// Export an episode's turns as JSON Lines (docs/trajectory-format.md) on stdout.
     Export {
@@ -419,7 +422,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             episode,
             json,
             whole,
-        } => client::tree(&socket, episode, json, whole).await,
+            html,
+        } => match html {
+            Some(file) => client::tree_html_file(&socket, episode, &file).await,
+            None => client::tree(&socket, episode, json, whole).await,
+        },
         Cmd::Export { episode, all_forks } => client::export(&socket, episode, all_forks).await,
         Cmd::Replay {
             file,
