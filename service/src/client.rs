@@ -934,7 +934,7 @@ fn one_line(s: &str, max: usize) -> String {
 }
 
 /// Escapes text for HTML/SVG content and attribute values.
-fn escape_html(s: &str) -> String {
+pub fn escape_html(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -1007,8 +1007,15 @@ pub fn tree_html(r: &pb::TreeResponse) -> String {
     }
     let (dx, dy, pad) = (56.0, 64.0, 40.0);
     let depth = r.family.iter().map(|t| t.turn).max().unwrap_or(0) as f64;
-    let width = pad * 2.0 + (next_leaf.max(1.0) - 1.0) * dx + 160.0;
-    let height = pad * 2.0 + depth * dy;
+    // Room right of the rightmost node for the longest head label (monospace, ~7 px a char).
+    let label = heads
+        .values()
+        .map(|es| es.iter().map(|e| e.len() + 2).sum::<usize>())
+        .max()
+        .unwrap_or(0) as f64;
+    // Head labels run down and right at 60 degrees, so neighbouring leaves' labels never cross.
+    let width = pad * 2.0 + (next_leaf.max(1.0) - 1.0) * dx + 20.0 + label * 7.0 * 0.5;
+    let height = pad * 2.0 + depth * dy + 20.0 + label * 7.0 * 0.87;
     let pos = |t: &pb::TurnInfo| {
         (
             pad + x.get(&t.record).copied().unwrap_or(0.0) * dx,
@@ -1075,11 +1082,10 @@ pub fn tree_html(r: &pb::TreeResponse) -> String {
             tip = escape_html(&tip),
         );
         if let Some(es) = live {
+            let (lx, ly) = (cx + 2.0, cy + radius(t.bytes) + 6.0);
             let _ = writeln!(
                 svg,
-                r#"<text class="head" x="{:.1}" y="{:.1}">{}</text>"#,
-                cx + radius(t.bytes) + 4.0,
-                cy + 4.0,
+                r#"<text class="head" x="{lx:.1}" y="{ly:.1}" transform="rotate(60 {lx:.1} {ly:.1})">{}</text>"#,
                 escape_html(&es.join(", "))
             );
         }
@@ -1097,10 +1103,10 @@ body {{ font: 14px system-ui, sans-serif; margin: 1em; }}
 .edges line {{ stroke: #999; stroke-width: 1.5; }}
 .node {{ stroke: #333; stroke-width: 1; }}
 .node.live {{ stroke: #d00; stroke-width: 3; }}
-.kind-base {{ fill: #ffffff; }}
-.kind-shared {{ fill: #c8c8c8; }}
-.kind-fs {{ fill: #6fa8dc; }}
-.kind-full {{ fill: #e69138; }}
+.kind-base {{ fill: #ffffff; background: #ffffff; }}
+.kind-shared {{ fill: #c8c8c8; background: #c8c8c8; }}
+.kind-fs {{ fill: #6fa8dc; background: #6fa8dc; }}
+.kind-full {{ fill: #e69138; background: #e69138; }}
 text.head {{ font: 11px monospace; fill: #d00; }}
 .legend span {{ display: inline-block; width: 12px; height: 12px; border: 1px solid #333; border-radius: 6px; vertical-align: middle; margin: 0 4px 0 12px; }}
 </style>
