@@ -10,6 +10,7 @@ mod inspect;
 mod pages;
 mod runtime;
 mod server;
+mod web;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -82,6 +83,11 @@ enum Cmd {
         /// memory: max-episodes x sandbox-memory-mib.
         #[arg(long, default_value_t = 256)]
         max_episodes: usize,
+        /// Also serve a read-only web view of the episode trees on this address (e.g.
+        /// 127.0.0.1:8080): `/` lists the episodes, `/episodes/ID` shows one's whole tree.
+        /// Off by default; it has no authentication, so bind it to loopback.
+        #[arg(long, value_name = "ADDR:PORT")]
+        http: Option<std::net::SocketAddr>,
     },
     /// Create an episode; prints its id.
     Create {
@@ -321,6 +327,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             sandbox_cpus,
             sandbox_disk_mib,
             max_episodes,
+            http,
         } => {
             if !(0.01..=1024.0).contains(&sandbox_cpus) {
                 anyhow::bail!("--sandbox-cpus must be between 0.01 and 1024, got {sandbox_cpus}");
@@ -341,7 +348,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 max_episodes,
                 disk_bytes: sandbox_disk_mib << 20,
             };
-            serve(socket, config, storage, verdicts, limits).await?;
+            serve(socket, config, storage, verdicts, limits, http).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Create {
@@ -499,6 +506,7 @@ async fn serve(
     spec: sandtree_storage::StorageSpec,
     verdicts: inspect::Verdicts,
     limits: runtime::cgroup::Limits,
+    http: Option<std::net::SocketAddr>,
 ) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let data_dir = config.data_dir.clone();
@@ -558,6 +566,24 @@ async fn serve(
         engine: engine.clone(),
         image_lock: Default::default(),
     };
+    let web = match http {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--http: bind {addr}"))?;
+            let addr = l.local_addr()?;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "the web view has no authentication and is not on loopback: anyone who reaches it sees every episode's commands and output");
+            }
+            tracing::info!("web view listening on http://{addr}/");
+            let api = std::sync::Arc::new(server::Api {
+                engine: engine.clone(),
+                image_lock: api.image_lock.clone(),
+            });
+            Some(tokio::spawn(web::serve(l, api)))
+        }
+        None => None,
+    };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
@@ -579,6 +605,9 @@ async fn serve(
             shutdown,
         )
         .await?;
+    if let Some(w) = web {
+        w.abort();
+    }
     tracing::info!("shutting down: stopping sandboxes");
     engine.shutdown().await;
     let _ = std::fs::remove_file(&socket);

@@ -77,3 +77,96 @@ fn tree_html_has_one_node_per_record() {
         svc.ok(&["delete", e]);
     }
 }
+
+/// The address `serve --http 127.0.0.1:0` bound, from its log.
+fn web_addr(svc: &Service) -> String {
+    let log = svc.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("web view listening"))
+        .unwrap_or_else(|| panic!("no web view in the log:\n{}", tail(&log)));
+    let at = line.find("http://").expect("the address in the log line") + 7;
+    line[at..].split('/').next().unwrap().to_string()
+}
+
+/// GET over plain HTTP/1.1: (status, body).
+fn get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = resp.split_once("\r\n\r\n").unwrap().1.to_string();
+    (code, body)
+}
+
+#[test]
+fn serve_http_shows_the_index_and_the_tree_page() {
+    if !require_sandbox_host() {
+        return;
+    }
+    let svc = Service::start_with(Storage::Btrfs, &["--http", "127.0.0.1:0"]);
+    let ep = svc.create("busybox", "auto");
+    svc.step(&ep, "echo '<b>bold</b>' > /tmp/x; cat /tmp/x");
+    let f = svc.ok(&["fork", &ep, "--turn", "1"]).trim().to_string();
+    let addr = web_addr(&svc);
+    let (code, page) = get(&addr, &format!("/episodes/{f}"));
+    assert_eq!(code, 200, "{page}");
+    assert_eq!(page.matches("<circle class=\"node ").count(), 2, "{page}");
+    let (code, index) = get(&addr, "/");
+    assert_eq!(code, 200, "{index}");
+    for e in [&ep, &f] {
+        assert!(
+            index.contains(&format!("href=\"/episodes/{e}\"")),
+            "{index}"
+        );
+    }
+    // A wider tree: both branch, one with a daemon (a full node).
+    svc.step(&ep, "echo a > /tmp/a");
+    svc.step(&ep, "sleep 600 >/dev/null 2>&1 &");
+    svc.step(&f, "echo b > /tmp/b");
+    svc.step(&f, "ls /tmp");
+    let (code, page) = get(&addr, &format!("/episodes/{f}"));
+    assert_eq!(code, 200, "{page}");
+    assert_eq!(page.matches("<circle class=\"node ").count(), 6, "{page}");
+    assert!(
+        page.contains("&lt;b&gt;bold&lt;/b&gt;") && !page.contains("<b>"),
+        "{page}"
+    );
+    // The same page as `tree --html`.
+    let file = svc.dir.join("t.html");
+    svc.ok(&["tree", &f, "--html", file.to_str().unwrap()]);
+    assert_eq!(page, std::fs::read_to_string(&file).unwrap());
+    assert_eq!(get(&addr, "/episodes/ep-missing").0, 404);
+    assert_eq!(get(&addr, "/episodes/bad%20id").0, 400);
+    assert_eq!(get(&addr, "/nothing").0, 404);
+
+    // A headless browser renders it: opt-in (SANDTREE_BROWSER_PYTHON, a Python with
+    // Playwright; SANDTREE_CHROMIUM, the browser binary), so CI hosts without one do not fail.
+    let Some(py) = std::env::var_os("SANDTREE_BROWSER_PYTHON") else {
+        eprintln!("not run: the headless browser check needs SANDTREE_BROWSER_PYTHON");
+        for e in [&f, &ep] {
+            svc.ok(&["delete", e]);
+        }
+        return;
+    };
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("web/check_tree_page.py");
+    let o = std::process::Command::new(py)
+        .arg(script)
+        .arg(format!("http://{addr}"))
+        .arg(&ep)
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "browser check failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    eprintln!("{}", String::from_utf8_lossy(&o.stdout));
+    for e in [&f, &ep] {
+        svc.ok(&["delete", e]);
+    }
+}
