@@ -681,7 +681,7 @@ pub fn read_trajectory(text: &str) -> Result<Trajectory> {
     };
     let root = text_of(&header["root"], "root")?;
     let image = text_of(&header["image"], "image")?;
-    let mut path = Vec::new();
+    let (mut path, mut off_path) = (Vec::new(), 0usize);
     for (i, line) in lines {
         let r: serde_json::Value = serde_json::from_str(line)
             .with_context(|| format!("line {} is not a JSON object", i + 1))?;
@@ -692,7 +692,11 @@ pub fn read_trajectory(text: &str) -> Result<Trajectory> {
             .as_u64()
             .and_then(|t| u32::try_from(t).ok())
             .with_context(|| format!("line {}: turn is not a number", i + 1))?;
-        if !on_root || turn == 0 {
+        if turn == 0 {
+            continue;
+        }
+        if !on_root {
+            off_path += 1;
             continue;
         }
         let field = |k: &str| -> Result<String> {
@@ -710,6 +714,12 @@ pub fn read_trajectory(text: &str) -> Result<Trajectory> {
                 .with_context(|| format!("line {}: exit_code is not a number", i + 1))?,
             cwd: field("cwd")?,
         });
+    }
+    if path.is_empty() && off_path > 0 {
+        anyhow::bail!(
+            "none of the {off_path} turn records is on the root's live path (their `episodes` \
+             do not hold {root})"
+        );
     }
     path.sort_by_key(|e| e.turn);
     for (k, e) in path.iter().enumerate() {

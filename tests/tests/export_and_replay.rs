@@ -139,6 +139,36 @@ fn replay_reports_the_first_divergence_and_forks() {
     );
     let o = replay(&svc, &file, &["--mask", "[0-9a-f]{8}-[0-9a-f-]{27}"]);
     assert!(o.status.success(), "{o:?}");
+    // --image: the replay runs on the image named, here one that does not exist.
+    let o = replay(
+        &svc,
+        &file,
+        &["--image", "nosuch", "--mask", "[0-9a-f]{8}-[0-9a-f-]{27}"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("nosuch"),
+        "{o:?}"
+    );
+    // A file whose records are not on the root's path, and a version this sandtree does not know.
+    let mut other = header.clone();
+    other["root"] = "ep-someone-else".into();
+    write_lines(&svc.dir.join("other.jsonl"), &other, &recs);
+    let o = replay(&svc, &svc.dir.join("other.jsonl"), &[]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("live path"),
+        "{o:?}"
+    );
+    let mut v2 = header.clone();
+    v2["version"] = 2.into();
+    write_lines(&svc.dir.join("v2.jsonl"), &v2, &recs);
+    let o = replay(&svc, &svc.dir.join("v2.jsonl"), &[]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("version 2"),
+        "{o:?}"
+    );
 
     // Hand-edited records: the first one that differs is reported, with the field.
     let mut edited = recs.clone();
