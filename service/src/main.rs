@@ -10,6 +10,7 @@ mod inspect;
 mod pages;
 mod runtime;
 mod server;
+mod web;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -82,6 +83,11 @@ enum Cmd {
         /// memory: max-episodes x sandbox-memory-mib.
         #[arg(long, default_value_t = 256)]
         max_episodes: usize,
+        /// Also serve a read-only web view of the episode trees on this address (e.g.
+        /// 127.0.0.1:8080): `/` lists the episodes, `/episodes/ID` shows one's whole tree.
+        /// Off by default; it has no authentication, so bind it to loopback.
+        #[arg(long, value_name = "ADDR:PORT")]
+        http: Option<std::net::SocketAddr>,
     },
     /// Create an episode; prints its id.
     Create {
@@ -172,6 +178,32 @@ enum Cmd {
         /// The whole tree of the episode's fork family, not only its live path.
         #[arg(long)]
         whole: bool,
+        /// Write the whole tree across forks as a self-contained HTML page (inline SVG) to FILE.
+        #[arg(long, value_name = "FILE", conflicts_with = "json")]
+        html: Option<PathBuf>,
+    },
+    /// Export an episode's turns as JSON Lines (docs/trajectory-format.md) on stdout.
+    Export {
+        episode: String,
+        /// Every turn record of the episode's fork family, not only its live path.
+        #[arg(long)]
+        all_forks: bool,
+    },
+    /// Re-run an exported trajectory's live path in a fresh episode and compare each turn's
+    /// stdout, stderr, exit code and cwd with the record. Exit 0: no divergence; 1: the first
+    /// divergence is printed; 2: it could not be replayed.
+    Replay {
+        file: PathBuf,
+        /// Fork the recorded episode at this turn (it must still exist) and replay from the next.
+        #[arg(long)]
+        from_turn: Option<u32>,
+        /// Replay on this image instead of the header's.
+        #[arg(long)]
+        image: Option<String>,
+        /// Remove the matches of this regex from the expected and actual outputs before
+        /// comparing them (repeatable).
+        #[arg(long = "mask", value_name = "REGEX")]
+        masks: Vec<String>,
     },
     /// Checkpoint totals and per-episode figures, with C/R timings.
     Stats {
@@ -295,6 +327,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             sandbox_cpus,
             sandbox_disk_mib,
             max_episodes,
+            http,
         } => {
             if !(0.01..=1024.0).contains(&sandbox_cpus) {
                 anyhow::bail!("--sandbox-cpus must be between 0.01 and 1024, got {sandbox_cpus}");
@@ -315,7 +348,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 max_episodes,
                 disk_bytes: sandbox_disk_mib << 20,
             };
-            serve(socket, config, storage, verdicts, limits).await?;
+            serve(socket, config, storage, verdicts, limits, http).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Create {
@@ -396,7 +429,26 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             episode,
             json,
             whole,
-        } => client::tree(&socket, episode, json, whole).await,
+            html,
+        } => match html {
+            Some(file) => client::tree_html_file(&socket, episode, &file).await,
+            None => client::tree(&socket, episode, json, whole).await,
+        },
+        Cmd::Export { episode, all_forks } => client::export(&socket, episode, all_forks).await,
+        Cmd::Replay {
+            file,
+            from_turn,
+            image,
+            masks,
+        } => {
+            let args = client::ReplayArgs {
+                file,
+                from_turn,
+                image,
+                masks,
+            };
+            client::replay(&socket, args).await
+        }
         Cmd::Stats { json } => client::stats(&socket, json).await,
         Cmd::List {
             json,
@@ -454,6 +506,7 @@ async fn serve(
     spec: sandtree_storage::StorageSpec,
     verdicts: inspect::Verdicts,
     limits: runtime::cgroup::Limits,
+    http: Option<std::net::SocketAddr>,
 ) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let data_dir = config.data_dir.clone();
@@ -513,6 +566,24 @@ async fn serve(
         engine: engine.clone(),
         image_lock: Default::default(),
     };
+    let web = match http {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--http: bind {addr}"))?;
+            let addr = l.local_addr()?;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "the web view has no authentication and is not on loopback: anyone who reaches it sees every episode's commands and output");
+            }
+            tracing::info!("web view listening on http://{addr}/");
+            let api = std::sync::Arc::new(server::Api {
+                engine: engine.clone(),
+                image_lock: api.image_lock.clone(),
+            });
+            Some(tokio::spawn(web::serve(l, api)))
+        }
+        None => None,
+    };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
@@ -534,6 +605,9 @@ async fn serve(
             shutdown,
         )
         .await?;
+    if let Some(w) = web {
+        w.abort();
+    }
     tracing::info!("shutting down: stopping sandboxes");
     engine.shutdown().await;
     let _ = std::fs::remove_file(&socket);

@@ -124,6 +124,11 @@ fn turn_info(
             s => s.to_string(),
         },
         cwd: t.session.cwd,
+        stdout: t.observation.stdout,
+        stderr: t.observation.stderr,
+        duration_ms: t.observation.duration_ms,
+        stdout_truncated: t.observation.stdout_truncated,
+        stderr_truncated: t.observation.stderr_truncated,
         ..Default::default()
     }
 }
