@@ -7,12 +7,15 @@ bash scripts/rootfs-cache.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --locked
-# Sandbox tests are timing-sensitive on 2 cores: run two at a time.
-cargo test --workspace --locked -- --test-threads=2
-# The Python client (clients/python) against the binary just built: lint, types, tests.
+# The Python client and its test dependencies (Playwright too, which drives Debian's headless
+# Chromium from setup.sh; no browser download), in a venv the Rust tests can use as well.
 PYENV="$(realpath -m "${SANDTREE_PYENV:-target/pyenv}")"
 [ -x "$PYENV/bin/python" ] || python3 -m venv "$PYENV"
 "$PYENV/bin/pip" install -q -e 'clients/python[test]'
+export SANDTREE_BROWSER_PYTHON="$PYENV/bin/python"
+# Sandbox tests are timing-sensitive on 2 cores: run two at a time.
+cargo test --workspace --locked -- --test-threads=2
+# The Python client (clients/python) against the binary just built: lint, types, tests.
 export SANDTREE_BIN="$(realpath "${CARGO_TARGET_DIR:-target}/debug/sandtree")"
 (
   cd clients/python
