@@ -602,6 +602,7 @@ async fn turns_with_image(c: &mut Client, ep: &str) -> Result<std::collections::
         .tree(pb::TreeRequest {
             episode: ep.to_string(),
             whole: false,
+            outputs: false,
         })
         .await
         .map_err(rpc_err)?
@@ -633,6 +634,7 @@ async fn full_dedup_savings(c: &mut Client, data_dir: &Path, ep: &str) -> Result
         .tree(pb::TreeRequest {
             episode: ep.to_string(),
             whole: false,
+            outputs: false,
         })
         .await
         .map_err(rpc_err)?
@@ -1378,6 +1380,7 @@ pub async fn demo(data_dir: PathBuf) -> Result<std::process::ExitCode> {
         .tree(pb::TreeRequest {
             episode: fork[0].clone(),
             whole: false,
+            outputs: false,
         })
         .await
         .map_err(rpc_err)?

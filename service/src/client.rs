@@ -265,7 +265,11 @@ fn print_family(r: &pb::TreeResponse) {
 pub async fn tree(socket: &Path, episode: String, json: bool, whole: bool) -> Result<ExitCode> {
     let r = connect(socket)
         .await?
-        .tree(pb::TreeRequest { episode, whole })
+        .tree(pb::TreeRequest {
+            episode,
+            whole,
+            outputs: false,
+        })
         .await
         .map_err(rpc_err)?
         .into_inner();

@@ -217,15 +217,17 @@ class RewindResponse(_message.Message):
     def __init__(self, turn: _Optional[int] = ...) -> None: ...
 
 class TreeRequest(_message.Message):
-    __slots__ = ("episode", "whole")
+    __slots__ = ("episode", "whole", "outputs")
     EPISODE_FIELD_NUMBER: _ClassVar[int]
     WHOLE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     episode: str
     whole: bool
-    def __init__(self, episode: _Optional[str] = ..., whole: bool = ...) -> None: ...
+    outputs: bool
+    def __init__(self, episode: _Optional[str] = ..., whole: bool = ..., outputs: bool = ...) -> None: ...
 
 class TurnInfo(_message.Message):
-    __slots__ = ("turn", "action", "exit_code", "verdict", "reasons", "node", "kind", "bytes", "state", "cwd", "image_bytes", "image_dumped_bytes", "image_parent", "record", "parent_record", "episodes", "forks")
+    __slots__ = ("turn", "action", "exit_code", "verdict", "reasons", "node", "kind", "bytes", "state", "cwd", "image_bytes", "image_dumped_bytes", "image_parent", "record", "parent_record", "episodes", "forks", "stdout", "stderr", "duration_ms")
     TURN_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +245,9 @@ class TurnInfo(_message.Message):
     PARENT_RECORD_FIELD_NUMBER: _ClassVar[int]
     EPISODES_FIELD_NUMBER: _ClassVar[int]
     FORKS_FIELD_NUMBER: _ClassVar[int]
+    STDOUT_FIELD_NUMBER: _ClassVar[int]
+    STDERR_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
     turn: int
     action: str
     exit_code: int
@@ -260,7 +265,10 @@ class TurnInfo(_message.Message):
     parent_record: int
     episodes: _containers.RepeatedScalarFieldContainer[str]
     forks: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, turn: _Optional[int] = ..., action: _Optional[str] = ..., exit_code: _Optional[int] = ..., verdict: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ..., node: _Optional[int] = ..., kind: _Optional[str] = ..., bytes: _Optional[int] = ..., state: _Optional[str] = ..., cwd: _Optional[str] = ..., image_bytes: _Optional[int] = ..., image_dumped_bytes: _Optional[int] = ..., image_parent: _Optional[int] = ..., record: _Optional[int] = ..., parent_record: _Optional[int] = ..., episodes: _Optional[_Iterable[str]] = ..., forks: _Optional[_Iterable[str]] = ...) -> None: ...
+    stdout: bytes
+    stderr: bytes
+    duration_ms: int
+    def __init__(self, turn: _Optional[int] = ..., action: _Optional[str] = ..., exit_code: _Optional[int] = ..., verdict: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ..., node: _Optional[int] = ..., kind: _Optional[str] = ..., bytes: _Optional[int] = ..., state: _Optional[str] = ..., cwd: _Optional[str] = ..., image_bytes: _Optional[int] = ..., image_dumped_bytes: _Optional[int] = ..., image_parent: _Optional[int] = ..., record: _Optional[int] = ..., parent_record: _Optional[int] = ..., episodes: _Optional[_Iterable[str]] = ..., forks: _Optional[_Iterable[str]] = ..., stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., duration_ms: _Optional[int] = ...) -> None: ...
 
 class TreeResponse(_message.Message):
     __slots__ = ("episode", "turns", "family", "family_root", "family_episodes")
