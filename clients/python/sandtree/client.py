@@ -289,14 +289,19 @@ class Episode:
         r = self.client._call("Rewind", pb.RewindRequest(episode=self.id, turn=turn))
         return int(r.turn)
 
-    def tree(self) -> Tree:
+    def tree(self, whole: bool = False, outputs: bool = False) -> Tree:
         """The episode and every turn of its path in the checkpoint tree (waits for the pending
-        checkpoint of its latest turn)::
+        checkpoint of its latest turn). `whole`: also every turn record of its fork family
+        (`Tree.family`, with `record`, `parent_record`, `episodes`, `forks`). `outputs`: also each
+        turn's recorded `stdout`, `stderr` and `duration_ms`::
 
             for t in ep.tree().turns:
                 print(t.turn, t.action, t.verdict, t.kind)
+            for r in ep.tree(whole=True).family:
+                print(r.record, r.parent_record, r.turn, r.action, r.episodes, r.forks)
         """
-        return Tree.from_pb(self.client._call("Tree", pb.TreeRequest(episode=self.id)))
+        req = pb.TreeRequest(episode=self.id, whole=whole, outputs=outputs)
+        return Tree.from_pb(self.client._call("Tree", req))
 
     def info(self) -> EpisodeInfo:
         """The episode's image, policy, status, current turn and labels (one Tree call)."""
