@@ -23,7 +23,7 @@ def run_example(service: Service, name: str, *args: str) -> str:
 
 
 def test_tree_search_example(service: Service) -> None:
-    out = run_example(service, "tree_search.py", "--seed", "1", "--width", "3", "--budget", "24")
+    out = run_example(service, "tree_search.py", "--seed", "1", "--width", "2", "--budget", "12")
     assert out.count("solved: True") == 2, out
     assert "winning trajectory" in out and "summary: sandtree" in out
 
