@@ -29,6 +29,8 @@ VERSION = 1
 WRITE_PREFIX = "# sandtree write "
 """The action of a `write_file` turn starts with this; the file's contents are not in the record."""
 
+WRITE_ACTION = re.compile(r"^# sandtree write (.+) \((\d+) bytes, mode ([0-7]+)\)$", re.DOTALL)
+
 COMPARED = ("stdout", "stderr", "exit_code", "cwd")
 """The fields `replay` compares, in this order (the first that differs is the divergence)."""
 
@@ -85,9 +87,10 @@ class ReplayReport:
     divergence: dict[str, Any] | None
     """The first difference: {"turn", "field", "expected", "actual"} (masked values); None if none."""
     turns: int
-    """Turns run by the replay."""
+    """Turns run by the replay (steps and re-written files)."""
     skipped: tuple[int, ...] = ()
-    """Turns not replayed: writes (`# sandtree write ...`), whose contents the record lacks."""
+    """Turns not replayed: writes (`# sandtree write ...`) whose contents could not be recovered
+    (the record lacks them; they are read from the recorded episode when it still exists)."""
     episode: str = ""
     """The episode the replay ran in (deleted afterwards unless `keep=True`)."""
     forked: bool = False
@@ -108,6 +111,25 @@ def _live_path(records: list[dict[str, Any]], root: str | None) -> list[dict[str
     return path
 
 
+def _written(client: Client, root: str | None, turn: int, action: str) -> bytes | None:
+    """The contents a write turn wrote, read from a fork of the recorded episode at that turn
+    (None when the episode is gone or the file no longer has the recorded size)."""
+    m = WRITE_ACTION.match(action)
+    if m is None or not root:
+        return None
+    try:
+        (f,) = client.episode(root).fork(turn, 1)
+    except (NotFound, FailedPrecondition):
+        return None
+    try:
+        data = f.read_file(m.group(1))
+    except (NotFound, FailedPrecondition, ValueError):
+        return None
+    finally:
+        f.delete()
+    return data if len(data) == int(m.group(2)) else None
+
+
 def replay(
     client: Client,
     records: Iterable[dict[str, Any]],
@@ -125,10 +147,12 @@ def replay(
     With `from_turn` and the recorded episode still there, the replay starts in a fork of it at
     that turn and runs the later turns; otherwise in a fresh episode on `image` (default: the
     header's) with the header's policy, from turn 1. `mask`: a regex whose matches are removed from
-    both sides (stdout, stderr, cwd) before comparing (timestamps, pids, ...). Write turns are
-    skipped and listed in `skipped` (the record holds the path, not the contents), which makes
-    `ok` False. Per-step `env`/`cwd`/`stdin` options are not in the record either: a trajectory
-    that used them replays without them. `keep`: leave the replay episode for inspection.
+    both sides (stdout, stderr, cwd) before comparing (timestamps, pids, ...). A write turn's record
+    holds its path, not its contents: while the recorded episode exists the contents are read from
+    a fork of it at that turn and written again; otherwise `true` runs in its place, the turn is
+    listed in `skipped` and `ok` is False. Per-step `env`/`cwd`/`stdin` options are not in the
+    record either: a trajectory that used them replays without them. `keep`: leave the replay
+    episode for inspection.
     """
     t0 = time.monotonic()
     recs = list(records)
@@ -166,11 +190,22 @@ def replay(
                 continue
             action = str(rec.get("action", ""))
             if action.startswith(WRITE_PREFIX):
-                skipped.append(turn)
-                ep.step("true", timeout=timeout)  # keep the turn numbers aligned with the record
+                data = _written(client, root, turn, action)
+                m = WRITE_ACTION.match(action)
+                if data is None or m is None:
+                    skipped.append(turn)
+                    ep.step("true", timeout=timeout)  # keep the turn numbers aligned with the record
+                else:
+                    ep.write_file(m.group(1), data, int(m.group(3), 8) or 0o644)
+                    ran.append({"turn": turn, "action": action, "write": len(data)})
                 continue
             r = ep.step(action, timeout=timeout)
-            got = {"stdout": r.stdout, "stderr": r.stderr, "exit_code": r.exit_code, "cwd": r.cwd}
+            got: dict[str, Any] = {
+                "stdout": r.stdout,
+                "stderr": r.stderr,
+                "exit_code": r.exit_code,
+                "cwd": r.cwd,
+            }
             ran.append({"turn": turn, "action": action, **got})
             for f in COMPARED:
                 want, have = clean(rec.get(f)), clean(got[f])

@@ -102,3 +102,17 @@ def test_export_all_forks(client: Client) -> None:
         finally:
             for kid in kids:
                 kid.delete()
+
+
+def test_replay_rewrites_files_from_the_recorded_episode(client: Client) -> None:
+    with client.create() as ep:
+        ep.write_file("/w.sh", b"echo written\n", mode=0o755)
+        ep.step("sh /w.sh; ls -l /w.sh | cut -c1-10")
+        recs = list(client.export(ep))
+        assert recs[2]["action"] == "# sandtree write /w.sh (13 bytes, mode 755)"
+        rep = client.replay(recs)
+        assert rep.ok and rep.skipped == () and rep.turns == 2, rep.divergence
+    # The episode is gone: the write cannot be recovered, so it is skipped and the next turn diverges.
+    rep = client.replay(recs)
+    assert not rep.ok and rep.skipped == (1,)
+    assert rep.divergence is not None and (rep.divergence["turn"], rep.divergence["field"]) == (2, "stdout")
