@@ -7,8 +7,8 @@ the wall times are compared.
 
 The service's socket is $SANDTREE_SOCKET (else /run/sandtree/sandtree.sock). The task is the code
 repair of repair_task.py: the prefix writes the project and runs its tests (padded to `--k` turns
-with inspection turns; `--setup-seconds` adds a `sleep` turn standing in for a slow setup such as
-a dependency install), each rollout then makes `--m` random edits and runs the tests; its reward is
+with inspection turns; `--setup-work` adds a CPU-bound shell loop standing in for a slow setup
+such as a dependency install), each rollout then makes `--m` random edits and runs the tests; its reward is
 the fraction of tests passing at the end.
 """
 
@@ -31,10 +31,13 @@ import sandtree
 Action = tuple[str, str]
 
 
-def prefix(p: task.Project, k: int, setup_seconds: float) -> list[Action]:
+def prefix(p: task.Project, k: int, setup_work: int) -> list[Action]:
     acts = task.setup_actions(p)
-    if setup_seconds > 0:
-        acts.append(("step", f"sleep {setup_seconds:g}  # stand-in for a slow setup (pip install, a build)"))
+    if setup_work > 0:
+        # A CPU-bound stand-in for a slow setup (pip install, a build): a sleep would cost the
+        # G fresh episodes no more wall time than one, as they sleep side by side.
+        loop = f"i=0; while [ $i -lt {setup_work} ]; do i=$((i+1)); done"
+        acts.append(("step", f"{loop}  # stand-in for a slow setup"))
     inspect = [("step", f"cd {task.WORKDIR} && ls -l && wc -l {name}") for name in p.files]
     while len(acts) < k:
         acts.append(inspect[len(acts) % len(inspect)])
@@ -67,17 +70,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--m", type=int, default=3, help="edits per rollout")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--setup-seconds",
-        type=float,
-        default=2.0,
-        help="a prefix turn that sleeps this long, standing in for dependency installation (0: none)",
+        "--setup-work",
+        type=int,
+        default=300000,
+        help="iterations of a shell loop in a prefix turn standing in for a CPU-bound setup such as "
+        "a dependency install (300000: about 1 s of one core; 0: none)",
     )
     args = ap.parse_args(argv)
     c = sandtree.Client()
     task.ensure_image(c, args.image)
     p = task.project(args.image)
     labels = {"example": "grpo_rollout", "run": uuid.uuid4().hex[:8]}
-    pre = prefix(p, args.k, args.setup_seconds)
+    pre = prefix(p, args.k, args.setup_work)
     conts = [continuation(p, args.seed * 1000 + g, args.m) for g in range(args.G)]
 
     # With sandtree: the prefix once, then G forks at its last turn, continued concurrently.
@@ -90,9 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.monotonic()
         with ThreadPoolExecutor(args.G) as pool:
             outs = list(pool.map(run, kids, conts))
-        t_cont = time.monotonic() - t1
-        for kid in kids:
-            kid.delete()
+            t_cont = time.monotonic() - t1
+            list(pool.map(sandtree.Episode.delete, kids))
     fork_wall = time.monotonic() - t0
     fork_cmds = len(pre) + sum(n for _, n in outs)
     rewards = [task.reward(o) for o, _ in outs]

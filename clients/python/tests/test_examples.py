@@ -29,7 +29,7 @@ def test_tree_search_example(service: Service) -> None:
 
 
 def test_grpo_example(service: Service) -> None:
-    args = ["--G", "4", "--k", "6", "--m", "2", "--setup-seconds", "0.5"]
+    args = ["--G", "4", "--k", "6", "--m", "2", "--setup-work", "50000"]
     out = run_example(service, "grpo_rollout.py", *args)
     assert "rewards identical without sandtree: True" in out, out
     assert "summary: G=4 k=6" in out
