@@ -3,7 +3,8 @@ independently with a seeded policy; the group's rewards become group-normalized 
 same group is then rolled out without sandtree (G fresh episodes, each replaying the prefix) and
 the wall times are compared.
 
-    python examples/rl/grpo_rollout.py [--image debian|busybox] [--G 8] [--k 6] [--m 3] [--seed 0]
+    python examples/rl/grpo_rollout.py [--image debian|busybox] [--G 8] [--k 8] [--m 3] [--seed 0]
+                                        [--setup-work 300000]
 
 The service's socket is $SANDTREE_SOCKET (else /run/sandtree/sandtree.sock). The task is the code
 repair of repair_task.py: the prefix writes the project and runs its tests (padded to `--k` turns
