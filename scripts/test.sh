@@ -19,8 +19,8 @@ cargo test --workspace --locked -- --test-threads=2
 export SANDTREE_BIN="$(realpath "${CARGO_TARGET_DIR:-target}/debug/sandtree")"
 (
   cd clients/python
-  "$PYENV/bin/ruff" check
-  "$PYENV/bin/ruff" format --check
+  "$PYENV/bin/ruff" check . ../../examples/rl
+  "$PYENV/bin/ruff" format --check . ../../examples/rl
   "$PYENV/bin/mypy"
   "$PYENV/bin/pytest" -q tests
 )

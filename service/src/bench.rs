@@ -599,6 +599,7 @@ async fn turns_with_image(c: &mut Client, ep: &str) -> Result<std::collections::
         .tree(pb::TreeRequest {
             episode: ep.to_string(),
             whole: false,
+            outputs: false,
         })
         .await
         .map_err(rpc_err)?
@@ -630,6 +631,7 @@ async fn full_dedup_savings(c: &mut Client, data_dir: &Path, ep: &str) -> Result
         .tree(pb::TreeRequest {
             episode: ep.to_string(),
             whole: false,
+            outputs: false,
         })
         .await
         .map_err(rpc_err)?
@@ -1375,6 +1377,7 @@ pub async fn demo(data_dir: PathBuf) -> Result<std::process::ExitCode> {
         .tree(pb::TreeRequest {
             episode: fork[0].clone(),
             whole: false,
+            outputs: false,
         })
         .await
         .map_err(rpc_err)?

@@ -265,7 +265,11 @@ fn print_family(r: &pb::TreeResponse) {
 pub async fn tree(socket: &Path, episode: String, json: bool, whole: bool) -> Result<ExitCode> {
     let r = connect(socket)
         .await?
-        .tree(pb::TreeRequest { episode, whole })
+        .tree(pb::TreeRequest {
+            episode,
+            whole,
+            outputs: false,
+        })
         .await
         .map_err(rpc_err)?
         .into_inner();
@@ -556,8 +560,8 @@ fn trajectory_records(
                 "episode": episode,
                 "turn": t.turn,
                 "action": t.action,
-                "stdout": t.stdout,
-                "stderr": t.stderr,
+                "stdout": String::from_utf8_lossy(&t.stdout),
+                "stderr": String::from_utf8_lossy(&t.stderr),
                 "exit_code": t.exit_code,
                 "duration_ms": t.duration_ms,
                 "cwd": t.cwd,
@@ -585,6 +589,7 @@ pub async fn export(socket: &Path, episode: String, all_forks: bool) -> Result<E
         .tree(pb::TreeRequest {
             episode: episode.clone(),
             whole: true,
+            outputs: true,
         })
         .await
         .map_err(rpc_err)?
@@ -1067,10 +1072,10 @@ pub fn tree_html(r: &pb::TreeResponse) -> String {
             cut(&t.action, 2000)
         );
         if !t.stdout.is_empty() {
-            let _ = write!(tip, "\n--- stdout\n{}", cut(&t.stdout, 2000));
+            let _ = write!(tip, "\n--- stdout\n{}", cut(&String::from_utf8_lossy(&t.stdout), 2000));
         }
         if !t.stderr.is_empty() {
-            let _ = write!(tip, "\n--- stderr\n{}", cut(&t.stderr, 2000));
+            let _ = write!(tip, "\n--- stderr\n{}", cut(&String::from_utf8_lossy(&t.stderr), 2000));
         }
         if !t.reasons.is_empty() {
             let _ = write!(tip, "\n--- why\n{}", t.reasons.join("\n"));
@@ -1145,6 +1150,7 @@ pub async fn tree_html_file(socket: &Path, episode: String, file: &Path) -> Resu
         .tree(pb::TreeRequest {
             episode,
             whole: true,
+            outputs: true,
         })
         .await
         .map_err(rpc_err)?

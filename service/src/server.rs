@@ -103,8 +103,22 @@ fn turn_info(
     t: sandtree_branching::TurnRecord,
     n: &sandtree_branching::Node,
     kind: &str,
+    outputs: bool,
 ) -> pb::TurnInfo {
+    let (stdout, stderr, duration_ms) = if outputs {
+        let o = &t.observation;
+        (
+            o.stdout.clone().into_bytes(),
+            o.stderr.clone().into_bytes(),
+            o.duration_ms,
+        )
+    } else {
+        Default::default()
+    };
     pb::TurnInfo {
+        stdout,
+        stderr,
+        duration_ms,
         turn: t.turn,
         action: t.action,
         exit_code: t.observation.exit_code,
@@ -124,11 +138,8 @@ fn turn_info(
             s => s.to_string(),
         },
         cwd: t.session.cwd,
-        stdout: t.observation.stdout,
-        stderr: t.observation.stderr,
-        duration_ms: t.observation.duration_ms,
-        stdout_truncated: t.observation.stdout_truncated,
-        stderr_truncated: t.observation.stderr_truncated,
+        stdout_truncated: outputs && t.observation.stdout_truncated,
+        stderr_truncated: outputs && t.observation.stderr_truncated,
         ..Default::default()
     }
 }
@@ -401,7 +412,7 @@ impl pb::sandtree_server::Sandtree for Api {
             episode: Some(info(&ep)),
             turns: turns
                 .into_iter()
-                .map(|(t, n, kind)| turn_info(t, &n, kind))
+                .map(|(t, n, kind)| turn_info(t, &n, kind, r.outputs))
                 .collect(),
             ..Default::default()
         };
@@ -414,7 +425,7 @@ impl pb::sandtree_server::Sandtree for Api {
                 .into_iter()
                 .zip(nodes)
                 .map(|(ft, (n, kind))| {
-                    let mut ti = turn_info(ft.record.clone(), &n, kind);
+                    let mut ti = turn_info(ft.record.clone(), &n, kind, r.outputs);
                     ti.record = ft.record.id.0;
                     ti.parent_record = ft.record.parent.map_or(0, |p| p.0);
                     ti.episodes = ft.episodes.iter().map(|e| e.to_string()).collect();

@@ -79,6 +79,7 @@ async fn page(path: &str, api: &Api) -> (u16, &'static str, String) {
         .tree(tonic::Request::new(pb::TreeRequest {
             episode: id.to_string(),
             whole: true,
+            outputs: true,
         }))
         .await;
     match r {

@@ -259,9 +259,11 @@ class AsyncEpisode:
         r = await self.client._call("Rewind", pb.RewindRequest(episode=self.id, turn=turn))
         return int(r.turn)
 
-    async def tree(self) -> Tree:
-        """The episode and every turn of its path in the checkpoint tree."""
-        return Tree.from_pb(await self.client._call("Tree", pb.TreeRequest(episode=self.id)))
+    async def tree(self, whole: bool = False, outputs: bool = False) -> Tree:
+        """The episode and every turn of its path in the checkpoint tree; `whole` and `outputs`
+        as in `Episode.tree`."""
+        req = pb.TreeRequest(episode=self.id, whole=whole, outputs=outputs)
+        return Tree.from_pb(await self.client._call("Tree", req))
 
     async def info(self) -> EpisodeInfo:
         """The episode's image, policy, status, current turn and labels (one Tree call)."""

@@ -14,10 +14,10 @@ Example::
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -38,6 +38,9 @@ from sandtree._pb.v1 import sandtree_pb2 as pb
 from sandtree._pb.v1 import sandtree_pb2_grpc as pb_grpc
 from sandtree.errors import from_rpc_error
 from sandtree.models import Chunk, EpisodeInfo, Health, Stats, StepResult, Tree
+
+if TYPE_CHECKING:
+    from sandtree.trajectory import ReplayReport
 
 __all__ = ["Client", "Episode"]
 
@@ -146,6 +149,39 @@ class Client:
                     break
                 if progress is not None:
                     progress(m.message)
+
+    def export(self, episode: str | Episode, all_forks: bool = False) -> Iterator[dict[str, Any]]:
+        """The trajectory of `episode` as dicts, header first (docs/trajectory-format.md): its live
+        path, or with `all_forks` every turn record of its fork family. Write one JSON object a
+        line to save it::
+
+            with open("t.jsonl", "w") as f:
+                for rec in c.export(ep):
+                    f.write(json.dumps(rec) + "\\n")
+        """
+        from sandtree.trajectory import export
+
+        return export(self, episode.id if isinstance(episode, Episode) else episode, all_forks)
+
+    def replay(
+        self,
+        records: Iterable[dict[str, Any]],
+        from_turn: int | None = None,
+        image: str | None = None,
+        mask: str | None = None,
+        *,
+        keep: bool = False,
+        timeout: float | None = None,
+    ) -> ReplayReport:
+        """Re-runs a trajectory's live path and compares stdout, stderr, exit_code and cwd turn by
+        turn; see `sandtree.trajectory.replay`::
+
+            report = c.replay(c.export(ep), mask=r"\\d{2}:\\d{2}:\\d{2}")
+            assert report.ok, report.divergence
+        """
+        from sandtree.trajectory import replay
+
+        return replay(self, records, from_turn, image, mask, keep=keep, timeout=timeout)
 
     def close(self) -> None:
         self._channel.close()
@@ -289,14 +325,19 @@ class Episode:
         r = self.client._call("Rewind", pb.RewindRequest(episode=self.id, turn=turn))
         return int(r.turn)
 
-    def tree(self) -> Tree:
+    def tree(self, whole: bool = False, outputs: bool = False) -> Tree:
         """The episode and every turn of its path in the checkpoint tree (waits for the pending
-        checkpoint of its latest turn)::
+        checkpoint of its latest turn). `whole`: also every turn record of its fork family
+        (`Tree.family`, with `record`, `parent_record`, `episodes`, `forks`). `outputs`: also each
+        turn's recorded `stdout`, `stderr` and `duration_ms`::
 
             for t in ep.tree().turns:
                 print(t.turn, t.action, t.verdict, t.kind)
+            for r in ep.tree(whole=True).family:
+                print(r.record, r.parent_record, r.turn, r.action, r.episodes, r.forks)
         """
-        return Tree.from_pb(self.client._call("Tree", pb.TreeRequest(episode=self.id)))
+        req = pb.TreeRequest(episode=self.id, whole=whole, outputs=outputs)
+        return Tree.from_pb(self.client._call("Tree", req))
 
     def info(self) -> EpisodeInfo:
         """The episode's image, policy, status, current turn and labels (one Tree call)."""

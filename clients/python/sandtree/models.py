@@ -35,6 +35,11 @@ def _from_pb(cls: type[T], msg: Message, **computed: Any) -> T:
     return cls(**kw)
 
 
+def _text(b: Any) -> str:
+    # In Turn, the field `bytes` shadows the builtin for annotations: decode outside the class.
+    return bytes(b).decode("utf-8", errors="replace")
+
+
 @dataclass(frozen=True)
 class StepResult:
     """The observation of one turn (`Episode.step`, `Episode.write_file`, the end of
@@ -151,18 +156,44 @@ class Turn:
     """What CRIU wrote for the image (more when pages were deduplicated)."""
     image_parent: int
     """Node whose image holds the unchanged pages (0: none)."""
+    record: int = 0
+    """In `Tree.family` only: the turn record's id (unique in the family)."""
+    parent_record: int = 0
+    """In `Tree.family` only: the record this one follows (0 for turn 0)."""
+    episodes: tuple[str, ...] = ()
+    """In `Tree.family` only: the episodes whose live path holds this record."""
+    forks: tuple[str, ...] = ()
+    """In `Tree.family` only: the episodes forked at this record."""
+    stdout: str = field(default="", repr=False)
+    """With `tree(outputs=True)`: what the turn printed, as recorded (cut at the step's output cap)."""
+    stderr: str = field(default="", repr=False)
+    duration_ms: int = 0
+    """With `tree(outputs=True)`: milliseconds the turn's command ran."""
 
     @staticmethod
     def from_pb(m: pb.TurnInfo) -> Turn:
-        return _from_pb(Turn, m)
+        return _from_pb(
+            Turn,
+            m,
+            stdout=_text(m.stdout),
+            stderr=_text(m.stderr),
+        )
 
 
 @dataclass(frozen=True)
 class Tree:
-    """An episode and the turns of its path, turn 0 first."""
+    """An episode and the turns of its path, turn 0 first; with `tree(whole=True)` also every
+    turn record of its fork family (`family`, a tree through `Turn.parent_record`)."""
 
     episode: EpisodeInfo
     turns: tuple[Turn, ...]
+    family: tuple[Turn, ...] = ()
+    """With `whole=True`: every turn record of the fork family, in record order (a parent before
+    its children), each with `record`, `parent_record`, `episodes` and `forks`."""
+    family_root: str = ""
+    """With `whole=True`: the episode the family descends from."""
+    family_episodes: tuple[str, ...] = ()
+    """With `whole=True`: the family's episodes."""
 
     def __getitem__(self, turn: int) -> Turn:
         """The turn numbered `turn`."""
@@ -173,7 +204,13 @@ class Tree:
 
     @staticmethod
     def from_pb(m: pb.TreeResponse) -> Tree:
-        return Tree(EpisodeInfo.from_pb(m.episode), tuple(Turn.from_pb(t) for t in m.turns))
+        return Tree(
+            EpisodeInfo.from_pb(m.episode),
+            tuple(Turn.from_pb(t) for t in m.turns),
+            family=tuple(Turn.from_pb(t) for t in m.family),
+            family_root=m.family_root,
+            family_episodes=tuple(m.family_episodes),
+        )
 
 
 @dataclass(frozen=True)
