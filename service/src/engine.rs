@@ -38,6 +38,9 @@ pub enum EngineError {
     Precondition(String),
     #[error("{0}")]
     Exhausted(String),
+    /// The turn has no checkpoint to fork or rewind to.
+    #[error("{0}")]
+    NotRestorable(String),
     #[error("{0:#}")]
     Internal(#[from] anyhow::Error),
 }
@@ -344,6 +347,20 @@ impl Engine {
         }
     }
 
+    /// Policy none keeps no checkpoint after turn 0: every later turn would restore turn 0's
+    /// state, so forking or rewinding to one is refused instead of silently giving the wrong
+    /// state.
+    fn no_checkpoints_under_none(&self, id: &EpisodeId, turn: u32) -> Result<()> {
+        let ep = self.tree.episode(id)?;
+        if ep.policy == Policy::None && turn > 0 {
+            return Err(EngineError::NotRestorable(format!(
+                "episode {id} runs with policy none, which keeps no checkpoint after turn 0: \
+                 turn {turn} cannot be restored (fork or rewind to turn 0, or use policy auto)"
+            )));
+        }
+        Ok(())
+    }
+
     /// Refuses `n` more live episodes beyond `--max-episodes` (checked at admission; concurrent
     /// admissions may overshoot by what is in flight).
     fn admit(&self, n: usize) -> Result<()> {
@@ -592,6 +609,7 @@ impl Engine {
             stdin: opts.stdin.clone(),
             stream: chunks.is_some(),
             user: l.user,
+            cwd_strict: opts.cwd.is_some(),
         };
         let (runtime, sb) = (self.runtime.clone(), l.sandbox.clone());
         let res = blocking(move || {
@@ -974,6 +992,7 @@ impl Engine {
             )));
         }
         self.admit(count as usize)?;
+        self.no_checkpoints_under_none(src, turn)?;
         self.settle(src).await;
         let forks = self.tree.fork(src, turn, count as usize)?;
         // The copies are cloned and restored concurrently (each in its own cgroup and
@@ -1019,6 +1038,7 @@ impl Engine {
             .or_default()
             .clone();
         let _rewinding = one_at_a_time.lock().await;
+        self.no_checkpoints_under_none(id, turn)?;
         // The live sandbox, if any, locked; one that another rewind or a delete retired while
         // this waited is looked up again.
         let mut _guard = None;
@@ -1157,6 +1177,9 @@ impl Engine {
             .or_default()
             .clone();
         let _deleting = one_at_a_time.lock().await;
+        if self.tree.episode(id)?.status == EpisodeStatus::Deleted {
+            return Err(TreeError::EpisodeDeleted(id.clone()).into());
+        }
         self.settle_background().await;
         let live = self.live.lock().expect("live lock").remove(id);
         if let Some(live) = live {

@@ -27,6 +27,7 @@ pub fn status(e: EngineError) -> Status {
         EngineError::NotFound(_) => (Code::NotFound, "not_found"),
         EngineError::Precondition(_) => (Code::FailedPrecondition, "precondition"),
         EngineError::Exhausted(_) => (Code::ResourceExhausted, "exhausted"),
+        EngineError::NotRestorable(_) => (Code::FailedPrecondition, "not_restorable"),
         EngineError::Internal(_) => (Code::Internal, "internal"),
         EngineError::Tree(t) => match t {
             TreeError::UnknownEpisode(_) | TreeError::UnknownNode(_) => {

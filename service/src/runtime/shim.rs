@@ -87,6 +87,9 @@ pub struct ExecSpec {
     /// Run as this (uid, gid) instead of root (the image's `User`).
     #[serde(default)]
     pub user: Option<(u32, u32)>,
+    /// `cwd` was set for this step by the caller: it must exist (see [`WRAPPER`]).
+    #[serde(default)]
+    pub cwd_strict: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -490,9 +493,17 @@ fn loopback_up() -> Result<()> {
 /// The shell program that gives a turn persistent-shell semantics: it starts in the previous
 /// turn's directory with its exported environment, runs the command with `eval` in the same shell
 /// (so `cd` and `export` take effect), and on exit records the new directory and environment.
-const WRAPPER: &str = r#"cd -- "$__ST_CWD" 2>/dev/null || cd /
+///
+/// A cwd the caller set for this step only (`__ST_CWD_STRICT`) must exist: otherwise the step
+/// fails with exit 125 before the command runs and before the exit trap is set, so the session's
+/// cwd and env stay as they were. The session's own cwd falls back to / if it is gone.
+const WRAPPER: &str = r#"if [ -n "$__ST_CWD_STRICT" ]; then
+  cd -- "$__ST_CWD" 2>/dev/null || { echo "sandtree: the step's cwd $__ST_CWD is not a directory in the sandbox; the command did not run" >&2; exit 125; }
+else
+  cd -- "$__ST_CWD" 2>/dev/null || cd /
+fi
 __st_c=$__ST_CMD; __st_s=$__ST_STATE
-unset __ST_CMD __ST_CWD __ST_STATE
+unset __ST_CMD __ST_CWD __ST_STATE __ST_CWD_STRICT
 trap '__st_rc=$?; pwd >"$__st_s.cwd" 2>/dev/null; cat /proc/self/environ >"$__st_s.env" 2>/dev/null; exit $__st_rc' EXIT
 eval "$__st_c"
 "#;
@@ -753,6 +764,9 @@ fn exec_child(
                 .context("command contains a NUL byte")?,
         );
         env.push(CString::new(format!("__ST_CWD={}", spec.cwd))?);
+        if spec.cwd_strict {
+            env.push(CString::new("__ST_CWD_STRICT=1")?);
+        }
         env.push(CString::new(format!("__ST_STATE={io}"))?);
         let argv = [
             CString::new("sh")?,
