@@ -53,7 +53,7 @@ DEADLINE = 120.0
 MAX_LIVE = 6
 """Live episodes at most (forks included), so the run does not exhaust the host."""
 STRICT = os.environ.get("SANDTREE_FUZZ_STRICT") == "1"
-"""Also fail on the known deviations from docs/api.md (see `delete_hostile`)."""
+"""Also fail on the known deviations from docs/api.md (see `delete_hostile` and `step`)."""
 MAX_CMD = 131008
 MAX_FILE = 32 << 20
 
@@ -90,6 +90,8 @@ class Ep:
     """The episode's turn as the model knows it (None: unknown until the next tree)."""
     deleted: bool = False
     has_root_link: bool = False
+    cwd: str | None = None
+    """The session's cwd as the last step answered it (None: unknown, after a fork or rewind)."""
 
     @property
     def id(self) -> str:
@@ -354,13 +356,14 @@ class Fuzzer:
         if isinstance(r, sandtree.SandtreeError):
             if isinstance(r, IA | NF):
                 return  # refused before it ran: no turn
-            ep.head = None  # precondition: the model no longer knows the head
+            ep.head = ep.cwd = None  # precondition: the model no longer knows the head
             self.notes[f"{type(r).__name__} on a live episode: {r.message[:80]}"] += 1
             return
         assert isinstance(r, sandtree.StepResult)
         if ep.head is not None:
             self.check(r.turn == ep.head + 1, f"{ep.id}: step answered turn {r.turn}, head was {ep.head}")
         ep.head = r.turn
+        ep.cwd = r.cwd
 
     def step(self, stream: bool = False) -> None:
         what, h, ep = self.target()
@@ -385,7 +388,19 @@ class Fuzzer:
             return res
 
         r = self.call(kind, f"{what} {h.id[:20]} {cmd[:60]!r} {sorted(kw)}", run, allowed)
+        before = ep.cwd if ep is not None and what == "live" else None
         self.after_mutation(ep, what, r)
+        if isinstance(r, sandtree.StepResult) and "cwd" in kw and before is not None and "cd " not in cmd:
+            # docs/api.md: a step's cwd is for that step only; the session's stays what it was.
+            if r.cwd != before and kw["cwd"] == "/nonexistent-dir" and not STRICT:
+                # Known deviation: the shell wrapper falls back to `cd /` when the step's cwd
+                # cannot be entered (silently, exit 0), and the engine then keeps "/" as the
+                # session's cwd.
+                self.notes["known deviation: a step cwd that does not exist reset the session cwd to /"] += 1
+            else:
+                self.check(
+                    r.cwd == before, f"step with cwd={kw['cwd']!r}: session cwd {before!r} became {r.cwd!r}"
+                )
         if isinstance(r, sandtree.StepResult) and ep is not None:
             if "ln -sfn" in cmd and r.ok:
                 ep.has_root_link = True
@@ -627,6 +642,7 @@ class Fuzzer:
             self.check(r == turn, f"rewind to {turn} answered {r}")
             assert ep is not None
             ep.head = turn
+            ep.cwd = None
 
     def delete_live(self) -> None:
         ep = self.pick_live()
