@@ -53,7 +53,8 @@ DEADLINE = 120.0
 MAX_LIVE = 6
 """Live episodes at most (forks included), so the run does not exhaust the host."""
 STRICT = os.environ.get("SANDTREE_FUZZ_STRICT") == "1"
-"""Also fail on the known deviations from docs/api.md (see `delete_hostile` and `step`)."""
+"""Also fail on the known deviations from docs/api.md (see `delete_hostile`, `step` and
+`fork_at_head`)."""
 MAX_CMD = 131008
 MAX_FILE = 32 << 20
 
@@ -830,10 +831,17 @@ class Fuzzer:
         b = self.call("step", f"checksum {kid.id[:20]}", lambda: kid.step(CHECKSUM, timeout=60))
         assert isinstance(a, sandtree.StepResult) and isinstance(b, sandtree.StepResult)
         self.check(a.ok and b.ok, f"checksum steps failed: {a.stderr[:200]!r} {b.stderr[:200]!r}")
-        self.check(
-            a.stdout_bytes == b.stdout_bytes,
-            f"fork {kid.id} of {ep.id}@{head}: /workspace differs\n{a.stdout[:2000]}\n---\n{b.stdout[:2000]}",
-        )
+        if a.stdout_bytes != b.stdout_bytes and ep.policy == "none" and not STRICT:
+            # Known deviation: under policy none every turn shares the base node, which the tree
+            # shows as committed, so a fork (or rewind) to turn t > 0 succeeds with the files of
+            # turn 0 instead of being refused as NotRestorable (docs/api.md, errors.py).
+            self.notes["known deviation: a fork of a policy-none episode has turn 0's files"] += 1
+        else:
+            self.check(
+                a.stdout_bytes == b.stdout_bytes,
+                f"fork {kid.id} of {ep.id}@{head}: /workspace differs\n"
+                f"{a.stdout[:2000]}\n---\n{b.stdout[:2000]}",
+            )
         self.after_mutation(ep, "live", a)
         self.after_mutation(kept, "live", b)
         self.call("delete", f"invariant fork {kid.id[:20]}", kid.delete)
