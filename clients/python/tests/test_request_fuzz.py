@@ -29,6 +29,7 @@ import contextlib
 import math
 import os
 import random
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -358,7 +359,8 @@ class Fuzzer:
             if isinstance(r, IA | NF):
                 return  # refused before it ran: no turn
             ep.head = ep.cwd = None  # precondition: the model no longer knows the head
-            self.notes[f"{type(r).__name__} on a live episode: {r.message[:80]}"] += 1
+            msg = re.sub(r"ep-[0-9a-f]+", "EP", r.message)[:60]
+            self.notes[f"{type(r).__name__} on a live episode: {msg}"] += 1
             return
         assert isinstance(r, sandtree.StepResult)
         if ep.head is not None:
