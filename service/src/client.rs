@@ -1072,10 +1072,18 @@ pub fn tree_html(r: &pb::TreeResponse) -> String {
             cut(&t.action, 2000)
         );
         if !t.stdout.is_empty() {
-            let _ = write!(tip, "\n--- stdout\n{}", cut(&String::from_utf8_lossy(&t.stdout), 2000));
+            let _ = write!(
+                tip,
+                "\n--- stdout\n{}",
+                cut(&String::from_utf8_lossy(&t.stdout), 2000)
+            );
         }
         if !t.stderr.is_empty() {
-            let _ = write!(tip, "\n--- stderr\n{}", cut(&String::from_utf8_lossy(&t.stderr), 2000));
+            let _ = write!(
+                tip,
+                "\n--- stderr\n{}",
+                cut(&String::from_utf8_lossy(&t.stderr), 2000)
+            );
         }
         if !t.reasons.is_empty() {
             let _ = write!(tip, "\n--- why\n{}", t.reasons.join("\n"));

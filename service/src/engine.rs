@@ -353,6 +353,8 @@ impl Engine {
     fn no_checkpoints_under_none(&self, id: &EpisodeId, turn: u32) -> Result<()> {
         let ep = self.tree.episode(id)?;
         if ep.policy == Policy::None && turn > 0 {
+            // A turn past the head is out of range first.
+            self.tree.turn(id, turn)?;
             return Err(EngineError::NotRestorable(format!(
                 "episode {id} runs with policy none, which keeps no checkpoint after turn 0: \
                  turn {turn} cannot be restored (fork or rewind to turn 0, or use policy auto)"

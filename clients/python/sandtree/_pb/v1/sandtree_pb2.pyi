@@ -227,11 +227,7 @@ class TreeRequest(_message.Message):
     def __init__(self, episode: _Optional[str] = ..., whole: bool = ..., outputs: bool = ...) -> None: ...
 
 class TurnInfo(_message.Message):
-<<<<<<< HEAD
     __slots__ = ("turn", "action", "exit_code", "verdict", "reasons", "node", "kind", "bytes", "state", "cwd", "image_bytes", "image_dumped_bytes", "image_parent", "record", "parent_record", "episodes", "forks", "stdout", "stderr", "duration_ms", "stdout_truncated", "stderr_truncated")
-=======
-    __slots__ = ("turn", "action", "exit_code", "verdict", "reasons", "node", "kind", "bytes", "state", "cwd", "image_bytes", "image_dumped_bytes", "image_parent", "record", "parent_record", "episodes", "forks", "stdout", "stderr", "duration_ms")
->>>>>>> rl-python
     TURN_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
@@ -252,11 +248,8 @@ class TurnInfo(_message.Message):
     STDOUT_FIELD_NUMBER: _ClassVar[int]
     STDERR_FIELD_NUMBER: _ClassVar[int]
     DURATION_MS_FIELD_NUMBER: _ClassVar[int]
-<<<<<<< HEAD
     STDOUT_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     STDERR_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
-=======
->>>>>>> rl-python
     turn: int
     action: str
     exit_code: int
@@ -274,19 +267,12 @@ class TurnInfo(_message.Message):
     parent_record: int
     episodes: _containers.RepeatedScalarFieldContainer[str]
     forks: _containers.RepeatedScalarFieldContainer[str]
-<<<<<<< HEAD
-    stdout: str
-    stderr: str
-    duration_ms: int
-    stdout_truncated: bool
-    stderr_truncated: bool
-    def __init__(self, turn: _Optional[int] = ..., action: _Optional[str] = ..., exit_code: _Optional[int] = ..., verdict: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ..., node: _Optional[int] = ..., kind: _Optional[str] = ..., bytes: _Optional[int] = ..., state: _Optional[str] = ..., cwd: _Optional[str] = ..., image_bytes: _Optional[int] = ..., image_dumped_bytes: _Optional[int] = ..., image_parent: _Optional[int] = ..., record: _Optional[int] = ..., parent_record: _Optional[int] = ..., episodes: _Optional[_Iterable[str]] = ..., forks: _Optional[_Iterable[str]] = ..., stdout: _Optional[str] = ..., stderr: _Optional[str] = ..., duration_ms: _Optional[int] = ..., stdout_truncated: bool = ..., stderr_truncated: bool = ...) -> None: ...
-=======
     stdout: bytes
     stderr: bytes
     duration_ms: int
-    def __init__(self, turn: _Optional[int] = ..., action: _Optional[str] = ..., exit_code: _Optional[int] = ..., verdict: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ..., node: _Optional[int] = ..., kind: _Optional[str] = ..., bytes: _Optional[int] = ..., state: _Optional[str] = ..., cwd: _Optional[str] = ..., image_bytes: _Optional[int] = ..., image_dumped_bytes: _Optional[int] = ..., image_parent: _Optional[int] = ..., record: _Optional[int] = ..., parent_record: _Optional[int] = ..., episodes: _Optional[_Iterable[str]] = ..., forks: _Optional[_Iterable[str]] = ..., stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., duration_ms: _Optional[int] = ...) -> None: ...
->>>>>>> rl-python
+    stdout_truncated: bool
+    stderr_truncated: bool
+    def __init__(self, turn: _Optional[int] = ..., action: _Optional[str] = ..., exit_code: _Optional[int] = ..., verdict: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ..., node: _Optional[int] = ..., kind: _Optional[str] = ..., bytes: _Optional[int] = ..., state: _Optional[str] = ..., cwd: _Optional[str] = ..., image_bytes: _Optional[int] = ..., image_dumped_bytes: _Optional[int] = ..., image_parent: _Optional[int] = ..., record: _Optional[int] = ..., parent_record: _Optional[int] = ..., episodes: _Optional[_Iterable[str]] = ..., forks: _Optional[_Iterable[str]] = ..., stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., duration_ms: _Optional[int] = ..., stdout_truncated: bool = ..., stderr_truncated: bool = ...) -> None: ...
 
 class TreeResponse(_message.Message):
     __slots__ = ("episode", "turns", "family", "family_root", "family_episodes")
