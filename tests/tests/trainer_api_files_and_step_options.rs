@@ -185,6 +185,32 @@ fn step_options_apply_to_one_step() {
         String::from_utf8_lossy(&o.stderr).contains("over this server's maximum"),
         "{o:?}"
     );
+    // A step cwd that does not exist: the command does not run, the session is unchanged.
+    svc.step(&ep, "cd /work");
+    let r: serde_json::Value = serde_json::from_str(&svc.ok(&[
+        "step",
+        &ep,
+        "--json",
+        "--cwd",
+        "/no/such/dir",
+        "--",
+        "touch /work/ran",
+    ]))
+    .unwrap();
+    assert_eq!(r["exit_code"], 125, "{r}");
+    assert!(
+        r["stderr"]
+            .as_str()
+            .unwrap()
+            .contains("is not a directory in the sandbox"),
+        "{r}"
+    );
+    let r = svc.step(&ep, "pwd; ls /work/ran 2>&1 || true");
+    assert!(r["stdout"].as_str().unwrap().starts_with("/work\n"), "{r}");
+    assert!(
+        r["stdout"].as_str().unwrap().contains("No such file"),
+        "{r}"
+    );
     for bad in [
         ["--env", "A"],
         ["--env", "__ST_CMD=x"],
@@ -285,4 +311,22 @@ fn labels_filter_and_limits_hold() {
     for e in [&a, &b, &f, &small] {
         svc.ok(&["delete", e]);
     }
+    // Deleting twice is an error, not a silent success.
+    let o = svc.cli(&["delete", &a]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("deleted"),
+        "{o:?}"
+    );
+    // Policy none keeps no checkpoint after turn 0: a fork there is refused, not wrong.
+    let n = svc.create("busybox", "none");
+    svc.step(&n, "echo x > /workspace/x");
+    let o = svc.cli(&["fork", &n, "--turn", "1"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("policy none"),
+        "{o:?}"
+    );
+    let z = svc.ok(&["fork", &n, "--turn", "0"]).trim().to_string();
+    svc.ok(&["delete", &z]);
+    svc.ok(&["delete", &n]);
 }
