@@ -85,7 +85,7 @@ fn rewind_frees_the_replaced_volume_and_the_dropped_checkpoints() {
     );
     let vols = names(&root.join("volumes"));
     assert_eq!(vols.len(), 1, "one live volume after the rewind: {vols:?}");
-    assert_eq!(tree(&svc, &ep)["turn"], 2);
+    assert_eq!(tree(&svc, &ep)["episode"]["turn"], 2);
 
     svc.ok(&["delete", &ep]);
     assert_eq!(names(&root.join("volumes")), BTreeSet::new());
