@@ -352,3 +352,43 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Compiles `tests/probes/<name>` static with gcc into `out` (mode 0755).
+pub fn compile_static_probe(name: &str, out: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("probes")
+        .join(name);
+    let o = Command::new("gcc")
+        .args(["-static", "-O1", "-o"])
+        .arg(out)
+        .arg(&src)
+        .output()
+        .expect("run gcc");
+    assert!(
+        o.status.success(),
+        "gcc -static {} failed (is glibc's static libc installed?):\n{}",
+        src.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// A rootfs directory `root` for `image import`: the host's busybox with every applet linked in
+/// /bin, and the empty directories `dirs`.
+pub fn busybox_rootfs(root: &Path, dirs: &[&str]) {
+    for d in std::iter::once(&"bin").chain(dirs) {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    let list = Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
+    for applet in String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter(|a| !a.is_empty() && *a != "busybox")
+    {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+}

@@ -17,40 +17,15 @@ use sandtree_tests::*;
 
 /// Compiles tests/probes/escape_probe.c static into `dir`; returns the binary.
 fn build_probe(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("probes/escape_probe.c");
     let out = dir.join("escape_probe");
-    let o = Command::new("gcc")
-        .args(["-static", "-O1", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .output()
-        .expect("run gcc");
-    assert!(
-        o.status.success(),
-        "gcc -static {} failed (is glibc's static libc installed?):\n{}",
-        src.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    compile_static_probe("escape_probe.c", &out);
     out
 }
 
 /// An image directory: busybox with its applets in /bin, an empty /mnt and the probe at /probe.
 fn image_dir(dir: &Path, probe: &Path) -> PathBuf {
     let root = dir.join("rootfs");
-    for d in ["bin", "mnt", "tmp"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    let list = Command::new("/bin/busybox")
-        .arg("--list")
-        .output()
-        .expect("busybox --list");
-    for applet in String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter(|a| !a.is_empty() && *a != "busybox")
-    {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
+    busybox_rootfs(&root, &["mnt", "tmp"]);
     std::fs::copy(probe, root.join("probe")).unwrap();
     std::fs::set_permissions(root.join("probe"), std::fs::Permissions::from_mode(0o755)).unwrap();
     root

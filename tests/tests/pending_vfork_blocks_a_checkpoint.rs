@@ -13,44 +13,16 @@
 //! so PTRACE_INTERRUPT never stops the parent and CRIU cannot seize it; CRIU's own vfork00 is
 //! marked `crfail` (its dump is expected to fail). The program is `tests/probes/vfork_pending.c`.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use sandtree_tests::*;
 
 /// busybox with its applets in /bin, /tmp, and tests/probes/vfork_pending.c compiled static
 /// at /vf.
 fn image_dir(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("probes/vfork_pending.c");
     let root = dir.join("rootfs");
-    for d in ["bin", "tmp"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    let o = Command::new("gcc")
-        .args(["-static", "-O1", "-o"])
-        .arg(root.join("vf"))
-        .arg(&src)
-        .output()
-        .expect("run gcc");
-    assert!(
-        o.status.success(),
-        "gcc -static {} failed (is glibc's static libc installed?):\n{}",
-        src.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    std::fs::set_permissions(root.join("vf"), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    let list = Command::new("/bin/busybox")
-        .arg("--list")
-        .output()
-        .expect("busybox --list");
-    for applet in String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter(|a| !a.is_empty() && *a != "busybox")
-    {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
+    busybox_rootfs(&root, &["tmp"]);
+    compile_static_probe("vfork_pending.c", &root.join("vf"));
     root
 }
 
