@@ -33,7 +33,7 @@ def test_export_replay_roundtrip(client: Client) -> None:
         ep.step("mkdir -p /w && cd /w && echo hello > f")
         ep.step("cat f; echo err >&2")
         ep.step("ls /nope")
-        ep.step("date +%s%N")  # differs on replay unless masked
+        ep.step("cat /proc/sys/kernel/random/uuid")  # differs on replay unless masked
         recs = list(client.export(ep))
         head = recs[0]
         assert head["format"] == FORMAT and head["version"] == 1 and head["root"] == ep.id
@@ -44,14 +44,15 @@ def test_export_replay_roundtrip(client: Client) -> None:
         assert r2["parent"] == recs[2]["record"] and recs[1]["parent"] is None
         assert recs[3]["exit_code"] == 0 and recs[4]["exit_code"] != 0
         json.loads(json.dumps(recs))  # JSON as it is
-        report = client.replay(recs, mask=r"\d+")
+        uuid = r"[0-9a-f]{8}-[0-9a-f-]{27}"
+        report = client.replay(recs, mask=uuid)
         assert report.ok, report.divergence
         assert report.turns == 4 and not report.forked
         unmasked = client.replay(recs)
         assert not unmasked.ok and unmasked.divergence is not None
         assert (unmasked.divergence["turn"], unmasked.divergence["field"]) == (4, "stdout")
         # From a fork of the recorded episode at turn 2: only turns 3 and 4 run.
-        report = client.replay(recs, from_turn=2, mask=r"\d+")
+        report = client.replay(recs, from_turn=2, mask=uuid)
         assert report.ok and report.forked and report.turns == 2
 
 
