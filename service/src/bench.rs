@@ -645,8 +645,11 @@ async fn full_dedup_savings(c: &mut Client, data_dir: &Path, ep: &str) -> Result
         .filter(|t| t.kind == "full" && t.state == "committed")
     {
         let dir = images.join(format!("n{}", t.node));
-        if let Some(p) = prev.as_ref().filter(|_| depth < crate::pages::MAX_CHAIN) {
-            let s = crate::pages::plan_against(&dir, p)
+        if let Some(p) = prev
+            .as_ref()
+            .filter(|_| depth < sandtree_runtime::pages::MAX_CHAIN)
+        {
+            let s = sandtree_runtime::pages::plan_against(&dir, p)
                 .with_context(|| format!("pricing {} against {}", dir.display(), p.display()))?;
             saved += s.dumped_bytes - s.kept_bytes;
             depth = if s.depth > 0 { depth + 1 } else { 0 };

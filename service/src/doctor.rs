@@ -57,7 +57,7 @@ pub fn probes() -> Vec<Probe> {
         "sandtree runs sandboxes and must run as root",
     ));
 
-    let criu = crate::criu::Criu::locate();
+    let criu = sandtree_runtime::criu::Criu::locate();
     match criu.version() {
         Some(ver) => {
             let new_enough = ver.0 >= 4;

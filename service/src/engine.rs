@@ -22,8 +22,8 @@ use sandtree_storage::SnapshotBackend;
 use tokio::sync::{Mutex, Semaphore};
 use tracing::{info, warn};
 
-use crate::inspect::{Verdicts, Watch};
-use crate::runtime::{ExecSpec, Runtime, Sandbox};
+use sandtree_runtime::inspect::{Verdicts, Watch};
+use sandtree_runtime::{ExecSpec, Runtime, Sandbox};
 
 /// Errors of engine operations; `server.rs` maps them to gRPC codes in one place.
 #[derive(Debug, thiserror::Error)]
@@ -319,7 +319,7 @@ impl Engine {
     pub fn save_image_config(
         &self,
         image: &str,
-        config: &crate::images::ImageConfig,
+        config: &sandtree_runtime::images::ImageConfig,
     ) -> anyhow::Result<()> {
         use std::io::Write;
         let path = self.image_config_path(image);
@@ -335,7 +335,7 @@ impl Engine {
     }
 
     /// The image's config, or the default (root in /, no extra env) for images without one.
-    fn image_config(&self, image: &str) -> Result<crate::images::ImageConfig> {
+    fn image_config(&self, image: &str) -> Result<sandtree_runtime::images::ImageConfig> {
         match std::fs::read(self.image_config_path(image)) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| {
                 EngineError::Internal(anyhow!("image {image}: its config is unreadable: {e}"))
@@ -414,7 +414,7 @@ impl Engine {
             }
             p => p,
         };
-        let period = crate::runtime::cgroup::CPU_PERIOD_US as f64;
+        let period = sandtree_runtime::cgroup::CPU_PERIOD_US as f64;
         let cpu_quota_us = if cpus == 0.0 {
             max.cpu_quota_us
         } else if !(cpus.is_finite() && cpus >= 0.01 && cpus * period <= max.cpu_quota_us as f64) {
@@ -511,7 +511,7 @@ impl Engine {
         seq: u64,
         limits: Option<SandboxLimits>,
     ) -> Result<(Sandbox, Watch, String)> {
-        let limits = limits.map(|l| crate::runtime::cgroup::Limits {
+        let limits = limits.map(|l| sandtree_runtime::cgroup::Limits {
             memory_bytes: l.memory_bytes,
             pids: l.pids,
             cpu_quota_us: l.cpu_quota_us,
@@ -618,9 +618,9 @@ impl Engine {
             runtime.exec(&sb, spec, &mut |ev| {
                 if let Some(tx) = &chunks {
                     let _ = tx.send(match ev {
-                        crate::runtime::shim::ShimEvent::Stdout(b) => Chunk::Stdout(b),
-                        crate::runtime::shim::ShimEvent::Stderr(b) => Chunk::Stderr(b),
-                        crate::runtime::shim::ShimEvent::Done(_) => return,
+                        sandtree_runtime::shim::ShimEvent::Stdout(b) => Chunk::Stdout(b),
+                        sandtree_runtime::shim::ShimEvent::Stderr(b) => Chunk::Stderr(b),
+                        sandtree_runtime::shim::ShimEvent::Done(_) => return,
                     });
                 }
             })
@@ -760,11 +760,11 @@ impl Engine {
         mode: u32,
     ) -> Result<StepOutcome> {
         check_path(&path)?;
-        if data.len() as u64 > crate::runtime::shim::MAX_FILE_BYTES {
+        if data.len() as u64 > sandtree_runtime::shim::MAX_FILE_BYTES {
             return Err(EngineError::BadRequest(format!(
                 "file is {} bytes; the limit is {} bytes",
                 data.len(),
-                crate::runtime::shim::MAX_FILE_BYTES
+                sandtree_runtime::shim::MAX_FILE_BYTES
             )));
         }
         if mode > 0o7777 {
@@ -779,7 +779,11 @@ impl Engine {
         let mode = if mode == 0 { 0o644 } else { mode };
         let started = Instant::now();
         let res = blocking(move || {
-            runtime.file(&sb, &p, crate::runtime::shim::FileOp::Write { data, mode })
+            runtime.file(
+                &sb,
+                &p,
+                sandtree_runtime::shim::FileOp::Write { data, mode },
+            )
         })
         .await?;
         file_error(id, &path, &res)?;
@@ -810,7 +814,7 @@ impl Engine {
         max_bytes: u64,
     ) -> Result<(Vec<u8>, u64)> {
         check_path(&path)?;
-        let limit = crate::runtime::shim::MAX_FILE_BYTES;
+        let limit = sandtree_runtime::shim::MAX_FILE_BYTES;
         let max_bytes = match max_bytes {
             0 => limit,
             m if m > limit => {
@@ -823,12 +827,12 @@ impl Engine {
         let l = self.lock_live(id).await?;
         let (runtime, sb, p) = (self.runtime.clone(), l.sandbox.clone(), path.clone());
         let res = blocking(move || {
-            runtime.file(&sb, &p, crate::runtime::shim::FileOp::Read { max_bytes })
+            runtime.file(&sb, &p, sandtree_runtime::shim::FileOp::Read { max_bytes })
         })
         .await?;
         file_error(id, &path, &res)?;
         match res {
-            crate::runtime::shim::FileResult::Read { data, size } => Ok((data, size)),
+            sandtree_runtime::shim::FileResult::Read { data, size } => Ok((data, size)),
             other => Err(EngineError::Internal(anyhow!(
                 "unexpected file result {other:?}"
             ))),
@@ -1411,13 +1415,13 @@ impl Checkpoint<'_> {
                 image_dumped_bytes = stats.image_bytes;
                 if let Some((pid, pdir, max_chain)) = &image_parent {
                     let d = Instant::now();
-                    match crate::pages::dedup_against(images, pdir, *max_chain) {
+                    match sandtree_runtime::pages::dedup_against(images, pdir, *max_chain) {
                         Ok(s) if s.depth > 0 => {
                             image_parent_id = Some(*pid);
                             record(&timings.dedup, d.elapsed().as_secs_f64() * 1e3);
                         }
                         Ok(_) => {}
-                        Err(e @ crate::pages::PagesError::Inconsistent { .. }) => {
+                        Err(e @ sandtree_runtime::pages::PagesError::Inconsistent { .. }) => {
                             return fail(e.into(), true)
                         }
                         Err(e) => {
@@ -1432,7 +1436,7 @@ impl Checkpoint<'_> {
                 record(&timings.snapshot, stats.hook_ms);
                 // What the image keeps: CRIU's files, or after a dedup what is left of them.
                 let kept = match image_parent_id {
-                    Some(_) => crate::criu::dir_bytes(images),
+                    Some(_) => sandtree_runtime::criu::dir_bytes(images),
                     None => stats.image_bytes,
                 };
                 (
@@ -1518,28 +1522,28 @@ impl StepOptions {
             }
             env_bytes += k.len() + v.len() + 2;
         }
-        if env_bytes > crate::runtime::shim::MAX_ENV_BYTES {
+        if env_bytes > sandtree_runtime::shim::MAX_ENV_BYTES {
             return bad(format!(
                 "the step's env is {env_bytes} bytes; the limit is {}",
-                crate::runtime::shim::MAX_ENV_BYTES
+                sandtree_runtime::shim::MAX_ENV_BYTES
             ));
         }
         if let Some(cwd) = &self.cwd {
             if !cwd.starts_with('/')
                 || cwd.contains('\0')
-                || cwd.len() > crate::runtime::shim::MAX_CWD_BYTES
+                || cwd.len() > sandtree_runtime::shim::MAX_CWD_BYTES
             {
                 return bad(format!(
                     "cwd {cwd:?} must be an absolute path of at most {} bytes",
-                    crate::runtime::shim::MAX_CWD_BYTES
+                    sandtree_runtime::shim::MAX_CWD_BYTES
                 ));
             }
         }
-        if self.stdin.len() as u64 > crate::runtime::shim::MAX_FILE_BYTES {
+        if self.stdin.len() as u64 > sandtree_runtime::shim::MAX_FILE_BYTES {
             return bad(format!(
                 "stdin is {} bytes; the limit is {}",
                 self.stdin.len(),
-                crate::runtime::shim::MAX_FILE_BYTES
+                sandtree_runtime::shim::MAX_FILE_BYTES
             ));
         }
         if self.max_output > out_cap as u64 {
@@ -1601,8 +1605,8 @@ fn check_path(path: &str) -> Result<()> {
 }
 
 /// A refused file operation as the error the caller can act on.
-fn file_error(id: &EpisodeId, path: &str, res: &crate::runtime::shim::FileResult) -> Result<()> {
-    if let crate::runtime::shim::FileResult::Failed { errno, message } = res {
+fn file_error(id: &EpisodeId, path: &str, res: &sandtree_runtime::shim::FileResult) -> Result<()> {
+    if let sandtree_runtime::shim::FileResult::Failed { errno, message } = res {
         let msg = format!("episode {id}: {message}");
         return Err(match *errno {
             libc::ENOENT => EngineError::NotFound(msg),

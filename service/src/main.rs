@@ -2,13 +2,8 @@
 
 mod bench;
 mod client;
-mod criu;
 mod doctor;
 mod engine;
-mod images;
-mod inspect;
-mod pages;
-mod runtime;
 mod server;
 mod web;
 
@@ -60,7 +55,7 @@ enum Cmd {
         verify_verdicts: bool,
         /// Longest chain of parent images an auto checkpoint may read unchanged pages from;
         /// 0 keeps every CRIU image whole.
-        #[arg(long, default_value_t = pages::MAX_CHAIN)]
+        #[arg(long, default_value_t = sandtree_runtime::pages::MAX_CHAIN)]
         max_image_chain: usize,
         /// Sandboxes restored or started at once on this host (fork --count N queues the rest).
         #[arg(long, default_value_t = 4)]
@@ -273,7 +268,7 @@ fn main() -> ExitCode {
         }
     };
     if let Cmd::Shim { mode } = &cli.cmd {
-        return match runtime::shim::main(mode) {
+        return match sandtree_runtime::shim::main(mode) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("{e:#}");
@@ -332,12 +327,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             if !(0.01..=1024.0).contains(&sandbox_cpus) {
                 anyhow::bail!("--sandbox-cpus must be between 0.01 and 1024, got {sandbox_cpus}");
             }
-            let limits = runtime::cgroup::Limits {
+            let limits = sandtree_runtime::cgroup::Limits {
                 memory_bytes: sandbox_memory_mib << 20,
                 pids: sandbox_pids,
-                cpu_quota_us: (sandbox_cpus * runtime::cgroup::CPU_PERIOD_US as f64) as u64,
+                cpu_quota_us: (sandbox_cpus * sandtree_runtime::cgroup::CPU_PERIOD_US as f64)
+                    as u64,
             };
-            let verdicts = inspect::Verdicts::new(!no_inspector, verify_verdicts);
+            let verdicts = sandtree_runtime::inspect::Verdicts::new(!no_inspector, verify_verdicts);
             let config = engine::Config {
                 data_dir: data_dir.clone(),
                 default_timeout_ms: step_timeout * 1000,
@@ -504,8 +500,8 @@ async fn serve(
     socket: PathBuf,
     mut config: engine::Config,
     spec: sandtree_storage::StorageSpec,
-    verdicts: inspect::Verdicts,
-    limits: runtime::cgroup::Limits,
+    verdicts: sandtree_runtime::inspect::Verdicts,
+    limits: sandtree_runtime::cgroup::Limits,
     http: Option<std::net::SocketAddr>,
 ) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -531,7 +527,7 @@ async fn serve(
         config.disk_bytes = 0;
     }
     let tree = sandtree_branching::Tree::open(data_dir.join("sandtree.redb"))?;
-    let runtime = runtime::Runtime::new(&instance_tag(&data_dir), limits)?;
+    let runtime = sandtree_runtime::Runtime::new(&instance_tag(&data_dir), limits)?;
     tracing::info!(criu = %runtime.criu.bin.display(), cgroup = %runtime.layout.v2_parent.display(), "runtime ready");
     let engine = std::sync::Arc::new(engine::Engine::new(
         tree, storage, runtime, verdicts, config,

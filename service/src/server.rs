@@ -547,7 +547,7 @@ impl pb::sandtree_server::Sandtree for Api {
         let name = req.into_inner().name;
         let engine = self.engine.clone();
         Ok(Response::new(self.image_job(move |p| {
-            crate::images::build(&*engine.storage, &name, p)?;
+            sandtree_runtime::images::build(&*engine.storage, &name, p)?;
             engine.save_image_config(&name, &Default::default())
         })))
     }
@@ -560,11 +560,12 @@ impl pb::sandtree_server::Sandtree for Api {
         let r = req.into_inner();
         let engine = self.engine.clone();
         Ok(Response::new(self.image_job(move |p| {
-            let opts = crate::images::ImportOptions {
+            let opts = sandtree_runtime::images::ImportOptions {
                 allow_setuid: r.allow_setuid,
             };
             let storage = &*engine.storage;
-            let config = crate::images::import(storage, &r.name, Path::new(&r.path), opts, p)?;
+            let config =
+                sandtree_runtime::images::import(storage, &r.name, Path::new(&r.path), opts, p)?;
             // The image and its config come as one: without its config it does not stay.
             if let Err(e) = engine.save_image_config(&r.name, &config) {
                 let _ = storage.destroy_base(&r.name);

@@ -182,7 +182,7 @@ fn names(dir: &Path) -> Vec<String> {
     v
 }
 
-/// The cgroup dirs that hold this service's sandboxes (see service/src/runtime/cgroup.rs): the
+/// The cgroup dirs that hold this service's sandboxes (see service/runtime/src/cgroup.rs): the
 /// service runs in our cgroups, below `sandtree/<instance>`, `<instance>` being the FNV-1a tag
 /// of its canonical data dir (service/src/main.rs `instance_tag`).
 fn instance_cgroups(data_dir: &Path) -> Vec<PathBuf> {

@@ -10,6 +10,10 @@
 
 pub mod cgroup;
 pub mod confine;
+pub mod criu;
+pub mod images;
+pub mod inspect;
+pub mod pages;
 pub mod shim;
 
 use std::io::Write;

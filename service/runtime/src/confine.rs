@@ -20,8 +20,8 @@ const KEEP_CAPS: &[(u32, &str)] = &[
     (18, "CAP_SYS_CHROOT"),
 ];
 
-/// Docker's default seccomp profile, as data (provenance in service/seccomp/README.md).
-const DOCKER_PROFILE: &str = include_str!("../../seccomp/docker-default.json");
+/// Docker's default seccomp profile, as data (provenance in service/runtime/seccomp/README.md).
+const DOCKER_PROFILE: &str = include_str!("../seccomp/docker-default.json");
 
 /// Syscalls denied whatever the profile says. Docker 20.10's profile allows io_uring, which
 /// bypasses seccomp for the operations it submits; it already leaves out userfaultfd (a favourite

@@ -20,7 +20,7 @@ use sandtree_ebpf::{kernel_dev, Inspector, SandboxConfig};
 use sandtree_storage::SnapshotBackend;
 use tracing::{error, info, warn};
 
-use crate::runtime::Sandbox;
+use crate::Sandbox;
 
 /// At most this many reasons are kept per turn.
 const MAX_REASONS: usize = 8;
