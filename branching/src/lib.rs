@@ -24,7 +24,7 @@ pub use types::{
     turn_kind, Episode, EpisodeId, EpisodeMeta, EpisodeStatus, Family, FamilyTurn, ForgetReport,
     NewTurn, Node, NodeArtifacts, NodeId, NodeKind, NodeState, NodeTimings, Observation,
     ParsePolicyError, Policy, ReconcileReport, SandboxLimits, Session, SnapshotRef, Truncation,
-    TurnId, TurnNo, TurnRecord, Verdict, VerdictKind,
+    TurnId, TurnKind, TurnNo, TurnRecord, Verdict, VerdictKind, VolumeName,
 };
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).

@@ -773,6 +773,17 @@ impl Tree {
         })
     }
 
+    /// The one fork/rewind preflight: the node that `id`'s turn `turn` would restore, if it is
+    /// committed. [`Tree::fork`] and [`Tree::rewind`] check the same; the engine calls this first
+    /// so that a refused rewind tears nothing down.
+    pub fn restorable_turn(&self, id: &EpisodeId, turn: TurnNo) -> Result<Node> {
+        self.read(|t| {
+            let ep = require_episode(&t.eps, id)?;
+            let rec = turn_at(&t.turns, &ep, turn)?;
+            restorable(&t.nodes, rec.node)
+        })
+    }
+
     /// Moves the episode's head back to its turn `turn` and makes it Running.
     /// Later turns leave the live path (and become garbage unless another
     /// episode still reaches them). Returns the episode, the node to restore

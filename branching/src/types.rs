@@ -499,8 +499,46 @@ pub struct ForgetReport {
     pub turns_deleted: u64,
 }
 
-/// Display kind of a turn: `"base"` for turn 0, `"shared"` when it reuses its
-/// parent turn's node, otherwise the kind of its own node (`"fs"`/`"full"`).
+/// What a turn shows of its checkpoint: the episode's first turn (`Base`), a turn that reuses its
+/// parent turn's node (`Shared`, it wrote nothing), or the kind of the node it made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TurnKind {
+    /// Turn 0: the image.
+    Base,
+    /// Same node as the parent turn: nothing was checkpointed.
+    Shared,
+    /// A filesystem snapshot.
+    Fs,
+    /// A filesystem snapshot and a CRIU image.
+    Full,
+}
+
+impl TurnKind {
+    /// `"base"`, `"shared"`, `"fs"` or `"full"`, as the API and the tree view show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TurnKind::Base => "base",
+            TurnKind::Shared => "shared",
+            TurnKind::Fs => "fs",
+            TurnKind::Full => "full",
+        }
+    }
+
+    /// Whether the turn made a checkpoint of its own (its bytes are charged to it).
+    pub fn has_own_checkpoint(self) -> bool {
+        matches!(self, TurnKind::Fs | TurnKind::Full)
+    }
+}
+
+impl fmt::Display for TurnKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The kind of a turn: [`TurnKind::Base`] for turn 0, [`TurnKind::Shared`] when it reuses its
+/// parent turn's node, otherwise the kind of its own node.
 ///
 /// `node_kind` is the kind of `turn.node`; the turn record alone cannot tell a
 /// full checkpoint taken under policy `full` from one chosen by the verdict.
@@ -508,10 +546,58 @@ pub fn turn_kind(
     turn: &TurnRecord,
     parent_turn: Option<&TurnRecord>,
     node_kind: &NodeKind,
-) -> &'static str {
-    match parent_turn {
-        None => "base",
-        Some(p) if p.node == turn.node => "shared",
-        Some(_) => node_kind.as_str(),
+) -> TurnKind {
+    match (parent_turn, node_kind) {
+        (None, _) => TurnKind::Base,
+        (Some(p), _) if p.node == turn.node => TurnKind::Shared,
+        (Some(_), NodeKind::Base { .. }) => TurnKind::Base,
+        (Some(_), NodeKind::Fs) => TurnKind::Fs,
+        (Some(_), NodeKind::Full) => TurnKind::Full,
+    }
+}
+
+/// The volume one incarnation of an episode runs on, and the name of its sandbox: the episode
+/// id and a sequence number that each rewind raises (`ep-0123456789ab-2`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VolumeName {
+    /// The episode the volume belongs to.
+    pub episode: EpisodeId,
+    /// 0 for the first incarnation; each rewind takes the next.
+    pub seq: u64,
+}
+
+impl VolumeName {
+    /// The first incarnation's volume of `episode`.
+    pub fn first(episode: &EpisodeId) -> VolumeName {
+        VolumeName {
+            episode: episode.clone(),
+            seq: 0,
+        }
+    }
+
+    /// The volume of the incarnation after this one.
+    pub fn next(&self) -> VolumeName {
+        VolumeName {
+            episode: self.episode.clone(),
+            seq: self.seq + 1,
+        }
+    }
+
+    /// Reads a name that [`fmt::Display`] wrote; None for anything else.
+    pub fn parse(s: &str) -> Option<VolumeName> {
+        let (ep, seq) = s.rsplit_once('-')?;
+        if ep.is_empty() || seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(VolumeName {
+            episode: EpisodeId::new(ep),
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+impl fmt::Display for VolumeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.episode, self.seq)
     }
 }

@@ -111,7 +111,7 @@ fn turn_kinds_for_display() {
         .enumerate()
         .map(|(i, t)| {
             let parent: Option<&TurnRecord> = i.checked_sub(1).map(|p| &turns[p]);
-            turn_kind(t, parent, &tree.node(t.node).unwrap().kind)
+            turn_kind(t, parent, &tree.node(t.node).unwrap().kind).as_str()
         })
         .collect();
     assert_eq!(kinds, vec!["base", "fs", "shared", "full"]);

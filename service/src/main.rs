@@ -3,7 +3,7 @@
 mod bench;
 mod client;
 mod doctor;
-mod engine;
+mod host;
 mod server;
 mod web;
 
@@ -334,7 +334,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     as u64,
             };
             let verdicts = sandtree_runtime::inspect::Verdicts::new(!no_inspector, verify_verdicts);
-            let config = engine::Config {
+            let config = sandtree_engine::Config {
                 data_dir: data_dir.clone(),
                 default_timeout_ms: step_timeout * 1000,
                 out_cap: 1 << 20,
@@ -498,7 +498,7 @@ fn instance_tag(data_dir: &std::path::Path) -> String {
 
 async fn serve(
     socket: PathBuf,
-    mut config: engine::Config,
+    mut config: sandtree_engine::Config,
     spec: sandtree_storage::StorageSpec,
     verdicts: sandtree_runtime::inspect::Verdicts,
     limits: sandtree_runtime::cgroup::Limits,
@@ -529,8 +529,12 @@ async fn serve(
     let tree = sandtree_branching::Tree::open(data_dir.join("sandtree.redb"))?;
     let runtime = sandtree_runtime::Runtime::new(&instance_tag(&data_dir), limits)?;
     tracing::info!(criu = %runtime.criu.bin.display(), cgroup = %runtime.layout.v2_parent.display(), "runtime ready");
-    let engine = std::sync::Arc::new(engine::Engine::new(
-        tree, storage, runtime, verdicts, config,
+    let host = host::Host::new(runtime, verdicts);
+    let engine = std::sync::Arc::new(sandtree_engine::Engine::new(
+        tree,
+        storage,
+        host.parts(),
+        config,
     )?);
     let e2 = engine.clone();
     let msg = tokio::task::spawn_blocking(move || e2.reconcile()).await??;

@@ -10,7 +10,7 @@ use sandtree_proto::v1 as pb;
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 
-use crate::engine::{percentile, Engine, EngineError};
+use sandtree_engine::{percentile, Engine, EngineError};
 
 pub struct Api {
     pub engine: Arc<Engine>,
@@ -103,7 +103,7 @@ fn info(ep: &sandtree_branching::Episode) -> pb::EpisodeInfo {
 fn turn_info(
     t: sandtree_branching::TurnRecord,
     n: &sandtree_branching::Node,
-    kind: &str,
+    kind: sandtree_branching::TurnKind,
     outputs: bool,
 ) -> pb::TurnInfo {
     let (stdout, stderr, duration_ms) = if outputs {
@@ -116,6 +116,7 @@ fn turn_info(
     } else {
         Default::default()
     };
+    let shared = kind == sandtree_branching::TurnKind::Shared;
     pb::TurnInfo {
         stdout,
         stderr,
@@ -126,13 +127,14 @@ fn turn_info(
         verdict: verdict_str(t.verdict.kind).into(),
         reasons: t.verdict.reasons,
         node: n.id.0,
-        kind: kind.into(),
-        bytes: if kind == "shared" { 0 } else { n.bytes },
-        image_bytes: if kind == "shared" { 0 } else { n.image_bytes },
-        image_dumped_bytes: if kind == "shared" { 0 } else { dumped(n) },
-        image_parent: match (kind, n.image_parent) {
-            ("shared", _) | (_, None) => 0,
-            (_, Some(p)) => p.0,
+        kind: kind.as_str().into(),
+        // A shared turn wrote nothing: its node's bytes belong to the turn that made it.
+        bytes: if shared { 0 } else { n.bytes },
+        image_bytes: if shared { 0 } else { n.image_bytes },
+        image_dumped_bytes: if shared { 0 } else { dumped(n) },
+        image_parent: match n.image_parent {
+            Some(p) if !shared => p.0,
+            _ => 0,
         },
         state: match &n.state {
             sandtree_branching::NodeState::Failed { .. } => "failed".into(),
@@ -145,7 +147,7 @@ fn turn_info(
     }
 }
 
-fn step_response(o: crate::engine::StepOutcome) -> pb::StepResponse {
+fn step_response(o: sandtree_engine::StepOutcome) -> pb::StepResponse {
     pb::StepResponse {
         turn: o.turn,
         stdout: o.stdout,
@@ -163,11 +165,11 @@ fn step_response(o: crate::engine::StepOutcome) -> pb::StepResponse {
     }
 }
 
-fn step_options(r: &pb::StepRequest) -> crate::engine::StepOptions {
+fn step_options(r: &pb::StepRequest) -> sandtree_engine::StepOptions {
     let mut env: Vec<(String, String)> =
         r.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     env.sort();
-    crate::engine::StepOptions {
+    sandtree_engine::StepOptions {
         timeout_ms: r.timeout_ms,
         env,
         cwd: (!r.cwd.is_empty()).then(|| r.cwd.clone()),
@@ -227,7 +229,7 @@ impl pb::sandtree_server::Sandtree for Api {
             .map_err(|e| edge_status(Code::Internal, e.to_string()))?;
         Ok(Response::new(pb::HealthResponse {
             version: env!("CARGO_PKG_VERSION").into(),
-            storage: self.engine.storage.describe(),
+            storage: self.engine.storage().describe(),
             probes: probes
                 .into_iter()
                 .map(|p| pb::Probe {
@@ -237,7 +239,7 @@ impl pb::sandtree_server::Sandtree for Api {
                     fix: p.fix,
                 })
                 .collect(),
-            inspector: self.engine.verdicts.status(),
+            inspector: self.engine.inspector().status().description,
         }))
     }
 
@@ -275,7 +277,7 @@ impl pb::sandtree_server::Sandtree for Api {
             .map_err(status)?;
         let ep = self
             .engine
-            .tree
+            .tree()
             .episode(&id)
             .map_err(|e| status(e.into()))?;
         Ok(Response::new(info(&ep)))
@@ -317,8 +319,8 @@ impl pb::sandtree_server::Sandtree for Api {
         tokio::spawn(async move {
             while let Some(c) = chunk_rx.recv().await {
                 let ev = match c {
-                    crate::engine::Chunk::Stdout(b) => Event::Stdout(b),
-                    crate::engine::Chunk::Stderr(b) => Event::Stderr(b),
+                    sandtree_engine::Chunk::Stdout(b) => Event::Stdout(b),
+                    sandtree_engine::Chunk::Stderr(b) => Event::Stderr(b),
                 };
                 let _ = tx.send(Ok(pb::StepEvent { event: Some(ev) }));
             }
@@ -443,31 +445,20 @@ impl pb::sandtree_server::Sandtree for Api {
         req: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
         let reset = req.into_inner().reset_timings;
-        self.engine.settle_checkpoints().await;
         let e = &self.engine;
-        let nodes = e.tree.all_nodes().map_err(|x| status(x.into()))?;
         let mut resp = pb::StatsResponse::default();
-        for ep in e.tree.list_episodes(true).map_err(|x| status(x.into()))? {
-            let mine: Vec<_> = nodes.iter().filter(|n| n.created_by == ep.id).collect();
-            let turns = e.tree.turns(&ep.id).unwrap_or_default();
-            let shared = turns.windows(2).filter(|w| w[0].node == w[1].node).count() as u32;
+        for (ep, c) in e.charges().await.map_err(status)? {
             let s = pb::EpisodeStats {
                 id: ep.id.to_string(),
                 policy: ep.policy.to_string(),
                 status: ep.status.to_string(),
                 turn: ep.turn,
-                checkpoint_bytes: mine.iter().map(|n| n.bytes).sum(),
-                image_bytes: mine.iter().map(|n| n.image_bytes).sum(),
-                image_dumped_bytes: mine.iter().map(|n| dumped(n)).sum(),
-                nodes_fs: mine
-                    .iter()
-                    .filter(|n| n.kind == sandtree_branching::NodeKind::Fs)
-                    .count() as u32,
-                nodes_full: mine
-                    .iter()
-                    .filter(|n| n.kind == sandtree_branching::NodeKind::Full)
-                    .count() as u32,
-                turns_shared: shared,
+                checkpoint_bytes: c.checkpoint_bytes,
+                image_bytes: c.image_bytes,
+                image_dumped_bytes: c.image_dumped_bytes,
+                nodes_fs: c.nodes_fs,
+                nodes_full: c.nodes_full,
+                turns_shared: c.turns_shared,
             };
             resp.checkpoint_bytes += s.checkpoint_bytes;
             resp.image_bytes += s.image_bytes;
@@ -478,18 +469,16 @@ impl pb::sandtree_server::Sandtree for Api {
             resp.episodes += 1;
             resp.per_episode.push(s);
         }
-        let v = &e.verdicts;
-        resp.inspector = v.status();
-        resp.inspector_loaded = v.inspector_loaded();
-        resp.bpf_map_bytes = v.map_memory_bytes();
-        let (watched, bytes) = v.sandbox_map_bytes();
-        resp.watched_sandboxes = watched as u32;
-        resp.sandbox_map_bytes = bytes;
-        let c = v.counts();
-        resp.verdicts_checked = c.checked;
-        resp.verdicts_unsafe = c.unsafe_disagreements;
-        resp.verdicts_fs_without_change = c.fs_without_change;
-        let t = &e.timings;
+        let v = e.inspector().status();
+        resp.inspector = v.description;
+        resp.inspector_loaded = v.loaded;
+        resp.bpf_map_bytes = v.map_bytes;
+        resp.watched_sandboxes = v.watched_sandboxes as u32;
+        resp.sandbox_map_bytes = v.sandbox_map_bytes;
+        resp.verdicts_checked = v.verdicts_checked;
+        resp.verdicts_unsafe = v.verdicts_unsafe;
+        resp.verdicts_fs_without_change = v.verdicts_fs_without_change;
+        let t = e.timings();
         resp.dump_ms_p50 = percentile(&t.dump, 0.5);
         resp.dump_ms_p99 = percentile(&t.dump, 0.99);
         resp.snapshot_ms_p50 = percentile(&t.snapshot, 0.5);
@@ -522,7 +511,7 @@ impl pb::sandtree_server::Sandtree for Api {
         }
         let eps = self
             .engine
-            .tree
+            .tree()
             .list_episodes(r.status == "deleted")
             .map_err(|e| status(e.into()))?;
         Ok(Response::new(pb::ListEpisodesResponse {
@@ -547,7 +536,7 @@ impl pb::sandtree_server::Sandtree for Api {
         let name = req.into_inner().name;
         let engine = self.engine.clone();
         Ok(Response::new(self.image_job(move |p| {
-            sandtree_runtime::images::build(&*engine.storage, &name, p)?;
+            sandtree_runtime::images::build(engine.storage().as_ref(), &name, p)?;
             engine.save_image_config(&name, &Default::default())
         })))
     }
@@ -563,11 +552,16 @@ impl pb::sandtree_server::Sandtree for Api {
             let opts = sandtree_runtime::images::ImportOptions {
                 allow_setuid: r.allow_setuid,
             };
-            let storage = &*engine.storage;
+            let storage = engine.storage().as_ref();
             let config =
                 sandtree_runtime::images::import(storage, &r.name, Path::new(&r.path), opts, p)?;
             // The image and its config come as one: without its config it does not stay.
-            if let Err(e) = engine.save_image_config(&r.name, &config) {
+            let saved = sandtree_engine::ImageConfig {
+                env: config.env.clone(),
+                working_dir: config.working_dir.clone(),
+                user: config.user,
+            };
+            if let Err(e) = engine.save_image_config(&r.name, &saved) {
                 let _ = storage.destroy_base(&r.name);
                 return Err(e);
             }
@@ -590,7 +584,7 @@ impl pb::sandtree_server::Sandtree for Api {
         &self,
         _: Request<pb::ListImagesRequest>,
     ) -> Result<Response<pb::ListImagesResponse>, Status> {
-        let storage = self.engine.storage.clone();
+        let storage = self.engine.storage().clone();
         let entries = tokio::task::spawn_blocking(move || storage.list())
             .await
             .map_err(|e| edge_status(Code::Internal, e.to_string()))?
@@ -614,8 +608,4 @@ pub fn verdict_str(k: sandtree_branching::VerdictKind) -> &'static str {
     }
 }
 
-/// What CRIU wrote for a node's image (nodes committed before page dedup recorded only what
-/// they kept, which was everything).
-fn dumped(n: &sandtree_branching::Node) -> u64 {
-    n.image_dumped_bytes.max(n.image_bytes)
-}
+use sandtree_engine::dumped;

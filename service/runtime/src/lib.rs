@@ -245,3 +245,32 @@ impl Runtime {
         names
     }
 }
+
+/// Makes an image directory durable: its files, the directory itself, and its entry in its
+/// parent (a crash must not lose the directory of a committed node).
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir)?.flatten() {
+        std::fs::File::open(e.path())?.sync_all()?;
+    }
+    std::fs::File::open(dir)?.sync_all()?;
+    if let Some(parent) = dir.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// syncfs(2) of the filesystem holding `path`; a failure fails the commit (the node would not be
+/// durable).
+pub fn sync_fs(path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    // SAFETY: syncfs(2) on an fd we own for the duration of the call.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        bail!(
+            "syncfs {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
