@@ -4,8 +4,9 @@
 //! rewind or delete is tearing down ("the sandbox cannot run commands"), and once the service
 //! stops no sandbox process of it is left.
 //!
-//! Scaled for CI: 4 clients x 30 operations on 4 episodes; `SANDTREE_INTERLEAVE_OPS` raises the
-//! operations per client.
+//! 4 clients x 250 operations (1,000 in all) on 8 episodes, each client with its own seeded
+//! random mix; `SANDTREE_INTERLEAVE_OPS` sets the operations per client and
+//! `SANDTREE_INTERLEAVE_SEED` replays a run.
 
 use std::sync::Mutex;
 
@@ -17,6 +18,7 @@ const EXPECTED: &[&str] = &[
     "unknown episode",
     "is stopped",
     "being rewound or deleted",
+    "stopped by another call",
     "out of range",
     "past",
     "not committed",
@@ -31,10 +33,10 @@ fn interleaved_operations_get_clear_answers_and_leave_nothing() {
     let ops: usize = std::env::var("SANDTREE_INTERLEAVE_OPS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+        .unwrap_or(250);
     let svc = Service::start(Storage::Btrfs);
     let eps: Mutex<Vec<String>> = Mutex::new(
-        (0..4)
+        (0..8)
             .map(|_| {
                 let e = svc.create("busybox", "auto");
                 svc.step(
@@ -45,15 +47,21 @@ fn interleaved_operations_get_clear_answers_and_leave_nothing() {
             })
             .collect(),
     );
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
+    let seed = std::env::var("SANDTREE_INTERLEAVE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    let done = std::sync::atomic::AtomicUsize::new(0);
     eprintln!("seed {seed}");
     let unexpected: Mutex<Vec<String>> = Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for client in 0..4u64 {
-            let (svc, eps, unexpected) = (&svc, &eps, &unexpected);
+            let (svc, eps, unexpected, done) = (&svc, &eps, &unexpected, &done);
             s.spawn(move || {
                 let mut rng = Rng::new(seed ^ client);
                 for _ in 0..ops {
@@ -84,6 +92,7 @@ fn interleaved_operations_get_clear_answers_and_leave_nothing() {
                     };
                     let a: Vec<&str> = args.iter().map(String::as_str).collect();
                     let o = svc.cli(&a);
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let err = String::from_utf8_lossy(&o.stderr).to_string();
                     if o.status.success() {
                         if args[0] == "fork" {
@@ -91,7 +100,7 @@ fn interleaved_operations_get_clear_answers_and_leave_nothing() {
                             let mut e = eps.lock().unwrap();
                             // Keep the number of live episodes bounded: delete the new copy
                             // or an old one.
-                            if e.len() >= 6 {
+                            if e.len() >= 10 {
                                 drop(e);
                                 let _ = svc.cli(&["delete", &id]);
                             } else {
@@ -106,7 +115,7 @@ fn interleaved_operations_get_clear_answers_and_leave_nothing() {
                         let victim = {
                             let mut e = eps.lock().unwrap();
                             let n = e.len() as u64;
-                            (n > 2).then(|| e.remove(rng.below(n) as usize))
+                            (n > 4).then(|| e.remove(rng.below(n) as usize))
                         };
                         if let Some(v) = victim {
                             let o = svc.cli(&["delete", &v]);
@@ -124,6 +133,9 @@ fn interleaved_operations_get_clear_answers_and_leave_nothing() {
         }
     });
     let unexpected = unexpected.into_inner().unwrap();
+    let done = done.into_inner();
+    eprintln!("{done} operations");
+    assert!(done >= 4 * ops, "only {done} operations ran");
     assert!(
         unexpected.is_empty(),
         "seed {seed}: unexpected answers:\n{}\nservice log:\n{}",
@@ -142,6 +154,16 @@ fn interleaved_operations_get_clear_answers_and_leave_nothing() {
             tree["episode"]["turn"].as_u64().unwrap() + 1,
             "{tree}"
         );
+        // Turns are numbered 0..=head along the path, and each stands on a node that can be
+        // restored or is shared with its parent turn.
+        for (i, t) in turns.iter().enumerate() {
+            assert_eq!(t["turn"].as_u64(), Some(i as u64), "{e}: {tree}");
+            let state = t["state"].as_str().unwrap_or_default();
+            assert!(
+                state == "committed" || t["kind"] == "shared",
+                "{e}: turn {i} stands on a {state} node: {tree}"
+            );
+        }
     }
     // No sandbox process outlives the service.
     let before_stop = sandbox_pids(&svc);
