@@ -728,10 +728,15 @@ impl Engine {
             Ok(x) => x,
             Err(e) => {
                 l.diverged = Some(e.to_string());
-                return Err(EngineError::Internal(anyhow::anyhow!(
+                let msg = format!(
                     "episode {id}: the command ran but its turn could not be recorded: {e}; \
                      the episode takes no more steps until it is rewound or forked"
-                )));
+                );
+                return Err(if e.is_disk_full() {
+                    EngineError::Exhausted(msg)
+                } else {
+                    EngineError::Internal(anyhow::anyhow!(msg))
+                });
             }
         };
         l.turn = rec.turn;
