@@ -70,11 +70,48 @@ pub enum TreeError {
         expected: u64,
     },
     /// The underlying redb database failed.
-    #[error("checkpoint tree storage error")]
+    #[error("checkpoint tree storage error: {0}")]
     Storage(#[source] redb::Error),
+    /// Reading or writing the database file failed (a full disk, an I/O error). The call that
+    /// met it changed nothing; the tree closes the database and opens it again (redb's repair),
+    /// so later calls work once the disk does.
+    #[error("checkpoint tree {}: {what}: {source}{}", path.display(), disk_hint(source))]
+    Disk {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// What failed: "cannot write", "cannot reopen after an I/O error", ...
+        what: &'static str,
+        /// The error from the file system.
+        #[source]
+        source: std::io::Error,
+    },
     /// The stored data is inconsistent (a bug or external tampering).
     #[error("checkpoint tree is corrupt: {0}")]
     Corrupt(String),
+}
+
+fn disk_hint(e: &std::io::Error) -> &'static str {
+    if is_disk_full(e) {
+        " (the disk holding the service's data dir is full: free space there; the tree is kept as \
+         of its last commit)"
+    } else {
+        ""
+    }
+}
+
+/// ENOSPC or EDQUOT.
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
+impl TreeError {
+    /// The disk under the database is full (the call may work once space is freed).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, TreeError::Disk { source, .. } if is_disk_full(source))
+    }
 }
 
 /// Result alias for tree operations.

@@ -1,7 +1,8 @@
 //! [`Tree`]: the redb-backed checkpoint tree.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{PoisonError, RwLock};
 
 use redb::{
     Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
@@ -39,8 +40,18 @@ const KEY_NEXT_TURN: &str = "next_turn_id";
 /// Every mutating method is a single redb write transaction: it either
 /// happens completely or not at all, also across crashes. The type is
 /// `Send + Sync`; concurrent writers are serialized by redb.
+///
+/// A failed read or write of the file (a full disk, an I/O error) fails
+/// that call with [`TreeError::Disk`]. redb latches such a failure: every
+/// later transaction on the same `Database` would fail too. So the tree
+/// then closes the database and opens it again, which makes redb repair the
+/// file to its last commit; if that open fails as well (the disk is still
+/// full), each later call tries again and fails with the reason until it works.
 pub struct Tree {
-    db: Database,
+    path: PathBuf,
+    /// The open database, and how many times it was opened. `None` after an
+    /// I/O failure whose reopen failed.
+    db: RwLock<(Option<Database>, u64)>,
 }
 
 impl std::fmt::Debug for Tree {
@@ -335,6 +346,65 @@ impl ReadTables {
     }
 }
 
+/// Creates or opens the database (redb repairs it if it was not closed
+/// cleanly) and checks its schema version.
+fn open_db(path: &Path) -> Result<Database> {
+    let db = Database::create(path)?;
+    // Check the version read-only first, so a foreign version is never
+    // touched.
+    let found = {
+        let txn = db.begin_read()?;
+        match txn.open_table(META) {
+            Ok(meta) => meta.get(KEY_SCHEMA)?.map(|g| g.value()),
+            Err(TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    match found {
+        Some(v) if v != SCHEMA_VERSION => {
+            return Err(TreeError::SchemaMismatch {
+                found: v,
+                expected: SCHEMA_VERSION,
+            })
+        }
+        Some(_) => {}
+        None => {
+            let txn = db.begin_write()?;
+            {
+                let mut t = WriteTables::open(&txn)?;
+                if !t.eps.is_empty()? || !t.turns.is_empty()? || !t.nodes.is_empty()? {
+                    return Err(TreeError::Corrupt(
+                        "database has data but no schema_version".into(),
+                    ));
+                }
+                t.meta.insert(KEY_SCHEMA, SCHEMA_VERSION)?;
+            }
+            txn.commit()?;
+            info!(path = %path.display(), version = SCHEMA_VERSION, "created checkpoint tree");
+        }
+    }
+    // Make sure every table exists. Only written when one is missing: a
+    // reopen after a full disk should not need space.
+    let missing = {
+        let txn = db.begin_read()?;
+        let absent = |r: Result<(), TableError>| match r {
+            Ok(()) => Ok(false),
+            Err(TableError::TableDoesNotExist(_)) => Ok(true),
+            Err(e) => Err(e),
+        };
+        absent(txn.open_table(EPISODES).map(drop))?
+            | absent(txn.open_table(TURNS).map(drop))?
+            | absent(txn.open_table(NODES).map(drop))?
+    };
+    if missing {
+        let txn = db.begin_write()?;
+        WriteTables::open(&txn)?;
+        txn.commit()?;
+    }
+    debug!(path = %path.display(), "opened checkpoint tree");
+    Ok(db)
+}
+
 impl Tree {
     /// Creates or opens the tree database at `path`.
     ///
@@ -343,62 +413,124 @@ impl Tree {
     /// before anything is written to it.
     pub fn open(path: impl AsRef<Path>) -> Result<Tree> {
         let path = path.as_ref();
-        let db = Database::create(path)?;
-        // Check the version read-only first, so a foreign version is never
-        // touched.
-        let found = {
-            let txn = db.begin_read()?;
-            match txn.open_table(META) {
-                Ok(meta) => meta.get(KEY_SCHEMA)?.map(|g| g.value()),
-                Err(TableError::TableDoesNotExist(_)) => None,
-                Err(e) => return Err(e.into()),
-            }
-        };
-        match found {
-            Some(v) if v != SCHEMA_VERSION => {
-                return Err(TreeError::SchemaMismatch {
-                    found: v,
-                    expected: SCHEMA_VERSION,
-                })
-            }
-            Some(_) => {}
-            None => {
-                let txn = db.begin_write()?;
-                {
-                    let mut t = WriteTables::open(&txn)?;
-                    if !t.eps.is_empty()? || !t.turns.is_empty()? || !t.nodes.is_empty()? {
-                        return Err(TreeError::Corrupt(
-                            "database has data but no schema_version".into(),
-                        ));
-                    }
-                    t.meta.insert(KEY_SCHEMA, SCHEMA_VERSION)?;
+        let db = open_db(path)?;
+        Ok(Tree {
+            path: path.to_owned(),
+            db: RwLock::new((Some(db), 1)),
+        })
+    }
+
+    /// Runs `f` on the open database (opening it first if an earlier I/O
+    /// failure closed it). An I/O failure in `f` closes the database and
+    /// tries to open it again, so that the next call does not inherit it.
+    fn with_db<R>(&self, f: impl FnOnce(&Database) -> Result<R>) -> Result<R> {
+        for _ in 0..2 {
+            let generation = {
+                let guard = self.db.read().unwrap_or_else(PoisonError::into_inner);
+                if let (Some(db), generation) = &*guard {
+                    // Every transaction of `f` ends inside it, before the guard is dropped.
+                    return match f(db) {
+                        Err(e) => {
+                            let generation = *generation;
+                            drop(guard);
+                            match self.disk_error(e, "cannot read or write it") {
+                                Ok(disk) => {
+                                    self.recover(generation);
+                                    Err(disk)
+                                }
+                                Err(other) => Err(other),
+                            }
+                        }
+                        ok => ok,
+                    };
                 }
-                txn.commit()?;
-                info!(path = %path.display(), version = SCHEMA_VERSION, "created checkpoint tree");
+                guard.1
+            };
+            self.reopen(generation)?;
+        }
+        Err(TreeError::Disk {
+            path: self.path.clone(),
+            what: "cannot reopen it",
+            source: std::io::Error::other("it was closed again while it was being reopened"),
+        })
+    }
+
+    /// `Ok(Disk)` if `e` is a failure of the file underneath (the database
+    /// needs reopening), else `Err(e)` unchanged.
+    fn disk_error(&self, e: TreeError, what: &'static str) -> Result<TreeError, TreeError> {
+        let source = match e {
+            TreeError::Storage(redb::Error::Io(io)) => io,
+            TreeError::Storage(redb::Error::PreviousIo) => {
+                std::io::Error::other("an earlier read or write of the database failed")
+            }
+            e => return Err(e),
+        };
+        Ok(TreeError::Disk {
+            path: self.path.clone(),
+            what,
+            source,
+        })
+    }
+
+    /// After an I/O failure on the database of `generation`: close it and
+    /// open it again (redb repairs it). A failed open leaves it closed, and
+    /// the next call tries again.
+    fn recover(&self, generation: u64) {
+        let mut guard = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        if guard.1 != generation || guard.0.is_none() {
+            return; // another call already did
+        }
+        warn!(path = %self.path.display(), "checkpoint tree: I/O failure; reopening the database");
+        guard.0 = None; // closes the file: every transaction on it has ended
+        match open_db(&self.path) {
+            Ok(db) => {
+                guard.0 = Some(db);
+                guard.1 += 1;
+                info!(path = %self.path.display(), "checkpoint tree reopened");
+            }
+            Err(e) => {
+                warn!(path = %self.path.display(), error = %e, "checkpoint tree stays closed until a later call reopens it");
             }
         }
-        // Make sure every table exists (cheap, idempotent).
-        let txn = db.begin_write()?;
-        WriteTables::open(&txn)?;
-        txn.commit()?;
-        debug!(path = %path.display(), "opened checkpoint tree");
-        Ok(Tree { db })
+    }
+
+    /// Opens the database closed by an earlier failure (if it still is).
+    fn reopen(&self, generation: u64) -> Result<()> {
+        let mut guard = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        if guard.1 != generation || guard.0.is_some() {
+            return Ok(());
+        }
+        match open_db(&self.path) {
+            Ok(db) => {
+                guard.0 = Some(db);
+                guard.1 += 1;
+                info!(path = %self.path.display(), "checkpoint tree reopened");
+                Ok(())
+            }
+            Err(e) => Err(self
+                .disk_error(e, "cannot reopen it after an I/O failure")
+                .unwrap_or_else(|e| e)),
+        }
     }
 
     fn write<R>(&self, f: impl FnOnce(&mut WriteTables<'_>) -> Result<R>) -> Result<R> {
-        let txn = self.db.begin_write()?;
-        let r = {
-            let mut tables = WriteTables::open(&txn)?;
-            f(&mut tables)?
-        };
-        txn.commit()?;
-        Ok(r)
+        self.with_db(|db| {
+            let txn = db.begin_write()?;
+            let r = {
+                let mut tables = WriteTables::open(&txn)?;
+                f(&mut tables)?
+            };
+            txn.commit()?;
+            Ok(r)
+        })
     }
 
     fn read<R>(&self, f: impl FnOnce(&ReadTables) -> Result<R>) -> Result<R> {
-        let txn = self.db.begin_read()?;
-        let tables = ReadTables::open(&txn)?;
-        f(&tables)
+        self.with_db(|db| {
+            let txn = db.begin_read()?;
+            let tables = ReadTables::open(&txn)?;
+            f(&tables)
+        })
     }
 
     // -- episodes ----------------------------------------------------------

@@ -43,6 +43,8 @@ pub fn status(e: EngineError) -> Status {
             TreeError::EpisodeDeleted(_)
             | TreeError::EpisodeNotRunning { .. }
             | TreeError::NodeNotPending { .. } => (Code::FailedPrecondition, "precondition"),
+            // The data dir's disk is full: this call failed, the next may work once it has room.
+            t if t.is_disk_full() => (Code::ResourceExhausted, "exhausted"),
             _ => (Code::Internal, "internal"),
         },
     };

@@ -366,6 +366,10 @@ impl SnapshotBackend for Btrfs {
             },
             _ => e,
         })?;
+        // Making a snapshot commits a btrfs transaction, which holds the base's files; the
+        // name in images/, and images/ in its parent, are fsynced before the base counts as made.
+        crate::fsync_dir(&self.images())?;
+        crate::fsync_dir(&self.root)?;
         tracing::info!(image, path = %target.display(), "created base image");
         Ok(())
     }

@@ -39,6 +39,7 @@ use crate::btrfs::write_atomic;
 use crate::{
     cmd, validate_name, Entry, Kind, Result, SnapshotBackend, SnapshotError, SnapshotInfo,
 };
+use crate::{fsync_dir, syncfs};
 
 const LAYOUT: &str = "sandtree-dir-layout 1";
 const META_MAGIC: &str = "sandtree-dir-fingerprints 1";
@@ -266,8 +267,14 @@ impl SnapshotBackend for Dir {
         let work = TmpDir(Some(work));
         populate(work.path())?;
         seal(work.path(), &self.images().join(format!(".{image}.mode")))?;
+        // Every file of the base (and its mode file) reaches the disk before its name appears
+        // in images/, and that name, with images/ in its own parent, before the base counts
+        // as made: a crash never leaves a half-written base under a valid name.
+        syncfs(work.path())?;
         rename_new(work.path(), &target, "base image", image)?;
         work.kept();
+        fsync_dir(&self.images())?;
+        fsync_dir(&self.root)?;
         tracing::info!(image, path = %target.display(), "created base image");
         Ok(())
     }

@@ -200,3 +200,30 @@ pub fn open(spec: &StorageSpec, data_dir: &Path) -> Result<Box<dyn SnapshotBacke
         )?)),
     }
 }
+
+/// fsync(2) of a directory, which makes the names in it durable.
+pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| SnapshotError::Io {
+            context: format!("cannot fsync {}", dir.display()),
+            source,
+        })
+}
+
+/// syncfs(2) of the file system holding `path`.
+pub(crate) fn syncfs(path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).map_err(|source| SnapshotError::Io {
+        context: format!("cannot open {}", path.display()),
+        source,
+    })?;
+    // SAFETY: syncfs(2) on an fd owned for the duration of the call.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(SnapshotError::Io {
+            context: format!("cannot sync the file system of {}", path.display()),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}

@@ -481,10 +481,16 @@ impl Actor {
             Ok(x) => x,
             Err(e) => {
                 self.diverged = Some(e.to_string());
-                return Err(EngineError::Internal(anyhow!(
+                let msg = format!(
                     "episode {id}: the command ran but its turn could not be recorded: {e}; \
                      the episode takes no more steps until it is rewound or forked"
-                )));
+                );
+                // A full data-dir disk is the host's resource, not a bug.
+                return Err(if e.is_disk_full() {
+                    EngineError::Exhausted(msg)
+                } else {
+                    EngineError::Internal(anyhow!(msg))
+                });
             }
         };
         self.turn = rec.turn;

@@ -298,6 +298,8 @@ impl Engine {
         f.sync_all()?;
         std::fs::rename(&tmp, &path)?;
         std::fs::File::open(dir)?.sync_all()?;
+        // image-config/ itself, made by the first image, in the data dir.
+        std::fs::File::open(dir.parent().expect("in the data dir"))?.sync_all()?;
         Ok(())
     }
 

@@ -10,7 +10,10 @@
 //!
 //! Every image gets the directories the runtime mounts over (/proc, /dev, /.sandtree) plus
 //! /workspace and /tmp. A failed build leaves nothing behind: the backend's `create_base` destroys
-//! what `populate` started when it returns an error.
+//! what `populate` started when it returns an error. A base counts as made only once it is durable:
+//! `create_base` syncs its files (dir: syncfs; btrfs and zfs: the snapshot that seals it commits)
+//! and fsyncs `images/` and its parent; the image's config is then written with its directory
+//! fsynced in the data dir (`Engine::save_image_config`).
 
 mod unpack;
 
