@@ -18,7 +18,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 PKGS=(
   clang llvm libbpf-dev linux-libc-dev btrfs-progs zfs-fuse busybox-static debootstrap runc
-  chromium-headless-shell patch iptables iproute2 protobuf-compiler pkg-config build-essential xz-utils dpkg-dev curl ca-certificates
+  chromium patch iptables iproute2 protobuf-compiler pkg-config build-essential xz-utils dpkg-dev curl ca-certificates
   # CRIU build dependencies (MACHINE-NOTES)
   libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler python3-protobuf libnl-3-dev libnet1-dev
   libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev python3

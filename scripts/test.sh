@@ -7,8 +7,8 @@ bash scripts/rootfs-cache.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --locked
-# The Python client and its test dependencies (Playwright too, which drives Debian's headless
-# Chromium from setup.sh; no browser download), in a venv the Rust tests can use as well.
+# The Python client and its test dependencies (Playwright too, which drives Debian's chromium,
+# /usr/bin/chromium from setup.sh, headless; no browser download), in a venv the Rust tests can use as well.
 PYENV="$(realpath -m "${SANDTREE_PYENV:-target/pyenv}")"
 [ -x "$PYENV/bin/python" ] || python3 -m venv "$PYENV"
 "$PYENV/bin/pip" install -q -e 'clients/python[test]'

@@ -975,8 +975,10 @@ fn cut(s: &str, max: usize) -> String {
 }
 
 /// A self-contained HTML page with the whole tree of a fork family as inline SVG: one circle
-/// per turn record (class `node kind-<kind>`, plus `live` on an episode's head), its radius
-/// growing with the node's checkpoint bytes, a `<title>` tooltip with the command and its output.
+/// per turn record (class `node kind-<kind>`, plus `live` on an episode's head; `data-bytes` its
+/// node's checkpoint bytes), its radius growing with those bytes, and a card with the command and
+/// its output (`pre.tip`, `aria-describedby` of the circle) that CSS alone shows while the node
+/// is hovered (`:has(#n<record>:hover)`; the page has no script).
 /// The layout is a deterministic tidy tree: depth is the turn number, leaves are laid out left
 /// to right in record order, and a parent sits centred over its children.
 pub fn tree_html(r: &pb::TreeResponse) -> String {
@@ -1055,6 +1057,7 @@ pub fn tree_html(r: &pb::TreeResponse) -> String {
         }
     }
     svg.push_str("</g>\n<g class=\"nodes\">\n");
+    let (mut tips, mut hover_css) = (String::new(), String::new());
     for t in &r.family {
         let (cx, cy) = pos(t);
         let live = heads.get(&t.record);
@@ -1096,13 +1099,28 @@ pub fn tree_html(r: &pb::TreeResponse) -> String {
         }
         let _ = writeln!(
             svg,
-            r#"<circle class="node kind-{kind}{live}" data-record="{rec}" data-turn="{turn}" cx="{cx:.1}" cy="{cy:.1}" r="{rad:.1}"><title>{tip}</title></circle>"#,
+            r#"<circle class="node kind-{kind}{live}" id="n{rec}" data-record="{rec}" data-turn="{turn}" data-bytes="{bytes}" cx="{cx:.1}" cy="{cy:.1}" r="{rad:.1}" aria-describedby="t{rec}"/>"#,
             kind = escape_html(&t.kind),
             live = if live.is_some() { " live" } else { "" },
             rec = t.record,
             turn = t.turn,
+            bytes = t.bytes,
             rad = radius(t.bytes),
+        );
+        // The hover card, right of the node (HTML over the SVG, so that it is drawn above every
+        // node and wraps long lines), and the one CSS rule that shows it.
+        let _ = writeln!(
+            tips,
+            r#"<pre class="tip" id="t{rec}" style="left: {x:.0}px; top: {y:.0}px">{tip}</pre>"#,
+            rec = t.record,
+            x = cx + radius(t.bytes) + 8.0,
+            y = (cy - 10.0).max(0.0),
             tip = escape_html(&tip),
+        );
+        let _ = writeln!(
+            hover_css,
+            ".tree:has(#n{rec}:hover) #t{rec} {{ display: block; }}",
+            rec = t.record
         );
         if let Some(es) = live {
             let (lx, ly) = (cx + 2.0, cy + radius(t.bytes) + 6.0);
@@ -1131,6 +1149,10 @@ body {{ font: 14px system-ui, sans-serif; margin: 1em; }}
 .kind-fs {{ fill: #6fa8dc; background: #6fa8dc; }}
 .kind-full {{ fill: #e69138; background: #e69138; }}
 text.head {{ font: 11px monospace; fill: #d00; }}
+.tree {{ position: relative; }}
+.tree svg {{ display: block; }}
+.tip {{ display: none; position: absolute; z-index: 1; margin: 0; padding: 6px 8px; max-width: 80ch; max-height: 70vh; overflow: hidden; white-space: pre-wrap; overflow-wrap: anywhere; font: 12px monospace; background: #fffff0; border: 1px solid #333; box-shadow: 2px 2px 6px rgba(0, 0, 0, 0.3); pointer-events: none; }}
+{hover_css}
 .legend span {{ display: inline-block; width: 12px; height: 12px; border: 1px solid #333; border-radius: 6px; vertical-align: middle; margin: 0 4px 0 12px; }}
 </style>
 </head>
@@ -1138,7 +1160,9 @@ text.head {{ font: 11px monospace; fill: #d00; }}
 <h1>Fork family of {root}</h1>
 <p>Episode {id} ({image}, policy {policy}); {n_eps} episodes, {n_recs} turn records. Depth is the turn; hover a node for its command and output.</p>
 <p class="legend"><span class="kind-base"></span>base<span class="kind-shared"></span>shared (no checkpoint)<span class="kind-fs"></span>fs snapshot<span class="kind-full"></span>full (snapshot + CRIU image)<span class="live" style="border: 3px solid #d00"></span>an episode's head (live leaf); size grows with checkpoint bytes</p>
+<div class="tree">
 {svg}
+{tips}</div>
 </body>
 </html>
 "#,

@@ -44,6 +44,14 @@ fn tree_html_has_one_node_per_record() {
         .filter(|c| c.starts_with("class=\"node "))
         .collect();
     assert_eq!(nodes.len(), family.len(), "one node element per record");
+    let escape = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+            .replace('\'', "&#39;")
+    };
+    let mut sizes = Vec::new();
     for t in family {
         let rec = format!("data-record=\"{}\"", t["record"]);
         let el = nodes
@@ -51,6 +59,21 @@ fn tree_html_has_one_node_per_record() {
             .find(|n| n.contains(&rec))
             .unwrap_or_else(|| panic!("no node for record {}", t["record"]));
         let class = el.split('"').nth(1).unwrap();
+        // Sized by checkpoint bytes: the node carries its bytes, and its radius grows with them.
+        let attr = |name: &str| -> f64 {
+            let at = el.find(&format!(" {name}=\"")).unwrap() + name.len() + 3;
+            el[at..].split('"').next().unwrap().parse().unwrap()
+        };
+        let bytes = t["bytes"].as_u64().expect("bytes");
+        assert_eq!(attr("data-bytes"), bytes as f64, "{el}");
+        sizes.push((bytes, attr("r")));
+        // Its hover card holds the command.
+        let card = html
+            .split("<pre class=\"tip\" ")
+            .find(|c| c.starts_with(&format!("id=\"t{}\"", t["record"])))
+            .unwrap_or_else(|| panic!("no hover card for record {}", t["record"]));
+        let action = t["action"].as_str().unwrap_or("");
+        assert!(card.contains(&escape(action)), "{card} for {t}");
         let kind = format!("kind-{}", t["kind"].as_str().unwrap());
         assert!(class.split(' ').any(|c| c == kind), "{class} for {t}");
         // Heads: ep's turn 3, forks[0]'s turn 2, forks[1]'s turn 1.
@@ -63,6 +86,15 @@ fn tree_html_has_one_node_per_record() {
             "{class} for {t}"
         );
     }
+    // More bytes never a smaller node; the full node (a CRIU image) is larger than a shared one.
+    sizes.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    for w in sizes.windows(2) {
+        assert!(w[0].1 <= w[1].1, "radius shrinks as bytes grow: {sizes:?}");
+    }
+    assert!(
+        sizes[0].0 == 0 && sizes.last().unwrap().1 > sizes[0].1 + 1.0,
+        "{sizes:?}"
+    );
     let kinds: Vec<&str> = family.iter().map(|t| t["kind"].as_str().unwrap()).collect();
     for k in ["base", "fs", "full", "shared"] {
         assert!(kinds.contains(&k), "{kinds:?}");
@@ -143,7 +175,7 @@ fn serve_http_shows_the_index_and_the_tree_page() {
     assert_eq!(get(&addr, "/nothing").0, 404);
 
     // A headless browser renders it: SANDTREE_BROWSER_PYTHON names a Python with Playwright
-    // (scripts/test.sh sets it), SANDTREE_CHROMIUM the browser if not Debian's headless shell.
+    // (scripts/test.sh sets it), SANDTREE_CHROMIUM the browser if not Debian's /usr/bin/chromium.
     // Outside CI a missing one skips this part; under CI=true it fails.
     let py = std::env::var_os("SANDTREE_BROWSER_PYTHON");
     if !require(
@@ -157,11 +189,16 @@ fn serve_http_shows_the_index_and_the_tree_page() {
     }
     let py = py.expect("checked");
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("web/check_tree_page.py");
+    // The screenshot goes under the target dir: a unique name while it is checked, then the one
+    // name a person looks at (target/tmp/tree_html_page.png), replacing the last run's.
+    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let shot = shots.join(format!("tree_html_page-{f}.png"));
     let o = std::process::Command::new(py)
         .arg(script)
         .arg(format!("http://{addr}"))
         .arg(&ep)
         .arg(&f)
+        .arg(&shot)
         .output()
         .unwrap();
     assert!(
@@ -171,6 +208,16 @@ fn serve_http_shows_the_index_and_the_tree_page() {
         String::from_utf8_lossy(&o.stderr)
     );
     eprintln!("{}", String::from_utf8_lossy(&o.stdout));
+    let png = std::fs::read(&shot).unwrap_or_else(|e| panic!("no screenshot {shot:?}: {e}"));
+    let _ = std::fs::remove_file(&shot);
+    assert!(
+        png.len() > 1000 && png.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "not a PNG: {} bytes",
+        png.len()
+    );
+    // The image is as wide as the viewport (1280 px): IHDR's width, big-endian, at byte 16.
+    assert_eq!(u32::from_be_bytes(png[16..20].try_into().unwrap()), 1280);
+    std::fs::write(shots.join("tree_html_page.png"), &png).unwrap();
     for e in [&f, &ep] {
         svc.ok(&["delete", e]);
     }
