@@ -53,6 +53,8 @@ struct State {
     ops: u64,
     fail_after: Option<u64>,
     fail_next: Vec<String>,
+    /// Each dump takes this long (so a test can catch a checkpoint in flight).
+    dump_ms: u64,
 }
 
 /// The fake. See the module docs.
@@ -106,6 +108,11 @@ impl FakeParts {
     pub fn fail_after(&self, n: u64) {
         let mut s = self.lock();
         s.fail_after = Some(s.ops + n);
+    }
+
+    /// Every dump from now on takes `ms` milliseconds.
+    pub fn slow_dumps(&self, ms: u64) {
+        self.lock().dump_ms = ms;
     }
 
     /// No more injected failures.
@@ -301,10 +308,12 @@ impl Checkpointer for FakeParts {
         images: &Path,
         frozen_instant: &mut dyn FnMut() -> anyhow::Result<()>,
     ) -> anyhow::Result<DumpStats> {
-        {
+        let delay = {
             let mut s = self.begin("dump", format!("dump {sb}"))?;
             Self::running_mut(&mut s, "dump", sb)?;
-        }
+            s.dump_ms
+        };
+        std::thread::sleep(Duration::from_millis(delay));
         std::fs::create_dir_all(images)?;
         std::fs::write(images.join("pages-1.img"), vec![0u8; 4096])?;
         frozen_instant().map_err(|e| anyhow!("post-dump hook: {e:#}"))?;

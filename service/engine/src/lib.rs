@@ -513,7 +513,7 @@ impl Engine {
             )));
         }
         let mut admission = self.admit(count as usize)?;
-        preflight(&self.shared.tree, src, turn)?;
+        precheck(&self.shared.tree, src, turn)?;
         // The source's actor plans the forks after its pending checkpoint, so a fork never
         // interleaves with a step of its source.
         let forks = actor::call(&self.shared, src, |reply| actor::Command::Fork {
@@ -560,7 +560,7 @@ impl Engine {
     }
 
     pub async fn rewind(&self, id: &EpisodeId, turn: u32) -> Result<()> {
-        preflight(&self.shared.tree, id, turn)?;
+        precheck(&self.shared.tree, id, turn)?;
         // A stopped episode takes a live place again; a live one keeps its own.
         let live = self
             .shared
@@ -700,21 +700,30 @@ impl Engine {
     }
 }
 
-/// Checks before fork or rewind touches anything: the turn exists and its node is committed,
-/// and policy none (which keeps no checkpoint after turn 0) is not asked for a later turn.
-pub(crate) fn preflight(tree: &Tree, id: &EpisodeId, turn: u32) -> Result<Node> {
+/// What fork and rewind can refuse before the episode's actor waits for its pending
+/// checkpoint: a deleted episode, a turn past the head, and policy none (which keeps no
+/// checkpoint after turn 0) asked for a later turn.
+pub(crate) fn precheck(tree: &Tree, id: &EpisodeId, turn: u32) -> Result<()> {
     let ep = tree.episode(id)?;
     if ep.status == EpisodeStatus::Deleted {
         return Err(TreeError::EpisodeDeleted(id.clone()).into());
     }
+    // A turn past the head is out of range first.
+    tree.turn(id, turn)?;
     if ep.policy == Policy::None && turn > 0 {
-        // A turn past the head is out of range first.
-        tree.turn(id, turn)?;
         return Err(EngineError::NotRestorable(format!(
             "episode {id} runs with policy none, which keeps no checkpoint after turn 0: \
              turn {turn} cannot be restored (fork or rewind to turn 0, or use policy auto)"
         )));
     }
+    Ok(())
+}
+
+/// The one fork/rewind preflight, run by the episode's actor after its pending checkpoint has
+/// settled and before anything is torn down: [`precheck`], then the node to restore must be
+/// committed.
+pub(crate) fn preflight(tree: &Tree, id: &EpisodeId, turn: u32) -> Result<Node> {
+    precheck(tree, id, turn)?;
     Ok(tree.restorable_turn(id, turn)?)
 }
 

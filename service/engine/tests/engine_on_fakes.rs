@@ -227,6 +227,23 @@ async fn forks_and_rewinds_restore_the_right_nodes() {
     assert!(r.parts.running().is_empty(), "shutdown stops every sandbox");
 }
 
+/// A fork or rewind to the turn whose checkpoint is still being taken waits for it (the actor
+/// settles it first), instead of refusing a node that is about to be committed.
+#[tokio::test]
+async fn fork_and_rewind_wait_for_the_checkpoint_in_flight() {
+    let r = rig();
+    r.parts.slow_dumps(300);
+    let ep = create(&r, Policy::Full).await;
+    let t = step(&r, &ep, "daemon &").await.unwrap();
+    let forks = r.engine.fork(&ep, t, 1).await.unwrap();
+    let t2 = step(&r, &forks[0], "echo x").await.unwrap();
+    let nested = r.engine.fork(&forks[0], t2, 1).await.unwrap();
+    step(&r, &ep, "touch /b").await.unwrap();
+    let t3 = step(&r, &nested[0], "touch /c").await.unwrap();
+    r.engine.rewind(&nested[0], t3).await.unwrap();
+    assert_consistent(&r).await;
+}
+
 #[tokio::test]
 async fn a_failed_dump_fails_its_node_and_keeps_the_episode() {
     let r = rig();
