@@ -298,7 +298,8 @@ struct PolicyResult {
     /// What CRIU wrote for the images of the original runs (auto keeps less: page dedup).
     image_dumped_bytes: u64,
     /// full only: its checkpoint bytes had each image kept only the pages that changed since
-    /// the previous turn's (priced with `pages::plan_against`, nothing rewritten).
+    /// the previous turn's (the service prices it: Stats with price_page_dedup, nothing
+    /// rewritten).
     priced_with_dedup: u64,
     /// Per trajectory: (checkpoint bytes, CRIU image bytes) of its original run.
     per_trajectory: std::collections::BTreeMap<String, (u64, u64)>,
@@ -339,7 +340,6 @@ pub fn pct(v: &[f64], p: f64) -> f64 {
 /// Runs one trajectory under one policy, then checks recovery at the sampled fork points.
 async fn run_one(
     c: &mut Client,
-    data_dir: &Path,
     t: &Trajectory,
     policy: &str,
     args: &BenchArgs,
@@ -375,9 +375,13 @@ async fn run_one(
         original.push(obs(&r));
     }
     res.episode_ms += episode_start.elapsed().as_secs_f64() * 1e3;
-    // Traffic of the original run alone (stats waits for pending checkpoints).
+    // Traffic of the original run alone (stats waits for pending checkpoints); for full also
+    // what page dedup would have saved it.
     let st = c
-        .stats(pb::StatsRequest::default())
+        .stats(pb::StatsRequest {
+            price_page_dedup: policy == "full",
+            ..Default::default()
+        })
         .await
         .map_err(rpc_err)?
         .into_inner();
@@ -394,7 +398,7 @@ async fn run_one(
         .insert(t.name.clone(), (e.checkpoint_bytes, e.image_bytes));
     res.image_dumped_bytes += e.image_dumped_bytes;
     if policy == "full" {
-        res.priced_with_dedup += e.checkpoint_bytes - full_dedup_savings(c, data_dir, &ep).await?;
+        res.priced_with_dedup += e.checkpoint_bytes - e.page_dedup_saved_bytes;
     }
     let restores_image = turns_with_image(c, &ep).await?;
     // Recovery correctness: fork at t, replay t+1.., compare.
@@ -624,43 +628,6 @@ fn drop_caches() -> Result<()> {
     std::fs::write("/proc/sys/vm/drop_caches", "3").context("drop caches (--cold needs root)")
 }
 
-/// Page bytes the whole images of a `full` episode would not hold had each kept only the pages
-/// that differ from the previous turn's image, chains capped as auto's are.
-async fn full_dedup_savings(c: &mut Client, data_dir: &Path, ep: &str) -> Result<u64> {
-    let tree = c
-        .tree(pb::TreeRequest {
-            episode: ep.to_string(),
-            whole: false,
-            outputs: false,
-        })
-        .await
-        .map_err(rpc_err)?
-        .into_inner();
-    let images = data_dir.join("images");
-    let (mut saved, mut prev, mut depth) = (0u64, None::<PathBuf>, 0usize);
-    // Failed nodes have no image to price.
-    for t in tree
-        .turns
-        .iter()
-        .filter(|t| t.kind == "full" && t.state == "committed")
-    {
-        let dir = images.join(format!("n{}", t.node));
-        if let Some(p) = prev
-            .as_ref()
-            .filter(|_| depth < sandtree_runtime::pages::MAX_CHAIN)
-        {
-            let s = sandtree_runtime::pages::plan_against(&dir, p)
-                .with_context(|| format!("pricing {} against {}", dir.display(), p.display()))?;
-            saved += s.dumped_bytes - s.kept_bytes;
-            depth = if s.depth > 0 { depth + 1 } else { 0 };
-        } else {
-            depth = 0;
-        }
-        prev = Some(dir);
-    }
-    Ok(saved)
-}
-
 pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
     let suite = load_suite(&args.suite, args.filter.as_deref())?;
     let policies: Vec<String> = args
@@ -724,7 +691,7 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
                 }
                 None => eprintln!("{line}"),
             }
-            run_one(&mut c, &svc.data_dir, t, policy, &args, &mut seed, &mut res)
+            run_one(&mut c, t, policy, &args, &mut seed, &mut res)
                 .await
                 .with_context(|| format!("{} under {policy}", t.name))?;
         }
@@ -732,6 +699,7 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         let after = c
             .stats(pb::StatsRequest {
                 reset_timings: true,
+                ..Default::default()
             })
             .await
             .map_err(rpc_err)?
