@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-pub use sandtree_client::{connect, rpc_err, Client};
+use sandtree_client::{connect, rpc_err};
 use sandtree_proto::v1 as pb;
 
 /// Parses repeated `KEY=VALUE` flags.
