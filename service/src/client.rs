@@ -4,33 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use sandtree_client::{connect, rpc_err};
 use sandtree_proto::v1 as pb;
-use sandtree_proto::v1::sandtree_client::SandtreeClient;
-use tonic::transport::Channel;
-
-pub type Client = SandtreeClient<Channel>;
-
-pub async fn connect(socket: &Path) -> Result<Client> {
-    let path = socket.to_path_buf();
-    let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")?
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
-        }))
-        .await
-        .map_err(|e| {
-            let cause = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
-            anyhow::anyhow!("the sandtree service is not running at {} ({cause}); start it with `sandtree serve`", socket.display())
-        })?;
-    Ok(SandtreeClient::new(channel)
-        .max_decoding_message_size(80 << 20)
-        .max_encoding_message_size(80 << 20))
-}
-
-/// A gRPC status as a one-line error.
-pub fn rpc_err(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", s.message())
-}
 
 /// Parses repeated `KEY=VALUE` flags.
 pub fn key_values(

@@ -1,6 +1,5 @@
 //! `sandtree`: the service (`serve`), its CLI client, `doctor`, `bench` and `demo`.
 
-mod bench;
 mod client;
 mod doctor;
 mod host;
@@ -227,7 +226,7 @@ enum Cmd {
         json: bool,
     },
     /// Run trajectories under each policy and report correctness, traffic and latency.
-    Bench(bench::BenchArgs),
+    Bench(sandtree_bench::BenchArgs),
     /// Set up the embedded default storage and run a short demo.
     Demo {
         #[arg(
@@ -467,8 +466,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             ImageCmd::List => client::list_images(&socket).await,
         },
         Cmd::Doctor { json } => client::doctor(&socket, json).await,
-        Cmd::Bench(args) => until_signal("bench", bench::run(args)).await,
-        Cmd::Demo { data_dir } => until_signal("demo", bench::demo(data_dir)).await,
+        // The bench and the demo are clients of the API (service/bench); they run this binary as
+        // their private `sandtree serve`.
+        Cmd::Bench(args) => {
+            let exe = std::env::current_exe()?;
+            until_signal("bench", sandtree_bench::run(args, &exe)).await
+        }
+        Cmd::Demo { data_dir } => {
+            let exe = std::env::current_exe()?;
+            until_signal("demo", sandtree_bench::demo(data_dir, &exe)).await
+        }
         Cmd::Shim { .. } => unreachable!("handled before the runtime starts"),
     }
 }

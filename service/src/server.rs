@@ -180,11 +180,61 @@ fn step_options(r: &pb::StepRequest) -> sandtree_engine::StepOptions {
     }
 }
 
+/// The page bytes that `dirs`, whole CRIU images of consecutive turns, would not keep had each
+/// kept only the pages that differ from the previous one's (chains capped at `max_chain`, as
+/// auto's are). Reads the images; rewrites nothing.
+fn page_dedup_saved(dirs: &[std::path::PathBuf], max_chain: usize) -> anyhow::Result<u64> {
+    use anyhow::Context;
+    let (mut saved, mut prev, mut depth) = (0u64, None::<&Path>, 0usize);
+    for dir in dirs {
+        if let Some(p) = prev.filter(|_| depth < max_chain) {
+            let s = sandtree_runtime::pages::plan_against(dir, p)
+                .with_context(|| format!("pricing {} against {}", dir.display(), p.display()))?;
+            saved += s.dumped_bytes - s.kept_bytes;
+            depth = if s.depth > 0 { depth + 1 } else { 0 };
+        } else {
+            depth = 0;
+        }
+        prev = Some(dir);
+    }
+    Ok(saved)
+}
+
 type StepEventStream = Pin<Box<dyn Stream<Item = Result<pb::StepEvent, Status>> + Send>>;
 
 type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::ImageProgress, Status>> + Send>>;
 
 impl Api {
+    /// [`page_dedup_saved`] over the images of episode `id`'s live path (its committed full
+    /// turns; failed nodes have no image to price).
+    async fn page_dedup_saved(&self, id: &str) -> Result<u64, Status> {
+        let (_, turns) = self
+            .engine
+            .tree_view(&episode_id(id)?)
+            .await
+            .map_err(status)?;
+        let mut dirs = Vec::new();
+        for (_, n, kind) in turns {
+            if kind != sandtree_branching::TurnKind::Full
+                || !matches!(n.state, sandtree_branching::NodeState::Committed)
+            {
+                continue;
+            }
+            let dir = n.images.ok_or_else(|| {
+                edge_status(
+                    Code::Internal,
+                    format!("committed full node {} has no CRIU images", n.id),
+                )
+            })?;
+            dirs.push(std::path::PathBuf::from(dir));
+        }
+        let max_chain = self.engine.config().max_image_chain;
+        tokio::task::spawn_blocking(move || page_dedup_saved(&dirs, max_chain))
+            .await
+            .map_err(|e| edge_status(Code::Internal, e.to_string()))?
+            .map_err(|e| edge_status(Code::Internal, format!("{e:#}")))
+    }
+
     fn image_job(
         &self,
         job: impl FnOnce(&(dyn Fn(String) + Sync + Send)) -> anyhow::Result<()> + Send + 'static,
@@ -446,7 +496,8 @@ impl pb::sandtree_server::Sandtree for Api {
         &self,
         req: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
-        let reset = req.into_inner().reset_timings;
+        let req = req.into_inner();
+        let reset = req.reset_timings;
         let e = &self.engine;
         let mut resp = pb::StatsResponse::default();
         for (ep, c) in e.charges().await.map_err(status)? {
@@ -461,6 +512,7 @@ impl pb::sandtree_server::Sandtree for Api {
                 nodes_fs: c.nodes_fs,
                 nodes_full: c.nodes_full,
                 turns_shared: c.turns_shared,
+                page_dedup_saved_bytes: 0,
             };
             resp.checkpoint_bytes += s.checkpoint_bytes;
             resp.image_bytes += s.image_bytes;
@@ -470,6 +522,15 @@ impl pb::sandtree_server::Sandtree for Api {
             resp.turns_shared += s.turns_shared;
             resp.episodes += 1;
             resp.per_episode.push(s);
+        }
+        if req.price_page_dedup {
+            for s in resp
+                .per_episode
+                .iter_mut()
+                .filter(|s| s.policy == "full" && s.status != "deleted")
+            {
+                s.page_dedup_saved_bytes = self.page_dedup_saved(&s.id).await?;
+            }
         }
         let v = e.inspector().status();
         resp.inspector = v.description;

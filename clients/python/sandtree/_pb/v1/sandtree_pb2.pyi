@@ -289,13 +289,15 @@ class TreeResponse(_message.Message):
     def __init__(self, episode: _Optional[_Union[EpisodeInfo, _Mapping]] = ..., turns: _Optional[_Iterable[_Union[TurnInfo, _Mapping]]] = ..., family: _Optional[_Iterable[_Union[TurnInfo, _Mapping]]] = ..., family_root: _Optional[str] = ..., family_episodes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
-    __slots__ = ("reset_timings",)
+    __slots__ = ("reset_timings", "price_page_dedup")
     RESET_TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    PRICE_PAGE_DEDUP_FIELD_NUMBER: _ClassVar[int]
     reset_timings: bool
-    def __init__(self, reset_timings: bool = ...) -> None: ...
+    price_page_dedup: bool
+    def __init__(self, reset_timings: bool = ..., price_page_dedup: bool = ...) -> None: ...
 
 class EpisodeStats(_message.Message):
-    __slots__ = ("id", "policy", "status", "turn", "checkpoint_bytes", "nodes_fs", "nodes_full", "turns_shared", "image_bytes", "image_dumped_bytes")
+    __slots__ = ("id", "policy", "status", "turn", "checkpoint_bytes", "nodes_fs", "nodes_full", "turns_shared", "image_bytes", "image_dumped_bytes", "page_dedup_saved_bytes")
     ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -306,6 +308,7 @@ class EpisodeStats(_message.Message):
     TURNS_SHARED_FIELD_NUMBER: _ClassVar[int]
     IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     IMAGE_DUMPED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_DEDUP_SAVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     policy: str
     status: str
@@ -316,7 +319,8 @@ class EpisodeStats(_message.Message):
     turns_shared: int
     image_bytes: int
     image_dumped_bytes: int
-    def __init__(self, id: _Optional[str] = ..., policy: _Optional[str] = ..., status: _Optional[str] = ..., turn: _Optional[int] = ..., checkpoint_bytes: _Optional[int] = ..., nodes_fs: _Optional[int] = ..., nodes_full: _Optional[int] = ..., turns_shared: _Optional[int] = ..., image_bytes: _Optional[int] = ..., image_dumped_bytes: _Optional[int] = ...) -> None: ...
+    page_dedup_saved_bytes: int
+    def __init__(self, id: _Optional[str] = ..., policy: _Optional[str] = ..., status: _Optional[str] = ..., turn: _Optional[int] = ..., checkpoint_bytes: _Optional[int] = ..., nodes_fs: _Optional[int] = ..., nodes_full: _Optional[int] = ..., turns_shared: _Optional[int] = ..., image_bytes: _Optional[int] = ..., image_dumped_bytes: _Optional[int] = ..., page_dedup_saved_bytes: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("checkpoint_bytes", "episodes", "nodes_fs", "nodes_full", "turns_shared", "per_episode", "dump_ms_p50", "dump_ms_p99", "snapshot_ms_p50", "snapshot_ms_p99", "restore_ms_p50", "restore_ms_p99", "checkpoint_ms_p50", "checkpoint_ms_p99", "inspector", "inspector_loaded", "bpf_map_bytes", "verdicts_checked", "verdicts_unsafe", "verdicts_fs_without_change", "watched_sandboxes", "sandbox_map_bytes", "dedup_ms_p50", "dedup_ms_p99", "image_bytes", "image_dumped_bytes")

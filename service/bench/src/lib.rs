@@ -1,4 +1,6 @@
-//! `sandtree bench` and `sandtree demo`: drive a private service instance through the API.
+//! `sandtree bench` and `sandtree demo`: drive a private service instance through the public
+//! gRPC API (sandtree-client), started as `sandtree serve` with a data dir and socket of their own.
+//! They read nothing of the service's data dir: every figure comes from the API.
 //!
 //! The bench runs every trajectory of a suite under each policy in one run and measures:
 //! recovery correctness (fork at turn t, replay t+1.., compare every observation with the
@@ -14,7 +16,10 @@ use anyhow::{bail, Context, Result};
 use sandtree_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
-use crate::client::{connect, rpc_err, Client};
+use sandtree_client::{connect, rpc_err, Client};
+
+mod demo;
+pub use demo::demo;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -124,7 +129,9 @@ pub struct Managed {
 }
 
 impl Managed {
+    /// Starts `sandtree` (the CLI binary) as `serve` on `data_dir`, with its socket there.
     pub async fn start(
+        sandtree: &Path,
         data_dir: &Path,
         storage: &str,
         remove_data: bool,
@@ -142,7 +149,7 @@ impl Managed {
             (storage.to_string(), None)
         };
         let log = std::fs::File::create(data_dir.join("serve.log"))?;
-        let child = Command::new(std::env::current_exe()?)
+        let child = Command::new(sandtree)
             .args(["serve", "--storage", &spec, "--socket"])
             .arg(&socket)
             .arg("--data-dir")
@@ -197,12 +204,58 @@ impl Managed {
             }
         }
         if self.embedded_btrfs || self.remove_data {
-            // The image stays in a kept data dir; the next service mounts it again.
-            let storage = self.data_dir.join("storage");
-            let _ = sandtree_storage::pool::unmount_btrfs_loop(&storage);
+            // The service unmounts its embedded btrfs when it stops; one that was killed, or
+            // failed after mounting it, leaves it mounted. The image stays in a kept data dir;
+            // the next service mounts it again.
+            unmount_beneath(&self.data_dir);
         }
         if self.remove_data {
             let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
+    }
+}
+
+/// Unmounts whatever is still mounted beneath `dir` (the private service's data dir), deepest
+/// first; a loop mount frees its device as it goes (auto-clear).
+fn unmount_beneath(dir: &Path) {
+    let Ok(mounts) = sandtree_storage::pool::mounts() else {
+        return;
+    };
+    let mut under: Vec<PathBuf> = mounts
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|m| m.starts_with(dir) && m != dir)
+        .collect();
+    under.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
+    under.dedup();
+    for m in under {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Command::new("umount")
+                .arg(&m)
+                .stderr(Stdio::piped())
+                .output()
+            {
+                Ok(o) if o.status.success() => break,
+                Ok(o)
+                    if String::from_utf8_lossy(&o.stderr).contains("busy")
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Ok(o) => {
+                    eprintln!(
+                        "warning: cannot unmount {}: {}",
+                        m.display(),
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    );
+                    break;
+                }
+                Err(e) => {
+                    eprintln!("warning: cannot run umount {}: {e}", m.display());
+                    break;
+                }
+            }
         }
     }
 }
@@ -245,7 +298,7 @@ struct Obs {
     exit_code: i32,
 }
 
-async fn step(c: &mut Client, ep: &str, cmd: &str) -> Result<pb::StepResponse> {
+pub(crate) async fn step(c: &mut Client, ep: &str, cmd: &str) -> Result<pb::StepResponse> {
     c.step(pb::StepRequest {
         episode: ep.into(),
         command: cmd.into(),
@@ -298,7 +351,8 @@ struct PolicyResult {
     /// What CRIU wrote for the images of the original runs (auto keeps less: page dedup).
     image_dumped_bytes: u64,
     /// full only: its checkpoint bytes had each image kept only the pages that changed since
-    /// the previous turn's (priced with `pages::plan_against`, nothing rewritten).
+    /// the previous turn's (the service prices it: Stats with price_page_dedup, nothing
+    /// rewritten).
     priced_with_dedup: u64,
     /// Per trajectory: (checkpoint bytes, CRIU image bytes) of its original run.
     per_trajectory: std::collections::BTreeMap<String, (u64, u64)>,
@@ -339,7 +393,6 @@ pub fn pct(v: &[f64], p: f64) -> f64 {
 /// Runs one trajectory under one policy, then checks recovery at the sampled fork points.
 async fn run_one(
     c: &mut Client,
-    data_dir: &Path,
     t: &Trajectory,
     policy: &str,
     args: &BenchArgs,
@@ -375,9 +428,13 @@ async fn run_one(
         original.push(obs(&r));
     }
     res.episode_ms += episode_start.elapsed().as_secs_f64() * 1e3;
-    // Traffic of the original run alone (stats waits for pending checkpoints).
+    // Traffic of the original run alone (stats waits for pending checkpoints); for full also
+    // what page dedup would have saved it.
     let st = c
-        .stats(pb::StatsRequest::default())
+        .stats(pb::StatsRequest {
+            price_page_dedup: policy == "full",
+            ..Default::default()
+        })
         .await
         .map_err(rpc_err)?
         .into_inner();
@@ -394,7 +451,7 @@ async fn run_one(
         .insert(t.name.clone(), (e.checkpoint_bytes, e.image_bytes));
     res.image_dumped_bytes += e.image_dumped_bytes;
     if policy == "full" {
-        res.priced_with_dedup += e.checkpoint_bytes - full_dedup_savings(c, data_dir, &ep).await?;
+        res.priced_with_dedup += e.checkpoint_bytes - e.page_dedup_saved_bytes;
     }
     let restores_image = turns_with_image(c, &ep).await?;
     // Recovery correctness: fork at t, replay t+1.., compare.
@@ -624,44 +681,8 @@ fn drop_caches() -> Result<()> {
     std::fs::write("/proc/sys/vm/drop_caches", "3").context("drop caches (--cold needs root)")
 }
 
-/// Page bytes the whole images of a `full` episode would not hold had each kept only the pages
-/// that differ from the previous turn's image, chains capped as auto's are.
-async fn full_dedup_savings(c: &mut Client, data_dir: &Path, ep: &str) -> Result<u64> {
-    let tree = c
-        .tree(pb::TreeRequest {
-            episode: ep.to_string(),
-            whole: false,
-            outputs: false,
-        })
-        .await
-        .map_err(rpc_err)?
-        .into_inner();
-    let images = data_dir.join("images");
-    let (mut saved, mut prev, mut depth) = (0u64, None::<PathBuf>, 0usize);
-    // Failed nodes have no image to price.
-    for t in tree
-        .turns
-        .iter()
-        .filter(|t| t.kind == "full" && t.state == "committed")
-    {
-        let dir = images.join(format!("n{}", t.node));
-        if let Some(p) = prev
-            .as_ref()
-            .filter(|_| depth < sandtree_runtime::pages::MAX_CHAIN)
-        {
-            let s = sandtree_runtime::pages::plan_against(&dir, p)
-                .with_context(|| format!("pricing {} against {}", dir.display(), p.display()))?;
-            saved += s.dumped_bytes - s.kept_bytes;
-            depth = if s.depth > 0 { depth + 1 } else { 0 };
-        } else {
-            depth = 0;
-        }
-        prev = Some(dir);
-    }
-    Ok(saved)
-}
-
-pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
+/// `sandtree bench`: `sandtree` is the CLI binary that serves the private service.
+pub async fn run(args: BenchArgs, sandtree: &Path) -> Result<std::process::ExitCode> {
     let suite = load_suite(&args.suite, args.filter.as_deref())?;
     let policies: Vec<String> = args
         .policies
@@ -684,7 +705,7 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
     if args.no_inspector {
         extra.push("--no-inspector");
     }
-    let mut svc = Managed::start(&data_dir, &args.storage, remove, &extra).await?;
+    let mut svc = Managed::start(sandtree, &data_dir, &args.storage, remove, &extra).await?;
     let mut c = connect(&svc.socket).await?;
     let mut images: Vec<&str> = suite.iter().map(|t| t.image.as_str()).collect();
     images.sort();
@@ -724,7 +745,7 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
                 }
                 None => eprintln!("{line}"),
             }
-            run_one(&mut c, &svc.data_dir, t, policy, &args, &mut seed, &mut res)
+            run_one(&mut c, t, policy, &args, &mut seed, &mut res)
                 .await
                 .with_context(|| format!("{} under {policy}", t.name))?;
         }
@@ -732,6 +753,7 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         let after = c
             .stats(pb::StatsRequest {
                 reset_timings: true,
+                ..Default::default()
             })
             .await
             .map_err(rpc_err)?
@@ -752,7 +774,7 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
     drop(c);
     svc.stop();
     let overhead = if args.overhead_runs > 0 {
-        match inspector_overhead(&args, &data_dir).await {
+        match inspector_overhead(&args, &data_dir, sandtree).await {
             Ok(o) => Some(o),
             Err(e) => {
                 eprintln!("warning: inspector overhead failed: {e:#}");
@@ -819,7 +841,11 @@ struct Overhead {
 
 /// Runs the overhead commands in a debian sandbox on btrfs, under a service with the inspector
 /// and then under one without it, on one data dir next to the bench's.
-async fn inspector_overhead(args: &BenchArgs, data_dir: &Path) -> Result<Overhead> {
+async fn inspector_overhead(
+    args: &BenchArgs,
+    data_dir: &Path,
+    sandtree: &Path,
+) -> Result<Overhead> {
     let dir = data_dir.with_file_name(format!(
         "{}-overhead",
         data_dir.file_name().unwrap_or_default().to_string_lossy()
@@ -840,7 +866,7 @@ async fn inspector_overhead(args: &BenchArgs, data_dir: &Path) -> Result<Overhea
     for with in [true, false] {
         let extra: &[&str] = if with { &[] } else { &["--no-inspector"] };
         // The first service keeps the data dir (and its debian image) for the second.
-        let mut svc = Managed::start(&dir, "btrfs", !with, extra).await?;
+        let mut svc = Managed::start(sandtree, &dir, "btrfs", !with, extra).await?;
         let mut c = connect(&svc.socket).await?;
         ensure_image(&mut c, "debian").await?;
         let ep = c
@@ -1295,123 +1321,4 @@ impl Drop for Cleanup {
 }
 fn scopeguard(p: PathBuf) -> Cleanup {
     Cleanup(p)
-}
-
-/// The README's demo: embedded btrfs storage, busybox image, an episode with a daemon, a fork and
-/// a rewind, shown step by step.
-pub async fn demo(data_dir: PathBuf) -> Result<std::process::ExitCode> {
-    println!(
-        "== sandtree demo (data dir {}, embedded loop-backed btrfs storage)",
-        data_dir.display()
-    );
-    let svc = Managed::start(&data_dir, "btrfs", false, &[]).await?;
-    let mut c = connect(&svc.socket).await?;
-    ensure_image(&mut c, "busybox").await?;
-    let ep = c
-        .create_episode(pb::CreateEpisodeRequest {
-            image: "busybox".into(),
-            policy: "auto".into(),
-            ..Default::default()
-        })
-        .await
-        .map_err(rpc_err)?
-        .into_inner()
-        .id;
-    println!("created episode {ep} (policy auto)");
-    let cmds = [
-        "mkdir -p /workspace/svc && cd /workspace/svc && mkfifo q",
-        "(n=0; while true; do read l < /workspace/svc/q || continue; n=$((n+1)); echo $n > /workspace/svc/count; done) </dev/null >/dev/null 2>&1 &",
-        "echo tick > q; sleep 0.2; cat count",
-        "echo tick > q; sleep 0.2; cat count",
-        "export GREETING=hello; ls",
-    ];
-    for cmd in cmds {
-        let r = step(&mut c, &ep, cmd).await?;
-        println!(
-            "turn {:>2} [{:<4} node {:>3}] $ {cmd}\n        {}",
-            r.turn,
-            r.verdict,
-            r.node,
-            String::from_utf8_lossy(&r.stdout)
-                .trim()
-                .replace('\n', "\n        ")
-        );
-    }
-    let fork = c
-        .fork(pb::ForkRequest {
-            episode: ep.clone(),
-            turn: 3,
-            count: 2,
-        })
-        .await
-        .map_err(rpc_err)?
-        .into_inner()
-        .episodes;
-    println!("forked turn 3 into {}", fork.join(", "));
-    for f in &fork {
-        let r = step(&mut c, f, "echo tick > q; sleep 0.2; cat count").await?;
-        println!(
-            "  {f}: counter daemon restored, next tick -> {}",
-            String::from_utf8_lossy(&r.stdout).trim()
-        );
-    }
-    let r = step(
-        &mut c,
-        &ep,
-        "echo tick > q; sleep 0.2; cat count; echo $GREETING",
-    )
-    .await?;
-    println!(
-        "  {ep} (original, after turn 5): -> {}",
-        String::from_utf8_lossy(&r.stdout).trim().replace('\n', " ")
-    );
-    c.rewind(pb::RewindRequest {
-        episode: ep.clone(),
-        turn: 1,
-    })
-    .await
-    .map_err(rpc_err)?;
-    let r = step(&mut c, &ep, "pwd; ls; cat count 2>&1").await?;
-    println!(
-        "rewound {ep} to turn 1: {}",
-        String::from_utf8_lossy(&r.stdout).trim().replace('\n', " ")
-    );
-    let tree = c
-        .tree(pb::TreeRequest {
-            episode: fork[0].clone(),
-            whole: false,
-            outputs: false,
-        })
-        .await
-        .map_err(rpc_err)?
-        .into_inner();
-    println!("tree of {}:", fork[0]);
-    for t in tree.turns {
-        println!(
-            "  turn {:>2}  node {:>3}  {:<6} {:>8} bytes  {}",
-            t.turn,
-            t.node,
-            t.kind,
-            t.bytes,
-            t.action.chars().take(50).collect::<String>()
-        );
-    }
-    let s = c
-        .stats(pb::StatsRequest::default())
-        .await
-        .map_err(rpc_err)?
-        .into_inner();
-    println!(
-        "stats: checkpoint_bytes {}  fs nodes {}  full nodes {}  shared turns {}  dump p50 {:.0} ms  restore p50 {:.0} ms",
-        s.checkpoint_bytes, s.nodes_fs, s.nodes_full, s.turns_shared, s.dump_ms_p50, s.restore_ms_p50
-    );
-    for id in fork.iter().chain(std::iter::once(&ep)) {
-        c.delete_episode(pb::DeleteEpisodeRequest {
-            episode: id.clone(),
-        })
-        .await
-        .map_err(rpc_err)?;
-    }
-    println!("== demo done");
-    Ok(std::process::ExitCode::SUCCESS)
 }
