@@ -63,7 +63,11 @@ pub fn mounts() -> Result<Vec<Mount>> {
     Ok(text.lines().filter_map(parse_mountinfo_line).collect())
 }
 
-fn parse_mountinfo_line(line: &str) -> Option<Mount> {
+/// One line of /proc/self/mountinfo; `None` if it is not one.
+///
+/// Public only for the fuzz target (`service/fuzz`); not part of the crate's API.
+#[doc(hidden)]
+pub fn parse_mountinfo_line(line: &str) -> Option<Mount> {
     let (left, right) = line.split_once(" - ")?;
     let left: Vec<&str> = left.split(' ').collect();
     let mut right = right.split(' ');
