@@ -3,6 +3,7 @@
 #   - Debian packages (clang, libbpf-dev, btrfs-progs, zfs-fuse, busybox-static, debootstrap, runc, ...)
 #   - CRIU 4.1.1 built from Debian trixie's source tarball (Debian 12's CRIU 3.17 fails on this kernel),
 #     cached under $SANDTREE_CACHE so that a second run takes seconds.
+#   - cargo-fuzz for scripts/fuzz.sh, from crates.io (pinned, installed once).
 #   - tracefs / bpffs mounts, and the zfs-fuse daemon.
 # No registry host is named here: the Debian mirror is read from the machine's apt configuration.
 set -euo pipefail
@@ -99,6 +100,16 @@ SRC
 }
 
 if have_criu; then log "criu $CRIU_VERSION: installed"; else build_criu; fi
+
+# ---- cargo-fuzz (scripts/fuzz.sh) -------------------------------------------------------------------
+# From crates.io, pinned; installed once into ~/.cargo/bin.
+CARGO_FUZZ_VERSION=0.13.2
+if cargo fuzz --version 2>/dev/null | grep -qx "cargo-fuzz $CARGO_FUZZ_VERSION"; then
+  log "cargo-fuzz $CARGO_FUZZ_VERSION: installed"
+else
+  log "cargo-fuzz $CARGO_FUZZ_VERSION: installing (once, about 4 minutes)"
+  env -u CARGO_TARGET_DIR cargo install --locked --quiet "cargo-fuzz@$CARGO_FUZZ_VERSION"
+fi
 
 # ---- kernel interfaces -----------------------------------------------------------------------------
 mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null || true

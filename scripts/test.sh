@@ -7,6 +7,8 @@ bash scripts/rootfs-cache.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --locked
+# The fuzz targets (service/fuzz, docs/fuzzing.md), briefly: a crash fails the run.
+FUZZ_SECONDS="${FUZZ_SECONDS:-20}" bash scripts/fuzz.sh
 # The Python client and its test dependencies (Playwright too, which drives Debian's chromium,
 # /usr/bin/chromium from setup.sh, headless; no browser download), in a venv the Rust tests can use as well.
 PYENV="$(realpath -m "${SANDTREE_PYENV:-target/pyenv}")"

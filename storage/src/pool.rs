@@ -63,7 +63,11 @@ pub fn mounts() -> Result<Vec<Mount>> {
     Ok(text.lines().filter_map(parse_mountinfo_line).collect())
 }
 
-fn parse_mountinfo_line(line: &str) -> Option<Mount> {
+/// One line of /proc/self/mountinfo; `None` if it is not one.
+///
+/// Public only for the fuzz target (`service/fuzz`); not part of the crate's API.
+#[doc(hidden)]
+pub fn parse_mountinfo_line(line: &str) -> Option<Mount> {
     let (left, right) = line.split_once(" - ")?;
     let left: Vec<&str> = left.split(' ').collect();
     let mut right = right.split(' ');
@@ -75,7 +79,8 @@ fn parse_mountinfo_line(line: &str) -> Option<Mount> {
     })
 }
 
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`. A `\` not followed by three
+/// octal digits of a byte (`\000` to `\377`) is kept as it is.
 fn unescape(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -83,7 +88,8 @@ fn unescape(s: &str) -> String {
     while i < b.len() {
         if b[i] == b'\\'
             && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+            && (b'0'..=b'3').contains(&b[i + 1])
+            && b[i + 2..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
         {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
@@ -306,6 +312,11 @@ mod tests {
         let fuse = "100 22 0:50 / /tmp/x rw,relatime - fuse.zfs tank/a rw,user_id=0";
         assert_eq!(parse_mountinfo_line(fuse).unwrap().fstype, "fuse.zfs");
         assert!(parse_mountinfo_line("garbage").is_none());
+        // Found by the `mountinfo` fuzz target: `\524` overflowed a u8 (a panic in debug builds).
+        let odd = r"36 35 98:0 /mnt1 /a\524b\777\3 rw - btrfs \400 rw";
+        let m = parse_mountinfo_line(odd).unwrap();
+        assert_eq!(m.mount_point, PathBuf::from(r"/a\524b\777\3"));
+        assert_eq!(m.source, r"\400");
     }
 
     #[test]

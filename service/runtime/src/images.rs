@@ -172,53 +172,67 @@ fn import_into(
     let meta = fs::metadata(path)
         .with_context(|| format!("import source {} does not exist", path.display()))?;
     let path = path.canonicalize()?;
+    create(storage, name, progress, &mut |root_path| {
+        populate_import(root_path, &path, meta.is_dir(), opts, progress, config)
+    })
+}
+
+/// Fills the empty image root `root_path` from `path` (canonical; a directory if `is_dir`): what
+/// `import` does between creating the base and committing it. A staging directory for an outer
+/// archive is made next to `root_path` and removed again.
+pub(crate) fn populate_import(
+    root_path: &Path,
+    path: &Path,
+    is_dir: bool,
+    opts: ImportOptions,
+    progress: Progress,
+    config: &mut ImageConfig,
+) -> Result<()> {
     let setid = if opts.allow_setuid {
         SetId::Allow
     } else {
         SetId::Refuse
     };
-    create(storage, name, progress, &mut |root_path| {
-        let root = Root::open(root_path)?;
-        if meta.is_dir() && path.join("oci-layout").exists() {
-            let src = Root::open(&path)?;
-            let (layers, cfg) = oci_layers(&src)?;
-            apply_layers(&root, &src, &layers, setid, progress)?;
+    let root = Root::open(root_path)?;
+    if is_dir && path.join("oci-layout").exists() {
+        let src = Root::open(path)?;
+        let (layers, cfg) = oci_layers(&src)?;
+        apply_layers(&root, &src, &layers, setid, progress)?;
+        if let Some(c) = cfg {
+            *config = ImageConfig::from_json(&c, &root)?;
+        }
+        Ok(())
+    } else if is_dir {
+        progress(format!("copying {}", path.display()));
+        let what = format!("image directory {}", path.display());
+        unpack::copy_dir(&root, path, &what, setid)
+    } else {
+        let open = || unpack::open_archive(fs::File::open(path)?, path);
+        let shape = unpack::shape(&open, path)?;
+        if shape == ArchiveShape::Rootfs {
+            progress("plain rootfs tarball".into());
+            return unpack::apply_layer(&root, "image layer 1", &open, setid);
+        }
+        // The outer archive is unpacked by the same confined code into a staging dir;
+        // set-ID bits there are cleared (it is on the host's filesystem for a while).
+        let staging = tempdir_near(root_path)?;
+        let r = (|| {
+            let st = Root::open(&staging)?;
+            let what = format!("archive {}", path.display());
+            unpack::apply_layer(&st, &what, &open, SetId::Strip)?;
+            let (layers, cfg) = match shape {
+                ArchiveShape::DockerSave => docker_save_layers(&st)?,
+                _ => oci_layers(&st)?,
+            };
+            apply_layers(&root, &st, &layers, setid, progress)?;
             if let Some(c) = cfg {
                 *config = ImageConfig::from_json(&c, &root)?;
             }
             Ok(())
-        } else if meta.is_dir() {
-            progress(format!("copying {}", path.display()));
-            let what = format!("image directory {}", path.display());
-            unpack::copy_dir(&root, &path, &what, setid)
-        } else {
-            let open = || unpack::open_archive(fs::File::open(&path)?, &path);
-            let shape = unpack::shape(&open, &path)?;
-            if shape == ArchiveShape::Rootfs {
-                progress("plain rootfs tarball".into());
-                return unpack::apply_layer(&root, "image layer 1", &open, setid);
-            }
-            // The outer archive is unpacked by the same confined code into a staging dir;
-            // set-ID bits there are cleared (it is on the host's filesystem for a while).
-            let staging = tempdir_near(root_path)?;
-            let r = (|| {
-                let st = Root::open(&staging)?;
-                let what = format!("archive {}", path.display());
-                unpack::apply_layer(&st, &what, &open, SetId::Strip)?;
-                let (layers, cfg) = match shape {
-                    ArchiveShape::DockerSave => docker_save_layers(&st)?,
-                    _ => oci_layers(&st)?,
-                };
-                apply_layers(&root, &st, &layers, setid, progress)?;
-                if let Some(c) = cfg {
-                    *config = ImageConfig::from_json(&c, &root)?;
-                }
-                Ok(())
-            })();
-            let _ = fs::remove_dir_all(&staging);
-            r
-        }
-    })
+        })();
+        let _ = fs::remove_dir_all(&staging);
+        r
+    }
 }
 
 fn create(

@@ -16,6 +16,37 @@ pub mod inspect;
 pub mod pages;
 pub mod shim;
 
+/// Entry points for the fuzz targets in `service/fuzz` (cargo-fuzz): parsers that read bytes a
+/// sandbox or an image controls, reachable without the rest of the runtime. Public only for those
+/// targets; not part of the crate's API. The CRIU page map reader needs nothing here: `pages` is
+/// public already.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::path::Path;
+
+    /// The shim's parser of a shell's saved environment (`env -0` output).
+    pub fn parse_environ(bytes: &[u8]) -> Vec<(String, String)> {
+        crate::shim::parse_environ(bytes)
+    }
+
+    /// `image import` of `source` (a tar, tar.gz, docker-save or OCI archive, or a directory)
+    /// into the empty directory `root`, without a storage backend: the same code that fills a
+    /// new base. A staging directory is made beside `root` and removed again. Privileged (it
+    /// chowns); give it throwaway directories only.
+    pub fn import_into_dir(
+        root: &Path,
+        source: &Path,
+        allow_setuid: bool,
+    ) -> anyhow::Result<crate::images::ImageConfig> {
+        let source = source.canonicalize()?;
+        let is_dir = source.is_dir();
+        let opts = crate::images::ImportOptions { allow_setuid };
+        let mut config = crate::images::ImageConfig::default();
+        crate::images::populate_import(root, &source, is_dir, opts, &|_| {}, &mut config)?;
+        Ok(config)
+    }
+}
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -998,7 +998,8 @@ fn read_untrusted(path: &str, cap: usize) -> Result<Option<(Vec<u8>, u64)>> {
     Ok(Some((buf, meta.len())))
 }
 
-fn parse_environ(bytes: &[u8]) -> Vec<(String, String)> {
+/// Public only for the fuzz target (`service/fuzz`), through `crate::fuzzing`.
+pub(crate) fn parse_environ(bytes: &[u8]) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = bytes
         .split(|&b| b == 0)
         .filter(|s| !s.is_empty())
