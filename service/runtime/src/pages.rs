@@ -441,8 +441,8 @@ fn plan(dir: &Path, parent: &Path) -> Result<(DedupStats, Vec<Rewrite>)> {
     Ok((stats, rewrites))
 }
 
-/// What [`dedup_against`] would keep, without changing anything (the bench uses it to price
-/// the whole-image `full` baseline with page dedup).
+/// What [`dedup_against`] would keep, without changing anything (`Stats` with
+/// `price_page_dedup` uses it to price the whole-image `full` baseline with page dedup).
 pub fn plan_against(dir: &Path, parent: &Path) -> Result<DedupStats> {
     let (mut stats, rewrites) = plan(dir, parent)?;
     stats.depth = usize::from(!rewrites.is_empty()) * (chain_depth(parent) + 1);
