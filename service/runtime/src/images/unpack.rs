@@ -541,7 +541,14 @@ pub fn apply_layer(root: &Root, what: &str, open: Opener, setid: SetId) -> Resul
             T::Fifo => Kind::Fifo,
             T::Block => Kind::Block,
             T::Char => Kind::Char,
-            T::Regular | T::Continuous | T::GNUSparse => Kind::File(&mut e),
+            // A GNU sparse entry may declare holes far larger than the archive, which would be
+            // written out as zeros: a small archive could fill the pool. Refused.
+            T::GNUSparse => bail!(
+                "{what}: entry {} is a GNU sparse file, which image import does not take \
+                 (re-create the archive without --sparse)",
+                rel.display()
+            ),
+            T::Regular | T::Continuous => Kind::File(&mut e),
             T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink => continue,
             other => bail!(
                 "{what}: entry {} has an unsupported type {other:?}",
@@ -740,6 +747,34 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![OsString::from("keepme")]);
+    }
+
+    #[test]
+    fn gnu_sparse_entries_are_refused() {
+        let (_t, rootp, root, sentinel) = setup();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNUSparse);
+        h.set_path("big").unwrap();
+        h.set_size(1);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        // One byte of data past a hole of 1 TiB: what would be written out as zeros.
+        let gnu = h.as_gnu_mut().unwrap();
+        gnu.sparse[0].set_offset(1 << 40);
+        gnu.sparse[0].set_length(1);
+        gnu.set_real_size((1 << 40) + 1);
+        gnu.set_is_extended(false);
+        h.set_cksum();
+        b.append(&h, &b"x"[..]).unwrap();
+        let bytes = b.into_inner().unwrap();
+        let open = || -> Result<Box<dyn Read>> { Ok(Box::new(io::Cursor::new(bytes.clone()))) };
+        let e = apply_layer(&root, "layer", &open, SetId::Refuse).unwrap_err();
+        assert!(format!("{e:#}").contains("GNU sparse"), "{e:#}");
+        assert!(std::fs::symlink_metadata(rootp.join("big")).is_err());
+        sentinel_intact(&sentinel);
     }
 
     #[test]
