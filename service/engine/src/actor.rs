@@ -109,6 +109,20 @@ pub(crate) fn spawn(
     session: Session,
     turn: u32,
 ) -> Handle {
+    register(s, ep, sandbox, session, turn, true)
+}
+
+/// Makes the actor of `ep` and registers it: in place of any registered one when `replace`
+/// (a new sandbox's owner replaces a stand-in for a stopped episode), else only if none is
+/// registered, returning the registered one then, so an episode never has two owners.
+fn register(
+    s: &Arc<Shared>,
+    ep: &Episode,
+    sandbox: Option<VolumeName>,
+    session: Session,
+    turn: u32,
+    replace: bool,
+) -> Handle {
     let (tx, rx) = mpsc::unbounded_channel();
     let handle = Handle {
         tx,
@@ -129,10 +143,14 @@ pub(crate) fn spawn(
         thaw_failed: Arc::default(),
         diverged: None,
     };
-    s.registry
-        .lock()
-        .expect("registry lock")
-        .insert(ep.id.clone(), handle.clone());
+    let mut reg = s.registry.lock().expect("registry lock");
+    if !replace {
+        if let Some(h) = reg.get(&ep.id) {
+            return h.clone();
+        }
+    }
+    reg.insert(ep.id.clone(), handle.clone());
+    drop(reg);
     tokio::spawn(actor.run(rx));
     handle
 }
@@ -146,18 +164,9 @@ fn handle_for(s: &Arc<Shared>, id: &EpisodeId) -> Result<Handle> {
     if ep.status == EpisodeStatus::Deleted {
         return Err(TreeError::EpisodeDeleted(id.clone()).into());
     }
-    let mut reg = s.registry.lock().expect("registry lock");
-    if let Some(h) = reg.get(id) {
-        return Ok(h.clone());
-    }
-    drop(reg);
     let rec = s.tree.turn(id, ep.turn)?;
-    reg = s.registry.lock().expect("registry lock");
-    if let Some(h) = reg.get(id) {
-        return Ok(h.clone());
-    }
-    drop(reg);
-    Ok(spawn(s, &ep, None, rec.session, ep.turn))
+    // Registered only if no other call registered one meanwhile.
+    Ok(register(s, &ep, None, rec.session, ep.turn, false))
 }
 
 /// Sends a command to `id`'s actor and waits for its answer. An actor that ends before

@@ -78,6 +78,12 @@ async fn step(r: &Rig, id: &EpisodeId, cmd: &str) -> Result<u32, EngineError> {
         .map(|o| o.turn)
 }
 
+/// The node that turn `turn` of `id` stands on.
+fn node_at(r: &Rig, id: &EpisodeId, turn: u32) -> sandtree_branching::Node {
+    let tree = r.engine.tree();
+    tree.node(tree.turn(id, turn).unwrap().node).unwrap()
+}
+
 fn kinds(r: &Rig, id: &EpisodeId) -> Vec<TurnKind> {
     let tree = r.engine.tree();
     let turns = tree.turns(id).unwrap();
@@ -251,11 +257,7 @@ async fn a_failed_dump_fails_its_node_and_keeps_the_episode() {
     r.parts.fail_next("dump");
     let t = step(&r, &ep, "daemon &").await.unwrap();
     r.engine.settle_checkpoints().await;
-    let node = r
-        .engine
-        .tree()
-        .node(r.engine.tree().turn(&ep, t).unwrap().node)
-        .unwrap();
+    let node = node_at(&r, &ep, t);
     assert!(matches!(node.state, NodeState::Failed { .. }), "{node:?}");
     // Not restorable, and nothing was torn down for it.
     assert!(matches!(
@@ -277,11 +279,7 @@ async fn a_failed_snapshot_inside_the_dump_fails_the_node() {
     r.storage.fail_next("snapshot");
     let t = step(&r, &ep, "echo x").await.unwrap();
     r.engine.settle_checkpoints().await;
-    let node = r
-        .engine
-        .tree()
-        .node(r.engine.tree().turn(&ep, t).unwrap().node)
-        .unwrap();
+    let node = node_at(&r, &ep, t);
     assert!(matches!(node.state, NodeState::Failed { .. }), "{node:?}");
     assert!(
         r.parts.calls().iter().any(|c| c.starts_with("discard ")),
