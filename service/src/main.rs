@@ -42,9 +42,15 @@ enum Cmd {
         /// Default per-step timeout in seconds.
         #[arg(long, default_value_t = 600)]
         step_timeout: u64,
-        /// Checkpoints that may run at once on this host.
-        #[arg(long, default_value_t = 2)]
-        checkpoint_slots: usize,
+        /// Checkpoint batches that may run at once on this host (default: its CPUs). Under edf a
+        /// checkpoint that a step of its own episode waits for starts past this cap.
+        #[arg(long)]
+        checkpoint_slots: Option<usize>,
+        /// How the host-wide checkpoint queue is ordered: edf (the deadline is the episode's
+        /// expected next step; promotion; fs snapshots due together in one batch) or fifo (in
+        /// the order queued; the baseline).
+        #[arg(long, default_value = "edf")]
+        scheduler: sandtree_engine::Discipline,
         /// Do not load the eBPF inspector: auto uses the conservative verdict.
         #[arg(long)]
         no_inspector: bool,
@@ -312,6 +318,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             storage,
             step_timeout,
             checkpoint_slots,
+            scheduler,
             no_inspector,
             verify_verdicts,
             max_image_chain,
@@ -337,7 +344,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 data_dir: data_dir.clone(),
                 default_timeout_ms: step_timeout * 1000,
                 out_cap: 1 << 20,
-                checkpoint_slots,
+                checkpoint_slots: checkpoint_slots
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                scheduler,
                 max_image_chain,
                 restore_slots,
                 max_episodes,

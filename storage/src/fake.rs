@@ -268,6 +268,24 @@ impl SnapshotBackend for FakeBackend {
         Ok(SnapshotInfo { bytes })
     }
 
+    fn snapshot_many(&self, items: &[(&str, &str)]) -> Vec<Result<SnapshotInfo>> {
+        let names: Vec<String> = items.iter().map(|(v, s)| format!("{v}@{s}")).collect();
+        if let Err(e) = self.begin(format!("snapshot_many {}", names.join(" "))) {
+            // The batch failed as a whole, as one `zfs snapshot` does.
+            return items
+                .iter()
+                .map(|_| {
+                    Err(SnapshotError::Command {
+                        command: format!("fake snapshot_many {}", names.join(" ")),
+                        status: INJECTED.into(),
+                        stderr: e.to_string(),
+                    })
+                })
+                .collect();
+        }
+        items.iter().map(|(v, s)| self.snapshot(v, s)).collect()
+    }
+
     fn clone_snapshot(&self, vol: &str, snap: &str, new_vol: &str) -> Result<PathBuf> {
         let mut s = self.begin(format!("clone_snapshot {vol} {snap} {new_vol}"))?;
         validate_name(vol)?;

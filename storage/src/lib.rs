@@ -110,6 +110,13 @@ pub trait SnapshotBackend: Send + Sync + std::fmt::Debug {
     fn volume_path(&self, vol: &str) -> Result<PathBuf>;
     /// Takes snapshot `snap` of `vol`. The caller guarantees nothing writes to `vol` meanwhile.
     fn snapshot(&self, vol: &str, snap: &str) -> Result<SnapshotInfo>;
+    /// Takes several snapshots at once, one per `(vol, snap)`, each as [`Self::snapshot`]
+    /// would, and returns their results in the order asked. The caller guarantees nothing writes
+    /// to any of the volumes meanwhile. zfs takes them with one `zfs snapshot` (one transaction
+    /// group: all or none); the default takes them one after another.
+    fn snapshot_many(&self, items: &[(&str, &str)]) -> Vec<Result<SnapshotInfo>> {
+        items.iter().map(|(v, s)| self.snapshot(v, s)).collect()
+    }
     /// Makes writable volume `new_vol` from snapshot `vol@snap` and returns its path.
     fn clone_snapshot(&self, vol: &str, snap: &str, new_vol: &str) -> Result<PathBuf>;
     /// Returns `vol` to the contents of `vol@snap`, discarding later changes. Later snapshots of

@@ -66,7 +66,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -175,6 +175,8 @@ pub struct Zfs {
     mnt: PathBuf,
     accounting: Accounting,
     locks: Locks,
+    /// Set once `zfs snapshot` refused several snapshots in one command (zfs-fuse).
+    no_multi_snapshot: AtomicBool,
     gc_lock: Mutex<()>,
     sync_seq: AtomicU64,
 }
@@ -247,6 +249,7 @@ impl Zfs {
             mnt: mnt.clone(),
             accounting,
             locks: Locks::default(),
+            no_multi_snapshot: AtomicBool::new(false),
             gc_lock: Mutex::new(()),
             sync_seq: AtomicU64::new(0),
         };
@@ -448,6 +451,21 @@ impl Zfs {
             snap: snap.to_string(),
             live: !pick.parked,
         })
+    }
+
+    /// What snapshot `full` of `dataset`, just taken, costs to keep (under the volume's lock).
+    fn account_snapshot(&self, full: &str, dataset: &str) -> Result<SnapshotInfo> {
+        let bytes = match self.accounting {
+            Accounting::Written => num(&get(full, &["written"])?[0]),
+            Accounting::Ledger => {
+                let (total, tbase) = Self::ledger(dataset)?;
+                let written = total.saturating_sub(tbase);
+                zfs(["set", &format!("{PROP_WRITTEN}={written}"), full])?;
+                zfs(["set", &format!("{PROP_TBASE}={total}"), dataset])?;
+                written
+            }
+        };
+        Ok(SnapshotInfo { bytes })
     }
 
     fn snapshot_not_found(vol: &str, snap: &str) -> SnapshotError {
@@ -884,19 +902,95 @@ impl SnapshotBackend for Zfs {
             }
             let full = live.full(snap);
             zfs(["snapshot", &full])?;
-            let bytes = match self.accounting {
-                Accounting::Written => num(&get(&full, &["written"])?[0]),
-                Accounting::Ledger => {
-                    let (total, tbase) = Self::ledger(&live.dataset)?;
-                    let written = total.saturating_sub(tbase);
-                    zfs(["set", &format!("{PROP_WRITTEN}={written}"), &full])?;
-                    zfs(["set", &format!("{PROP_TBASE}={total}"), &live.dataset])?;
-                    written
-                }
-            };
-            tracing::debug!(vol, snap, bytes, "took zfs snapshot");
-            Ok(SnapshotInfo { bytes })
+            let info = self.account_snapshot(&full, &live.dataset)?;
+            tracing::debug!(vol, snap, bytes = info.bytes, "took zfs snapshot");
+            Ok(info)
         })
+    }
+
+    fn snapshot_many(&self, items: &[(&str, &str)]) -> Vec<Result<SnapshotInfo>> {
+        let mut vols: Vec<&str> = items.iter().map(|(v, _)| *v).collect();
+        vols.sort();
+        vols.dedup();
+        let one_by_one = || items.iter().map(|(v, s)| self.snapshot(v, s)).collect();
+        if items.len() < 2
+            || vols.len() != items.len()
+            || self.no_multi_snapshot.load(Ordering::Relaxed)
+        {
+            // One snapshot, two of one volume (whose accounting is ordered), or a zfs that
+            // takes one snapshot per command (zfs-fuse): one by one.
+            return one_by_one();
+        }
+        let keys: Vec<String> = vols.iter().map(|v| Family::Volumes.lock_key(v)).collect();
+        let batched = self.locks.with_all(&keys, || {
+            // Each item's checks, as `snapshot` makes them; the ones that pass are taken together.
+            let mut out: Vec<Option<Result<SnapshotInfo>>> = Vec::with_capacity(items.len());
+            let mut todo: Vec<(usize, String, String)> = Vec::new();
+            for (i, (vol, snap)) in items.iter().enumerate() {
+                let checked = (|| -> Result<(String, String)> {
+                    validate_name(vol)?;
+                    validate_name(snap)?;
+                    self.check_len(Family::Volumes, &[vol, snap])?;
+                    let incs = self.incarnations(Family::Volumes, vol)?;
+                    let live = Self::live_in(&incs, Family::Volumes, vol)?;
+                    if incs.iter().any(|i| i.has_live_snap(snap)) {
+                        return Err(SnapshotError::Exists {
+                            kind: "snapshot",
+                            name: format!("{vol}@{snap}"),
+                        });
+                    }
+                    if live.snaps.iter().any(|s| s.name == *snap) {
+                        return Err(SnapshotError::Busy {
+                            what: format!("snapshot {vol}@{snap}"),
+                            detail: "a destroyed snapshot of that name still has clones; gc frees the name once they are gone".to_string(),
+                        });
+                    }
+                    Ok((live.full(snap), live.dataset.clone()))
+                })();
+                match checked {
+                    Ok((full, dataset)) => {
+                        todo.push((i, full, dataset));
+                        out.push(None);
+                    }
+                    Err(e) => out.push(Some(Err(e))),
+                }
+            }
+            if !todo.is_empty() {
+                // One command, one transaction group: every snapshot exists, or none does.
+                let mut args = vec!["snapshot".to_string()];
+                args.extend(todo.iter().map(|(_, full, _)| full.clone()));
+                match zfs(&args) {
+                    Err(e) if cmd::stderr_of(&e).is_some_and(|s| s.contains("too many arguments")) => {
+                        // This zfs (zfs-fuse) predates multi-snapshot: nothing was taken.
+                        tracing::info!("zfs takes one snapshot per command here; batches run one by one");
+                        self.no_multi_snapshot.store(true, Ordering::Relaxed);
+                        return None;
+                    }
+                    Ok(_) => {
+                        for (i, full, dataset) in &todo {
+                            out[*i] = Some(self.account_snapshot(full, dataset));
+                        }
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        for (i, _, _) in &todo {
+                            out[*i] = Some(Err(SnapshotError::Command {
+                                command: format!("zfs {}", args.join(" ")),
+                                status: "failed".into(),
+                                stderr: msg.clone(),
+                            }));
+                        }
+                    }
+                }
+            }
+            tracing::debug!(n = todo.len(), "took zfs snapshots in one batch");
+            Some(
+                out.into_iter()
+                    .map(|r| r.expect("every item has a result"))
+                    .collect(),
+            )
+        });
+        batched.unwrap_or_else(one_by_one)
     }
 
     fn clone_snapshot(&self, vol: &str, snap: &str, new_vol: &str) -> Result<PathBuf> {
@@ -1143,6 +1237,25 @@ impl Drop for Cleanup<'_> {
 struct Locks(Mutex<HashMap<String, Arc<Mutex<()>>>>);
 
 impl Locks {
+    /// Runs `f` holding the locks of every key, taken in sorted order (so two batches never
+    /// wait on each other in a cycle).
+    fn with_all<R>(&self, keys: &[String], f: impl FnOnce() -> R) -> R {
+        let mut keys: Vec<&String> = keys.iter().collect();
+        keys.sort();
+        keys.dedup();
+        let locks: Vec<Arc<Mutex<()>>> = {
+            let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            keys.iter()
+                .map(|k| map.entry(k.to_string()).or_default().clone())
+                .collect()
+        };
+        let _guards: Vec<_> = locks
+            .iter()
+            .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        f()
+    }
+
     fn with<R>(&self, key: &str, f: impl FnOnce() -> R) -> R {
         let lock = {
             let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());

@@ -19,9 +19,10 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use crate::ports::{Chunk, ExecRequest, FileOp, FileOutcome};
+use crate::sched::{ewma, Job, JobKind};
 use crate::{
-    blocking, cleanup_in_background, image_parent, materialize, preflight, Checkpoint, EngineError,
-    Result, Shared, MAX_COMMAND_BYTES, MAX_CWD_BYTES, MAX_ENV_BYTES, MAX_FILE_BYTES,
+    blocking, cleanup_in_background, image_parent, materialize, preflight, pump, CheckpointWork,
+    EngineError, Result, Shared, MAX_COMMAND_BYTES, MAX_CWD_BYTES, MAX_ENV_BYTES, MAX_FILE_BYTES,
 };
 
 type Reply<T> = oneshot::Sender<Result<T>>;
@@ -140,6 +141,8 @@ fn register(
         session,
         turn,
         pending: None,
+        last_end: None,
+        think_ms: None,
         thaw_failed: Arc::default(),
         diverged: None,
     };
@@ -225,7 +228,11 @@ struct Actor {
     session: Session,
     turn: u32,
     /// The checkpoint of the latest turn, while it runs.
-    pending: Option<tokio::task::JoinHandle<()>>,
+    pending: Option<(NodeId, tokio::task::JoinHandle<()>)>,
+    /// When the last turn ended, and the EWMA of this episode's think times (ms): the gap
+    /// between a turn's end and the next command that needs the sandbox.
+    last_end: Option<Instant>,
+    think_ms: Option<f64>,
     /// Set by a checkpoint that could not thaw the sandbox afterwards.
     thaw_failed: Arc<AtomicBool>,
     /// Set when a step changed the sandbox but its turn could not be recorded: the sandbox is
@@ -299,7 +306,11 @@ impl Actor {
     }
 
     async fn wait_pending(&mut self) {
-        if let Some(p) = self.pending.take() {
+        if let Some((node, p)) = self.pending.take() {
+            // Waited for now: a checkpoint not yet started goes first (edf).
+            if self.s.sched.promote(node) {
+                pump(&self.s);
+            }
             let _ = p.await;
         }
     }
@@ -315,6 +326,11 @@ impl Actor {
             )));
         }
         let waited = Instant::now();
+        if let Some(end) = self.last_end.take() {
+            let think = waited.saturating_duration_since(end);
+            self.think_ms = Some(ewma(self.think_ms, think.as_secs_f64() * 1e3));
+            self.s.sched.observe_think(think);
+        }
         self.wait_pending().await;
         if self.thaw_failed.load(Ordering::SeqCst) {
             // The last checkpoint left the sandbox frozen: thaw it before it runs anything.
@@ -505,8 +521,9 @@ impl Actor {
         self.turn = rec.turn;
         self.session = session;
         if let Some(node) = node {
-            self.pending = Some(self.spawn_checkpoint(node));
+            self.pending = Some((node.id, self.spawn_checkpoint(node)));
         }
+        self.last_end = Some(Instant::now());
         Ok(StepOutcome {
             turn: rec.turn,
             stdout: observation.stdout.clone().into_bytes(),
@@ -564,6 +581,8 @@ impl Actor {
 
     fn spawn_checkpoint(&self, node: Node) -> tokio::task::JoinHandle<()> {
         let s = self.s.clone();
+        // Due when the episode's next step is expected.
+        let deadline = Instant::now() + s.sched.think_for(self.think_ms);
         let sb = self
             .sandbox
             .clone()
@@ -589,6 +608,29 @@ impl Actor {
             .lock()
             .expect("in-flight lock")
             .insert(node.id, done_rx);
+        // Queued now, so that a step arriving next finds it to promote.
+        let node_id = node.id;
+        let (reply, rx) = oneshot::channel();
+        s.sched.push(
+            Job {
+                episode: episode.clone(),
+                node: node_id,
+                kind: match node.kind {
+                    NodeKind::Fs => JobKind::Fs,
+                    _ => JobKind::Full,
+                },
+                deadline,
+            },
+            CheckpointWork {
+                sb,
+                kind: node.kind.clone(),
+                images,
+                image_parent: image_parent.map(|(n, d): (NodeId, PathBuf)| (n, d, max_chain)),
+                thaw_failed,
+                reply,
+            },
+        );
+        pump(&s);
         tokio::spawn(async move {
             // Whatever happens below (even a panic), the node counts as settled at the end.
             struct Settled(NodeId, tokio::sync::watch::Sender<bool>, Arc<Shared>);
@@ -603,28 +645,10 @@ impl Actor {
                 }
             }
             let _settled = Settled(node.id, done_tx, s.clone());
-            let _permit = s.slots.clone().acquire_owned().await;
-            let node_id = node.id;
-            let kind = node.kind.clone();
-            let s2 = s.clone();
-            let r = tokio::task::spawn_blocking(move || {
-                Checkpoint {
-                    storage: s2.storage.as_ref(),
-                    parts: &s2.parts,
-                    timings: &s2.timings,
-                    sb: &sb,
-                    thaw_failed: &thaw_failed,
-                }
-                .take(
-                    &kind,
-                    node_id,
-                    &images,
-                    image_parent.map(|(n, d): (NodeId, PathBuf)| (n, d, max_chain)),
-                )
-            })
-            .await
-            .map_err(|e| anyhow!("checkpoint task panicked: {e}"))
-            .and_then(|r| r);
+            let r = rx
+                .await
+                .map_err(|_| anyhow!("the checkpoint ended without a result"))
+                .and_then(|r| r);
             match r {
                 Ok(art) => {
                     if let Err(e) = s.tree.commit_node(node_id, art) {

@@ -17,6 +17,7 @@ pub mod actor;
 mod error;
 pub mod fake;
 pub mod ports;
+pub mod sched;
 mod stats;
 
 use std::collections::HashMap;
@@ -38,6 +39,7 @@ use tracing::{info, warn};
 pub use actor::{StepOptions, StepOutcome};
 pub use error::{EngineError, Result};
 pub use ports::{Checkpointer, Chunk, Inspector, Limits, SandboxRuntime};
+pub use sched::Discipline;
 pub use stats::{dumped, percentile, EpisodeCharges, Timings};
 
 /// Service configuration.
@@ -46,8 +48,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub default_timeout_ms: u64,
     pub out_cap: usize,
-    /// Checkpoints running at once on this host.
+    /// Checkpoint batches running at once on this host (a promoted one may run past it).
     pub checkpoint_slots: usize,
+    /// How the host-wide checkpoint queue is ordered.
+    pub scheduler: Discipline,
     /// Longest parent-image chain behind an auto full node; 0: no page dedup.
     pub max_image_chain: usize,
     /// Sandboxes restored (or started) at once on this host: `fork --count N` queues the rest.
@@ -111,7 +115,8 @@ pub(crate) struct Shared {
     pub live: AtomicUsize,
     /// Checkpoints in flight, each with a flag set when it has committed or failed.
     pub in_flight: StdMutex<HashMap<NodeId, tokio::sync::watch::Receiver<bool>>>,
-    pub slots: Arc<Semaphore>,
+    /// The host-wide checkpoint queue.
+    pub sched: sched::Scheduler<CheckpointWork>,
     pub restores: Arc<Semaphore>,
     /// Cleanup left to run after an answer: replaced volumes and garbage.
     pub background: StdMutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -163,7 +168,7 @@ impl Engine {
                 tree: Arc::new(tree),
                 storage,
                 parts,
-                slots: Arc::new(Semaphore::new(config.checkpoint_slots.max(1))),
+                sched: sched::Scheduler::new(config.scheduler, config.checkpoint_slots.max(1)),
                 restores: Arc::new(Semaphore::new(config.restore_slots.max(1))),
                 config,
                 timings: Arc::default(),
@@ -917,20 +922,18 @@ impl Checkpoint<'_> {
         let started = Instant::now();
         let snap = format!("n{}", node.0);
         let mut t = NodeTimings::default();
-        let (mut image_dumped_bytes, mut image_parent_id) = (0, None);
+        let image_dumped_bytes;
+        let mut image_parent_id = None;
         let (snap_bytes, image_bytes, images_path) = match kind {
             NodeKind::Fs => {
-                let f = Instant::now();
-                parts.runtime.freeze(sb, true)?;
-                t.freeze_ms = f.elapsed().as_millis() as u64;
-                let s = Instant::now();
-                let r = storage.snapshot(&vol, &snap);
-                let thawed = thaw();
-                let info = r?;
-                thawed.context("thaw after the snapshot")?;
-                t.snapshot_ms = s.elapsed().as_millis() as u64;
-                timings.record_snapshot(s.elapsed().as_secs_f64() * 1e3);
-                (info.bytes, 0, None)
+                let item = FsItem {
+                    sb: sb.clone(),
+                    node,
+                    thaw_failed,
+                };
+                return fs_batch(storage, parts, timings, &[item])
+                    .pop()
+                    .expect("one result per item");
             }
             NodeKind::Full => {
                 // A task in vfork cannot be dumped: fail at once, before the inspector is
@@ -1015,6 +1018,147 @@ impl Checkpoint<'_> {
             image_parent: image_parent_id,
             timings: Some(t),
         })
+    }
+}
+
+/// One sandbox's fs checkpoint in a batch.
+pub(crate) struct FsItem<'a> {
+    pub sb: VolumeName,
+    pub node: NodeId,
+    pub thaw_failed: &'a std::sync::atomic::AtomicBool,
+}
+
+/// Fs checkpoints of several sandboxes at one frozen instant each: freeze them all, take their
+/// snapshots in one storage call, thaw them all, then make each durable. Results are in order.
+pub(crate) fn fs_batch(
+    storage: &dyn SnapshotBackend,
+    parts: &Parts,
+    timings: &Timings,
+    items: &[FsItem<'_>],
+) -> Vec<anyhow::Result<NodeArtifacts>> {
+    let started = Instant::now();
+    let mut out: Vec<Option<anyhow::Result<NodeArtifacts>>> = Vec::with_capacity(items.len());
+    let mut frozen = Vec::new();
+    for (i, it) in items.iter().enumerate() {
+        match parts.runtime.freeze(&it.sb, true) {
+            Ok(()) => {
+                frozen.push(i);
+                out.push(None);
+            }
+            Err(e) => out.push(Some(Err(e))),
+        }
+    }
+    let freeze_ms = started.elapsed().as_millis() as u64;
+    let vols: Vec<(String, String)> = frozen
+        .iter()
+        .map(|&i| (items[i].sb.to_string(), format!("n{}", items[i].node.0)))
+        .collect();
+    let refs: Vec<(&str, &str)> = vols.iter().map(|(v, s)| (v.as_str(), s.as_str())).collect();
+    let snap_started = Instant::now();
+    let snaps = if refs.is_empty() {
+        Vec::new()
+    } else {
+        storage.snapshot_many(&refs)
+    };
+    let snapshot_ms = snap_started.elapsed();
+    for (k, (&i, r)) in frozen.iter().zip(snaps).enumerate() {
+        let it = &items[i];
+        let thawed = parts.runtime.freeze(&it.sb, false);
+        if thawed.is_err() {
+            it.thaw_failed.store(true, Ordering::SeqCst);
+        }
+        let (vol, snap) = vols[k].clone();
+        out[i] = Some((|| {
+            let info = r?;
+            thawed.context("thaw after the snapshot")?;
+            timings.record_snapshot(snapshot_ms.as_secs_f64() * 1e3);
+            // The snapshot is made durable before the node is committed.
+            parts.runtime.sync_rootfs(&it.sb)?;
+            timings.record_checkpoint(started.elapsed().as_secs_f64() * 1e3);
+            Ok(NodeArtifacts {
+                snapshot: Some(SnapshotRef { volume: vol, snap }),
+                images: None,
+                bytes: info.bytes,
+                image_bytes: 0,
+                image_dumped_bytes: 0,
+                image_parent: None,
+                timings: Some(NodeTimings {
+                    freeze_ms,
+                    snapshot_ms: snapshot_ms.as_millis() as u64,
+                    total_ms: started.elapsed().as_millis() as u64,
+                    ..Default::default()
+                }),
+            })
+        })());
+    }
+    out.into_iter()
+        .map(|r| r.expect("every item has a result"))
+        .collect()
+}
+
+/// A queued checkpoint: what taking it needs, and where its result goes.
+pub(crate) struct CheckpointWork {
+    pub sb: VolumeName,
+    pub kind: NodeKind,
+    pub images: PathBuf,
+    pub image_parent: Option<(NodeId, PathBuf, usize)>,
+    pub thaw_failed: Arc<std::sync::atomic::AtomicBool>,
+    pub reply: tokio::sync::oneshot::Sender<anyhow::Result<NodeArtifacts>>,
+}
+
+/// Starts every checkpoint batch the scheduler hands out now, each on a blocking thread; each
+/// pumps again when it ends. Call after queueing or promoting a job.
+pub(crate) fn pump(s: &Arc<Shared>) {
+    while let Some(batch) = s.sched.next() {
+        let s2 = s.clone();
+        tokio::task::spawn_blocking(move || {
+            let promoted = batch[0].promoted;
+            let kind = batch[0].job.kind;
+            let n = batch.len();
+            let t = Instant::now();
+            for b in &batch {
+                s2.timings.record_queue_wait(b.queued.as_secs_f64() * 1e3);
+            }
+            run_batch(&s2, batch);
+            s2.sched
+                .finished(promoted, kind, t.elapsed().as_secs_f64() * 1e3 / n as f64);
+            pump(&s2);
+        });
+    }
+}
+
+fn run_batch(s: &Shared, batch: Vec<sched::Started<CheckpointWork>>) {
+    let works: Vec<(NodeId, CheckpointWork)> =
+        batch.into_iter().map(|b| (b.job.node, b.payload)).collect();
+    if works.len() > 1 {
+        let items: Vec<FsItem<'_>> = works
+            .iter()
+            .map(|(node, w)| FsItem {
+                sb: w.sb.clone(),
+                node: *node,
+                thaw_failed: &w.thaw_failed,
+            })
+            .collect();
+        let results = fs_batch(s.storage.as_ref(), &s.parts, &s.timings, &items);
+        drop(items);
+        for ((_, w), r) in works.into_iter().zip(results) {
+            let _ = w.reply.send(r);
+        }
+        return;
+    }
+    for (node, w) in works {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Checkpoint {
+                storage: s.storage.as_ref(),
+                parts: &s.parts,
+                timings: &s.timings,
+                sb: &w.sb,
+                thaw_failed: &w.thaw_failed,
+            }
+            .take(&w.kind, node, &w.images, w.image_parent.clone())
+        }))
+        .unwrap_or_else(|_| Err(anyhow!("checkpoint panicked")));
+        let _ = w.reply.send(r);
     }
 }
 

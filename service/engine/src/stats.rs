@@ -38,6 +38,8 @@ pub struct Timings {
     pub restore: Series,
     pub checkpoint: Series,
     pub dedup: Series,
+    /// Time checkpoints spent queued before they started.
+    pub queue_wait: Series,
 }
 
 impl Timings {
@@ -48,6 +50,7 @@ impl Timings {
             &self.restore,
             &self.checkpoint,
             &self.dedup,
+            &self.queue_wait,
         ] {
             s.0.lock().expect("timings lock").clear();
         }
@@ -66,6 +69,9 @@ impl Timings {
     }
     pub(crate) fn record_dedup(&self, ms: f64) {
         self.dedup.push(ms)
+    }
+    pub(crate) fn record_queue_wait(&self, ms: f64) {
+        self.queue_wait.push(ms)
     }
 }
 

@@ -39,6 +39,7 @@ fn rig_with(tune: impl FnOnce(&mut Config)) -> Rig {
         default_timeout_ms: 10_000,
         out_cap: 1 << 20,
         checkpoint_slots: 2,
+        scheduler: sandtree_engine::Discipline::Edf,
         max_image_chain: 4,
         restore_slots: 4,
         max_episodes: 64,
@@ -522,4 +523,83 @@ async fn stats_never_wait_behind_a_step() {
     assert!(t.elapsed() >= Duration::from_millis(1000));
     assert_eq!(slow.await.unwrap().unwrap().turn, 1);
     assert_consistent(&r).await;
+}
+
+/// A step's wait for its own episode's previous checkpoint, with one checkpoint place taken by
+/// another episode's slow dump.
+async fn wait_behind_a_slow_dump(discipline: sandtree_engine::Discipline) -> Duration {
+    let r = rig_with(|c| {
+        c.checkpoint_slots = 1;
+        c.scheduler = discipline;
+    });
+    r.parts.slow_dumps(800);
+    let (x, y) = (
+        create(&r, Policy::Auto).await,
+        create(&r, Policy::Auto).await,
+    );
+    // x's turn leaves a process running: a full checkpoint that holds the one place for 800 ms.
+    step(&r, &x, "sleep 1 &").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // y's turn changes files: its fs checkpoint queues behind x's dump.
+    step(&r, &y, "touch f").await.unwrap();
+    let out = r
+        .engine
+        .step(&y, "echo next".into(), StepOptions::default(), None)
+        .await
+        .unwrap();
+    assert_consistent(&r).await;
+    assert_eq!(node_at(&r, &y, 1).state, NodeState::Committed);
+    Duration::from_micros(out.waited_us)
+}
+
+#[tokio::test]
+async fn a_step_never_waits_for_another_episodes_checkpoint() {
+    let edf = wait_behind_a_slow_dump(sandtree_engine::Discipline::Edf).await;
+    let fifo = wait_behind_a_slow_dump(sandtree_engine::Discipline::Fifo).await;
+    // edf promotes y's own checkpoint past the cap; fifo (the old semaphore) makes it wait out
+    // x's dump, which shows the measurement can tell them apart.
+    assert!(edf < Duration::from_millis(300), "edf: waited {edf:?}");
+    assert!(fifo >= Duration::from_millis(500), "fifo: waited {fifo:?}");
+}
+
+#[tokio::test]
+async fn fs_checkpoints_due_together_are_one_storage_batch() {
+    let r = rig_with(|c| c.checkpoint_slots = 1);
+    r.parts.slow_dumps(500);
+    let x = create(&r, Policy::Auto).await;
+    let mut eps = Vec::new();
+    for _ in 0..3 {
+        eps.push(create(&r, Policy::Auto).await);
+    }
+    step(&r, &x, "sleep 1 &").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for ep in &eps {
+        step(&r, ep, "touch f").await.unwrap();
+    }
+    assert_consistent(&r).await;
+    let batches: Vec<String> = r
+        .storage
+        .calls()
+        .into_iter()
+        .filter(|c| c.starts_with("snapshot_many "))
+        .collect();
+    assert_eq!(batches.len(), 1, "one batch: {batches:?}");
+    assert_eq!(
+        batches[0].split(' ').count(),
+        4,
+        "three snapshots in it: {batches:?}"
+    );
+    for ep in &eps {
+        let n = node_at(&r, ep, 1);
+        assert_eq!((n.kind, n.state), (NodeKind::Fs, NodeState::Committed));
+    }
+    // Each snapshot was taken while its own sandbox was frozen.
+    let calls = r.parts.calls();
+    for ep in &eps {
+        let frozen = calls
+            .iter()
+            .filter(|c| c.starts_with("freeze") && c.contains(&ep.0))
+            .count();
+        assert!(frozen >= 2, "{ep}: freeze and thaw: {calls:?}");
+    }
 }
