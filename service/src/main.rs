@@ -596,7 +596,19 @@ async fn serve(
                 engine: engine.clone(),
                 image_lock: api.image_lock.clone(),
             });
-            Some(tokio::spawn(web::serve(l, api)))
+            // The engine's metrics go to this recorder; /metrics renders them.
+            let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .context("install the metrics recorder")?;
+            let upkeep = metrics.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+                loop {
+                    every.tick().await;
+                    upkeep.run_upkeep();
+                }
+            });
+            Some(tokio::spawn(web::serve(l, api, metrics)))
         }
         None => None,
     };

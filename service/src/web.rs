@@ -1,5 +1,6 @@
 //! `sandtree serve --http ADDR` (off by default): a read-only web view of the episode trees.
-//! `/` lists the episodes, `/episodes/{id}` is the page of `sandtree tree ID --html`. It asks
+//! `/` lists the episodes, `/episodes/{id}` is the page of `sandtree tree ID --html`, and
+//! `/metrics` the engine's metrics in the Prometheus text format. It asks
 //! the gRPC API in-process, so it shows exactly what Tree and ListEpisodes answer. A minimal
 //! HTTP/1.1 server (GET and HEAD only, one request per connection, no authentication: bind it
 //! to loopback).
@@ -12,7 +13,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::server::Api;
 
-pub async fn serve(listener: tokio::net::TcpListener, api: Arc<Api>) {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    api: Arc<Api>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) {
     loop {
         let (conn, _) = match listener.accept().await {
             Ok(c) => c,
@@ -22,15 +27,22 @@ pub async fn serve(listener: tokio::net::TcpListener, api: Arc<Api>) {
                 continue;
             }
         };
-        let api = api.clone();
+        let (api, metrics) = (api.clone(), metrics.clone());
         tokio::spawn(async move {
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(30), handle(conn, api)).await;
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                handle(conn, api, metrics),
+            )
+            .await;
         });
     }
 }
 
-async fn handle(mut conn: tokio::net::TcpStream, api: Arc<Api>) -> std::io::Result<()> {
+async fn handle(
+    mut conn: tokio::net::TcpStream,
+    api: Arc<Api>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 2048];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -58,6 +70,11 @@ async fn handle(mut conn: tokio::net::TcpStream, api: Arc<Api>) -> std::io::Resu
         return respond(&mut conn, 405, "text/plain", "only GET\n", true).await;
     }
     let path = target.split('?').next().unwrap_or("");
+    if path == "/metrics" {
+        api.engine.publish_gauges();
+        let body = metrics.render();
+        return respond(&mut conn, 200, "text/plain; version=0.0.4", &body, body_too).await;
+    }
     let (code, kind, body) = page(path, &api).await;
     respond(&mut conn, code, kind, &body, body_too).await
 }

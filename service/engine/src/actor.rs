@@ -492,6 +492,12 @@ impl Actor {
                 )
             }
         };
+        let verdict_kind = match verdict.kind {
+            VerdictKind::None => "none",
+            VerdictKind::Fs => "fs",
+            VerdictKind::Proc => "proc",
+        };
+        metrics::counter!(crate::stats::VERDICTS, "kind" => verdict_kind).increment(1);
         let appended = self.s.tree.append_turn(
             &id,
             NewTurn {
@@ -610,15 +616,16 @@ impl Actor {
             .insert(node.id, done_rx);
         // Queued now, so that a step arriving next finds it to promote.
         let node_id = node.id;
+        let kind = match node.kind {
+            NodeKind::Fs => JobKind::Fs,
+            _ => JobKind::Full,
+        };
         let (reply, rx) = oneshot::channel();
         s.sched.push(
             Job {
                 episode: episode.clone(),
                 node: node_id,
-                kind: match node.kind {
-                    NodeKind::Fs => JobKind::Fs,
-                    _ => JobKind::Full,
-                },
+                kind,
                 deadline,
             },
             CheckpointWork {
@@ -649,13 +656,19 @@ impl Actor {
                 .await
                 .map_err(|_| anyhow!("the checkpoint ended without a result"))
                 .and_then(|r| r);
+            let kind = if kind == JobKind::Fs { "fs" } else { "full" };
             match r {
                 Ok(art) => {
+                    metrics::counter!(crate::stats::CHECKPOINT_BYTES).increment(art.bytes);
+                    metrics::counter!(crate::stats::CHECKPOINTS, "kind" => kind, "result" => "committed")
+                        .increment(1);
                     if let Err(e) = s.tree.commit_node(node_id, art) {
                         warn!(%episode, node = %node_id, error = %e, "commit failed");
                     }
                 }
                 Err(e) => {
+                    metrics::counter!(crate::stats::CHECKPOINTS, "kind" => kind, "result" => "failed")
+                        .increment(1);
                     warn!(%episode, node = %node_id, error = format!("{e:#}"), "checkpoint failed");
                     let _ = s.tree.fail_node(node_id, &format!("{e:#}"));
                 }

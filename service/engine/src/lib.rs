@@ -446,13 +446,17 @@ impl Engine {
     ) -> Result<StepOutcome> {
         actor::check_command(&command)?;
         opts.validate(self.shared.config.out_cap)?;
-        actor::call(&self.shared, id, |reply| actor::Command::Step {
+        let t = Instant::now();
+        let out = actor::call(&self.shared, id, |reply| actor::Command::Step {
             command,
             opts,
             chunks,
             reply,
         })
-        .await
+        .await?;
+        metrics::histogram!(stats::STEP).record(t.elapsed().as_secs_f64());
+        metrics::histogram!(stats::STEP_CHECKPOINT_WAIT).record(out.waited_us as f64 / 1e6);
+        Ok(out)
     }
 
     /// Writes `data` to `path` inside the sandbox as a turn of its own (with its verdict and
@@ -517,6 +521,7 @@ impl Engine {
                 "fork count must be 1..={MAX_FORK_COUNT}, got {count}"
             )));
         }
+        let t = Instant::now();
         let mut admission = self.admit(count as usize)?;
         precheck(&self.shared.tree, src, turn)?;
         // The source's actor plans the forks after its pending checkpoint, so a fork never
@@ -561,10 +566,13 @@ impl Engine {
             }
             return Err(e);
         }
+        // Every fork is cold for now (a clone and a restore); warm forks will say "warm".
+        metrics::histogram!(stats::FORK, "kind" => "cold").record(t.elapsed().as_secs_f64());
         Ok(ids)
     }
 
     pub async fn rewind(&self, id: &EpisodeId, turn: u32) -> Result<()> {
+        let t = Instant::now();
         precheck(&self.shared.tree, id, turn)?;
         // A stopped episode takes a live place again; a live one keeps its own.
         let live = self
@@ -589,7 +597,23 @@ impl Engine {
                 }
             }
         }
+        metrics::histogram!(stats::REWIND).record(t.elapsed().as_secs_f64());
         Ok(())
+    }
+
+    /// Sets the gauges (live episodes, checkpoint queue) to their values now: call before
+    /// rendering the metrics.
+    pub fn publish_gauges(&self) {
+        let c = self.shared.sched.counts();
+        metrics::gauge!(stats::LIVE_EPISODES).set(self.live_episodes() as f64);
+        metrics::gauge!(stats::QUEUE_DEPTH).set(c.queued as f64);
+        metrics::gauge!(stats::CHECKPOINTS_RUNNING).set(c.running as f64);
+    }
+
+    /// The checkpoint scheduler's discipline, cap and counters.
+    pub fn scheduler(&self) -> (Discipline, usize, sched::Counts) {
+        let s = &self.shared.sched;
+        (s.discipline(), s.cap(), s.counts())
     }
 
     pub async fn delete(&self, id: &EpisodeId) -> Result<()> {
@@ -1118,6 +1142,12 @@ pub(crate) fn pump(s: &Arc<Shared>) {
             let t = Instant::now();
             for b in &batch {
                 s2.timings.record_queue_wait(b.queued.as_secs_f64() * 1e3);
+            }
+            if n > 1 {
+                metrics::counter!(stats::BATCHES).increment(1);
+            }
+            if promoted {
+                metrics::counter!(stats::PROMOTED).increment(1);
             }
             run_batch(&s2, batch);
             s2.sched

@@ -5,6 +5,27 @@ use std::sync::Mutex;
 
 use sandtree_branching::{Episode, Node, NodeKind, Tree};
 
+/// Metric names (Prometheus, through the `metrics` facade: whatever recorder the process
+/// installed gets them; `serve --http` renders them at /metrics). Latencies are in seconds.
+pub const STEP: &str = "sandtree_step_seconds";
+pub const STEP_CHECKPOINT_WAIT: &str = "sandtree_step_checkpoint_wait_seconds";
+pub const FORK: &str = "sandtree_fork_seconds";
+pub const REWIND: &str = "sandtree_rewind_seconds";
+pub const DUMP: &str = "sandtree_dump_seconds";
+pub const SNAPSHOT: &str = "sandtree_snapshot_seconds";
+pub const RESTORE: &str = "sandtree_restore_seconds";
+pub const CHECKPOINT: &str = "sandtree_checkpoint_seconds";
+pub const DEDUP: &str = "sandtree_dedup_seconds";
+pub const QUEUE_WAIT: &str = "sandtree_checkpoint_queue_wait_seconds";
+pub const CHECKPOINT_BYTES: &str = "sandtree_checkpoint_bytes_total";
+pub const CHECKPOINTS: &str = "sandtree_checkpoints_total";
+pub const VERDICTS: &str = "sandtree_verdicts_total";
+pub const BATCHES: &str = "sandtree_checkpoint_batches_total";
+pub const PROMOTED: &str = "sandtree_checkpoints_promoted_total";
+pub const LIVE_EPISODES: &str = "sandtree_live_episodes";
+pub const QUEUE_DEPTH: &str = "sandtree_checkpoint_queue_depth";
+pub const CHECKPOINTS_RUNNING: &str = "sandtree_checkpoints_running";
+
 /// Samples kept per series: the latest ones (older ones are dropped, so memory stays bounded).
 pub const MAX_SAMPLES: usize = 100_000;
 
@@ -56,21 +77,27 @@ impl Timings {
         }
     }
     pub(crate) fn record_dump(&self, ms: f64) {
+        metrics::histogram!(DUMP).record(ms / 1e3);
         self.dump.push(ms)
     }
     pub(crate) fn record_snapshot(&self, ms: f64) {
+        metrics::histogram!(SNAPSHOT).record(ms / 1e3);
         self.snapshot.push(ms)
     }
     pub(crate) fn record_restore(&self, ms: f64) {
+        metrics::histogram!(RESTORE).record(ms / 1e3);
         self.restore.push(ms)
     }
     pub(crate) fn record_checkpoint(&self, ms: f64) {
+        metrics::histogram!(CHECKPOINT).record(ms / 1e3);
         self.checkpoint.push(ms)
     }
     pub(crate) fn record_dedup(&self, ms: f64) {
+        metrics::histogram!(DEDUP).record(ms / 1e3);
         self.dedup.push(ms)
     }
     pub(crate) fn record_queue_wait(&self, ms: f64) {
+        metrics::histogram!(QUEUE_WAIT).record(ms / 1e3);
         self.queue_wait.push(ms)
     }
 }
