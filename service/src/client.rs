@@ -322,6 +322,15 @@ pub async fn stats(socket: &Path, json: bool) -> Result<ExitCode> {
         r.image_bytes, r.image_dumped_bytes, r.dedup_ms_p50, r.dedup_ms_p99
     );
     println!(
+        "scheduler {} (up to {} batches at once): queued p50/p99/max {:.1}/{:.1}/{:.1} ms, {} promoted, {} fs checkpoints in {} batches",
+        r.scheduler, r.checkpoint_slots, r.queue_wait_ms_p50, r.queue_wait_ms_p99, r.queue_wait_ms_max,
+        r.checkpoints_promoted, r.checkpoints_batched, r.checkpoint_batches
+    );
+    println!(
+        "running sandboxes hold {} B of anonymous memory",
+        r.sandbox_memory_bytes
+    );
+    println!(
         "{}; {} watched sandboxes use {} B of bpf maps",
         r.inspector, r.watched_sandboxes, r.sandbox_map_bytes
     );

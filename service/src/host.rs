@@ -136,6 +136,11 @@ impl SandboxRuntime for Host {
         Ok(sandbox.cgroup.request_freeze()?)
     }
 
+    fn memory_rss(&self, sb: &VolumeName) -> Option<u64> {
+        let (sandbox, _) = self.get(sb).ok()?;
+        sandbox.cgroup.memory_rss()
+    }
+
     fn sync_rootfs(&self, sb: &VolumeName) -> anyhow::Result<()> {
         let (sandbox, _) = self.get(sb)?;
         sandtree_runtime::sync_fs(&sandbox.rootfs)

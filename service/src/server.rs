@@ -500,6 +500,8 @@ impl pb::sandtree_server::Sandtree for Api {
         let reset = req.reset_timings;
         let e = &self.engine;
         let mut resp = pb::StatsResponse::default();
+        let memory: std::collections::HashMap<_, _> =
+            e.sandbox_memory().map_err(status)?.into_iter().collect();
         for (ep, c) in e.charges().await.map_err(status)? {
             let s = pb::EpisodeStats {
                 id: ep.id.to_string(),
@@ -513,7 +515,9 @@ impl pb::sandtree_server::Sandtree for Api {
                 nodes_full: c.nodes_full,
                 turns_shared: c.turns_shared,
                 page_dedup_saved_bytes: 0,
+                memory_bytes: memory.get(&ep.id).copied().unwrap_or(0),
             };
+            resp.sandbox_memory_bytes += s.memory_bytes;
             resp.checkpoint_bytes += s.checkpoint_bytes;
             resp.image_bytes += s.image_bytes;
             resp.image_dumped_bytes += s.image_dumped_bytes;
@@ -552,6 +556,15 @@ impl pb::sandtree_server::Sandtree for Api {
         resp.checkpoint_ms_p99 = percentile(&t.checkpoint, 0.99);
         resp.dedup_ms_p50 = percentile(&t.dedup, 0.5);
         resp.dedup_ms_p99 = percentile(&t.dedup, 0.99);
+        resp.queue_wait_ms_p50 = percentile(&t.queue_wait, 0.5);
+        resp.queue_wait_ms_p99 = percentile(&t.queue_wait, 0.99);
+        resp.queue_wait_ms_max = percentile(&t.queue_wait, 1.0);
+        let (discipline, cap, counts) = e.scheduler();
+        resp.scheduler = discipline.to_string();
+        resp.checkpoint_slots = cap as u32;
+        resp.checkpoints_promoted = counts.promoted;
+        resp.checkpoint_batches = counts.batches;
+        resp.checkpoints_batched = counts.batched_jobs;
         if reset {
             t.reset();
         }

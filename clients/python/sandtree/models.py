@@ -245,6 +245,7 @@ class EpisodeStats:
     turns_shared: int
     image_bytes: int
     image_dumped_bytes: int
+    memory_bytes: int  # anonymous memory (RSS) of its running sandbox; 0 when stopped
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,16 @@ class Stats:
     verdicts_fs_without_change: int
     watched_sandboxes: int
     sandbox_map_bytes: int
+    # The host-wide checkpoint scheduler (edf or fifo) and what it did.
+    scheduler: str
+    checkpoint_slots: int
+    checkpoints_promoted: int
+    checkpoint_batches: int
+    checkpoints_batched: int
+    queue_wait_ms_p50: float
+    queue_wait_ms_p99: float
+    queue_wait_ms_max: float
+    sandbox_memory_bytes: int
 
     @staticmethod
     def from_pb(m: pb.StatsResponse) -> Stats:

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use sandtree_client::{connect, rpc_err, Client};
 
 mod demo;
+mod density;
 pub use demo::demo;
 
 #[derive(clap::Args, Debug)]
@@ -76,6 +77,15 @@ pub struct BenchArgs {
     /// read their images and snapshots from disk. Host-wide: other work on the host slows too.
     #[arg(long)]
     cold: bool,
+    /// Density instead of the suite: N episodes of `--density-trajectory` at once, each thinking
+    /// `--think-ms` (default the trajectory's) ± 25% between steps, under policy none and then
+    /// auto under each of `--schedulers`, each on a fresh service (density.md / density.json).
+    #[arg(long)]
+    density: Option<usize>,
+    #[arg(long, default_value = "repair-background-worker")]
+    density_trajectory: String,
+    #[arg(long, default_value = "edf,fifo")]
+    schedulers: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -184,6 +194,11 @@ impl Managed {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The service's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn stop(&mut self) {
@@ -360,7 +375,7 @@ struct PolicyResult {
     confusion: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u32>>,
 }
 
-fn lcg(seed: &mut u64) -> u64 {
+pub(crate) fn lcg(seed: &mut u64) -> u64 {
     *seed = seed
         .wrapping_mul(6364136223846793005)
         .wrapping_add(1442695040888963407);
@@ -683,6 +698,9 @@ fn drop_caches() -> Result<()> {
 
 /// `sandtree bench`: `sandtree` is the CLI binary that serves the private service.
 pub async fn run(args: BenchArgs, sandtree: &Path) -> Result<std::process::ExitCode> {
+    if let Some(n) = args.density {
+        return density::run(&args, n, sandtree).await;
+    }
     let suite = load_suite(&args.suite, args.filter.as_deref())?;
     let policies: Vec<String> = args
         .policies

@@ -601,6 +601,24 @@ impl Engine {
         Ok(())
     }
 
+    /// Anonymous memory (RSS) of each running sandbox now, by episode: a cgroup read, not a
+    /// command, so it never waits for an actor.
+    pub fn sandbox_memory(&self) -> Result<Vec<(EpisodeId, u64)>> {
+        let mut out = Vec::new();
+        for ep in self.shared.tree.list_episodes(false)? {
+            if ep.status != EpisodeStatus::Running {
+                continue;
+            }
+            let Some(v) = ep.volume.as_deref().and_then(VolumeName::parse) else {
+                continue;
+            };
+            if let Some(b) = self.shared.parts.runtime.memory_rss(&v) {
+                out.push((ep.id, b));
+            }
+        }
+        Ok(out)
+    }
+
     /// Sets the gauges (live episodes, checkpoint queue) to their values now: call before
     /// rendering the metrics.
     pub fn publish_gauges(&self) {
@@ -608,6 +626,10 @@ impl Engine {
         metrics::gauge!(stats::LIVE_EPISODES).set(self.live_episodes() as f64);
         metrics::gauge!(stats::QUEUE_DEPTH).set(c.queued as f64);
         metrics::gauge!(stats::CHECKPOINTS_RUNNING).set(c.running as f64);
+        if let Ok(m) = self.sandbox_memory() {
+            metrics::gauge!(stats::SANDBOX_MEMORY)
+                .set(m.iter().map(|(_, b)| *b as f64).sum::<f64>());
+        }
     }
 
     /// The checkpoint scheduler's discipline, cap and counters.

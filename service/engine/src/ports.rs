@@ -112,6 +112,8 @@ pub trait SandboxRuntime: Send + Sync {
     fn release(&self);
     /// The largest limits a sandbox may get (the service's flags).
     fn max_limits(&self) -> Limits;
+    /// Anonymous memory (RSS) the sandbox's processes hold now; None if it cannot be read.
+    fn memory_rss(&self, sb: &VolumeName) -> Option<u64>;
 }
 
 /// What one dump cost and kept.

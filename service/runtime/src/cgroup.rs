@@ -293,6 +293,26 @@ impl Cgroup {
             .ino())
     }
 
+    /// Anonymous memory the sandbox's processes hold now (their RSS without the page cache):
+    /// v2 `memory.stat` `anon`, or v1 `memory.stat` `total_rss` on a hybrid host. None when
+    /// neither can be read.
+    pub fn memory_rss(&self) -> Option<u64> {
+        let stat = |dir: &Path, key: &str| -> Option<u64> {
+            let text = fs::read_to_string(dir.join("memory.stat")).ok()?;
+            text.lines().find_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                (k == key).then(|| v.trim().parse().ok()).flatten()
+            })
+        };
+        stat(&self.v2, "anon").or_else(|| {
+            self.v1.iter().find_map(|d| {
+                d.join("memory.stat")
+                    .exists()
+                    .then(|| stat(d, "total_rss"))?
+            })
+        })
+    }
+
     /// The `cgroup.procs` files that a process writes its pid into to join every leaf.
     pub fn procs_files(&self) -> Vec<PathBuf> {
         std::iter::once(&self.v2)
