@@ -297,7 +297,27 @@ fn tcp_calls_need_the_token_and_a_refused_call_changes_nothing() {
         })
         .await
         .unwrap();
-        list_latency(&mut u, &mut t, n).await
+        let list = list_latency(&mut u, &mut t, n).await;
+        // A no-effect step ("true"), 15 each way, taken in turn.
+        let (mut su, mut st) = (Vec::new(), Vec::new());
+        for _ in 0..15 {
+            for (c, v) in [(&mut u, &mut su), (&mut t, &mut st)] {
+                let req = pb::StepRequest {
+                    episode: ep.clone(),
+                    command: "true".into(),
+                    ..Default::default()
+                };
+                let t0 = Instant::now();
+                c.step(req).await.unwrap();
+                v.push(t0.elapsed());
+            }
+        }
+        println!(
+            "Step(\"true\") median of 15: unix socket {:?}, tcp with token {:?}",
+            median(su),
+            median(st)
+        );
+        list
     });
     println!(
         "ListEpisodes median of {n}: unix socket {:?}, tcp with token {:?}",
