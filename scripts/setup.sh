@@ -20,6 +20,8 @@ export DEBIAN_FRONTEND=noninteractive
 PKGS=(
   clang llvm libbpf-dev linux-libc-dev btrfs-progs zfs-fuse busybox-static debootstrap runc
   chromium patch iptables iproute2 protobuf-compiler pkg-config build-essential xz-utils dpkg-dev curl ca-certificates
+  # the self-signed certificates of the TLS tests (tests/tests/remote_calls_need_the_token.rs)
+  openssl
   # CRIU build dependencies (MACHINE-NOTES)
   libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler python3-protobuf libnl-3-dev libnet1-dev
   libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev python3

@@ -92,6 +92,8 @@ def main() -> int:
     a = ap.parse_args()
     cli = find_cli(a.cli)
     c = sandtree.Client(a.socket)
+    if c.socket is None:
+        raise SystemExit("bench_client.py measures the unix socket: give --socket, or unset SANDTREE_ADDR")
     env = {**os.environ, "SANDTREE_SOCKET": c.socket}
     h = c.health()
     print(f"sandtree {h.version}, storage {h.storage}; inspector: {h.inspector}")

@@ -1,10 +1,11 @@
-//! Client subcommands: each talks to the service over its unix socket.
+//! Client subcommands: each talks to the service over its unix socket or, with `--addr`, its TCP
+//! listener (`sandtree_client::Target`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use sandtree_client::{connect, rpc_err};
+use sandtree_client::{connect_to, rpc_err, Target};
 use sandtree_proto::v1 as pb;
 
 /// Parses repeated `KEY=VALUE` flags.
@@ -43,8 +44,12 @@ fn episode_json(e: &pb::EpisodeInfo) -> String {
     to_json(e)
 }
 
-pub async fn create(socket: &Path, req: pb::CreateEpisodeRequest, json: bool) -> Result<ExitCode> {
-    let mut c = connect(socket).await?;
+pub async fn create(
+    target: &Target,
+    req: pb::CreateEpisodeRequest,
+    json: bool,
+) -> Result<ExitCode> {
+    let mut c = connect_to(target).await?;
     let ep = c.create_episode(req).await.map_err(rpc_err)?.into_inner();
     if json {
         println!("{}", episode_json(&ep));
@@ -68,9 +73,9 @@ fn step_end(r: &pb::StepResponse) -> ExitCode {
     ExitCode::from((r.exit_code & 0xff) as u8)
 }
 
-pub async fn step(socket: &Path, req: pb::StepRequest, json: bool) -> Result<ExitCode> {
+pub async fn step(target: &Target, req: pb::StepRequest, json: bool) -> Result<ExitCode> {
     use std::io::Write;
-    let mut c = connect(socket).await?;
+    let mut c = connect_to(target).await?;
     if json {
         let r = c.step(req).await.map_err(rpc_err)?.into_inner();
         println!("{}", step_json(&r));
@@ -94,14 +99,14 @@ pub async fn step(socket: &Path, req: pb::StepRequest, json: bool) -> Result<Exi
 }
 
 pub async fn write_file(
-    socket: &Path,
+    target: &Target,
     episode: String,
     path: String,
     data: Vec<u8>,
     mode: u32,
     json: bool,
 ) -> Result<ExitCode> {
-    let r = connect(socket)
+    let r = connect_to(target)
         .await?
         .write_file(pb::WriteFileRequest {
             episode,
@@ -119,13 +124,13 @@ pub async fn write_file(
 }
 
 pub async fn read_file(
-    socket: &Path,
+    target: &Target,
     episode: String,
     path: String,
     max_bytes: u64,
 ) -> Result<ExitCode> {
     use std::io::Write;
-    let r = connect(socket)
+    let r = connect_to(target)
         .await?
         .read_file(pb::ReadFileRequest {
             episode,
@@ -146,8 +151,8 @@ pub async fn read_file(
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn delete(socket: &Path, episode: String) -> Result<ExitCode> {
-    connect(socket)
+pub async fn delete(target: &Target, episode: String) -> Result<ExitCode> {
+    connect_to(target)
         .await?
         .delete_episode(pb::DeleteEpisodeRequest { episode })
         .await
@@ -156,7 +161,7 @@ pub async fn delete(socket: &Path, episode: String) -> Result<ExitCode> {
 }
 
 pub async fn fork(
-    socket: &Path,
+    target: &Target,
     episode: String,
     turn: u32,
     count: u32,
@@ -165,7 +170,7 @@ pub async fn fork(
     if count == 0 {
         anyhow::bail!("--count must be at least 1");
     }
-    let r = connect(socket)
+    let r = connect_to(target)
         .await?
         .fork(pb::ForkRequest {
             episode,
@@ -185,8 +190,8 @@ pub async fn fork(
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn rewind(socket: &Path, episode: String, turn: u32) -> Result<ExitCode> {
-    connect(socket)
+pub async fn rewind(target: &Target, episode: String, turn: u32) -> Result<ExitCode> {
+    connect_to(target)
         .await?
         .rewind(pb::RewindRequest { episode, turn })
         .await
@@ -237,8 +242,8 @@ fn print_family(r: &pb::TreeResponse) {
     walk(&children, 0, 0);
 }
 
-pub async fn tree(socket: &Path, episode: String, json: bool, whole: bool) -> Result<ExitCode> {
-    let r = connect(socket)
+pub async fn tree(target: &Target, episode: String, json: bool, whole: bool) -> Result<ExitCode> {
+    let r = connect_to(target)
         .await?
         .tree(pb::TreeRequest {
             episode,
@@ -298,8 +303,8 @@ pub async fn tree(socket: &Path, episode: String, json: bool, whole: bool) -> Re
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn stats(socket: &Path, json: bool) -> Result<ExitCode> {
-    let r = connect(socket)
+pub async fn stats(target: &Target, json: bool) -> Result<ExitCode> {
+    let r = connect_to(target)
         .await?
         .stats(pb::StatsRequest::default())
         .await
@@ -356,8 +361,8 @@ pub async fn stats(socket: &Path, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn list(socket: &Path, req: pb::ListEpisodesRequest, json: bool) -> Result<ExitCode> {
-    let r = connect(socket)
+pub async fn list(target: &Target, req: pb::ListEpisodesRequest, json: bool) -> Result<ExitCode> {
+    let r = connect_to(target)
         .await?
         .list_episodes(req)
         .await
@@ -411,8 +416,8 @@ async fn follow(mut s: tonic::Streaming<pb::ImageProgress>) -> Result<()> {
     r
 }
 
-pub async fn build_image(socket: &Path, kind: String) -> Result<ExitCode> {
-    let s = connect(socket)
+pub async fn build_image(target: &Target, kind: String) -> Result<ExitCode> {
+    let s = connect_to(target)
         .await?
         .build_image(pb::BuildImageRequest { name: kind.clone() })
         .await
@@ -424,7 +429,7 @@ pub async fn build_image(socket: &Path, kind: String) -> Result<ExitCode> {
 }
 
 pub async fn import_image(
-    socket: &Path,
+    target: &Target,
     name: String,
     path: PathBuf,
     allow_setuid: bool,
@@ -433,7 +438,7 @@ pub async fn import_image(
     if !abs.exists() {
         anyhow::bail!("{} does not exist", abs.display());
     }
-    let s = connect(socket)
+    let s = connect_to(target)
         .await?
         .import_image(pb::ImportImageRequest {
             name: name.clone(),
@@ -448,8 +453,8 @@ pub async fn import_image(
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn list_images(socket: &Path) -> Result<ExitCode> {
-    let r = connect(socket)
+pub async fn list_images(target: &Target) -> Result<ExitCode> {
+    let r = connect_to(target)
         .await?
         .list_images(pb::ListImagesRequest {})
         .await
@@ -461,17 +466,17 @@ pub async fn list_images(socket: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn doctor(socket: &Path, json: bool) -> Result<ExitCode> {
+pub async fn doctor(target: &Target, json: bool) -> Result<ExitCode> {
     let probes = tokio::task::spawn_blocking(crate::doctor::probes).await?;
-    let storage = match connect(socket).await {
+    let storage = match connect_to(target).await {
         Ok(mut c) => match c.health(pb::HealthRequest {}).await {
             Ok(h) => {
                 let h = h.into_inner();
-                format!("service at {}: storage {}; {}", socket.display(), h.storage, h.inspector)
+                format!("service at {}: storage {}; {}", target, h.storage, h.inspector)
             }
-            Err(e) => format!("service at {} answered with an error: {}", socket.display(), e.message()),
+            Err(e) => format!("service at {} answered with an error: {}", target, e.message()),
         },
-        Err(_) => format!("service not running at {}; `sandtree serve` defaults to the loop-backed btrfs image in {}", socket.display(), crate::DEFAULT_DATA_DIR),
+        Err(_) => format!("service not running at {}; `sandtree serve` defaults to the loop-backed btrfs image in {}", target, crate::DEFAULT_DATA_DIR),
     };
     let failed = probes.iter().any(|p| p.required && !p.ok);
     if json {
@@ -564,9 +569,9 @@ fn trajectory_records(
 }
 
 /// `sandtree export EPISODE [--all-forks]`: the trajectory as JSON Lines on stdout.
-pub async fn export(socket: &Path, episode: String, all_forks: bool) -> Result<ExitCode> {
+pub async fn export(target: &Target, episode: String, all_forks: bool) -> Result<ExitCode> {
     use std::io::Write;
-    let mut c = connect(socket).await?;
+    let mut c = connect_to(target).await?;
     // The family view is the one that carries record ids; without --all-forks only the
     // records on the episode's live path are kept.
     let r = c
@@ -769,8 +774,8 @@ pub fn first_difference(
 
 /// `sandtree replay FILE`: exit 0 when every turn matches its record, 1 at the first
 /// divergence, 2 when it cannot replay.
-pub async fn replay(socket: &Path, args: ReplayArgs) -> Result<ExitCode> {
-    match replay_inner(socket, args).await {
+pub async fn replay(target: &Target, args: ReplayArgs) -> Result<ExitCode> {
+    match replay_inner(target, args).await {
         Ok(code) => Ok(code),
         Err(e) => {
             eprintln!("sandtree: replay: {e:#}");
@@ -779,7 +784,7 @@ pub async fn replay(socket: &Path, args: ReplayArgs) -> Result<ExitCode> {
     }
 }
 
-async fn replay_inner(socket: &Path, args: ReplayArgs) -> Result<ExitCode> {
+async fn replay_inner(target: &Target, args: ReplayArgs) -> Result<ExitCode> {
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("read {}", args.file.display()))?;
     let tr = read_trajectory(&text).with_context(|| format!("{}", args.file.display()))?;
@@ -809,7 +814,7 @@ async fn replay_inner(socket: &Path, args: ReplayArgs) -> Result<ExitCode> {
             w.turn
         );
     }
-    let mut c = connect(socket).await?;
+    let mut c = connect_to(target).await?;
     let ep = match args.from_turn {
         Some(t) => {
             let r = c
@@ -1160,8 +1165,8 @@ text.head {{ font: 11px monospace; fill: #d00; }}
 }
 
 /// `sandtree tree EPISODE --html FILE`.
-pub async fn tree_html_file(socket: &Path, episode: String, file: &Path) -> Result<ExitCode> {
-    let r = connect(socket)
+pub async fn tree_html_file(target: &Target, episode: String, file: &Path) -> Result<ExitCode> {
+    let r = connect_to(target)
         .await?
         .tree(pb::TreeRequest {
             episode,

@@ -3,6 +3,7 @@
 mod client;
 mod doctor;
 mod host;
+mod remote;
 mod server;
 mod web;
 
@@ -26,13 +27,30 @@ struct Cli {
     /// Socket of the service (client commands and serve).
     #[arg(long, global = true, env = "SANDTREE_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Reach the service on its TCP listener (`serve --listen`) instead of the socket; needs
+    /// --token-file.
+    #[arg(
+        long,
+        global = true,
+        env = "SANDTREE_ADDR",
+        value_name = "tcp://HOST:PORT"
+    )]
+    addr: Option<String>,
+    /// File holding the token (its content, trimmed; mode 0600 or 0400): client commands send
+    /// it with --addr, `serve --listen` requires it of every TCP call.
+    #[arg(long, global = true, env = "SANDTREE_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// With --addr: TLS, the service's certificate verified against this CA certificate (PEM).
+    #[arg(long, global = true, env = "SANDTREE_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the service: gRPC on a unix socket (mode 0600), metadata in redb.
+    /// Run the service: gRPC on a unix socket (mode 0600), and with --listen on TCP too (every
+    /// TCP call must carry the token of --token-file); metadata in redb.
     Serve {
         #[arg(long, env = "SANDTREE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
@@ -88,6 +106,17 @@ enum Cmd {
         /// Off by default; it has no authentication, so bind it to loopback.
         #[arg(long, value_name = "ADDR:PORT")]
         http: Option<std::net::SocketAddr>,
+        /// Also serve the gRPC API on TCP, beside the socket. Every call over TCP must carry
+        /// `authorization: Bearer <token>` with the token of --token-file (required; mode 0600
+        /// or 0400); calls on the socket need none.
+        #[arg(long, value_name = "tcp://HOST:PORT")]
+        listen: Option<String>,
+        /// With --listen: TLS on the TCP listener, with this certificate chain (PEM).
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// With --listen: the TLS certificate's private key (PEM).
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Create an episode; prints its id.
     Create {
@@ -310,8 +339,39 @@ fn main() -> ExitCode {
     }
 }
 
+/// Where a client command reaches the service: `--addr` (with its token) if given, else the
+/// socket.
+fn client_target(
+    socket: &std::path::Path,
+    addr: Option<&str>,
+    token_file: Option<&std::path::Path>,
+    tls_ca: Option<&std::path::Path>,
+) -> Result<sandtree_client::Target> {
+    let Some(addr) = addr else {
+        return Ok(sandtree_client::Target::Unix(socket.to_path_buf()));
+    };
+    let addr = sandtree_client::parse_tcp_addr(addr).context("--addr (SANDTREE_ADDR)")?;
+    let token_file = token_file.with_context(|| {
+        format!("--addr tcp://{addr} needs --token-file FILE (or SANDTREE_TOKEN_FILE): the service refuses every TCP call without its token")
+    })?;
+    Ok(sandtree_client::Target::Tcp(sandtree_client::Remote {
+        addr,
+        token: sandtree_client::read_token_file(token_file)?,
+        tls_ca: tls_ca.map(|p| p.to_path_buf()),
+    }))
+}
+
 async fn run(cli: Cli) -> Result<ExitCode> {
     let socket = cli.socket;
+    let (addr, token_file, tls_ca) = (cli.addr, cli.token_file, cli.tls_ca);
+    let target = || {
+        client_target(
+            &socket,
+            addr.as_deref(),
+            token_file.as_deref(),
+            tls_ca.as_deref(),
+        )
+    };
     match cli.cmd {
         Cmd::Serve {
             data_dir,
@@ -329,7 +389,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             sandbox_disk_mib,
             max_episodes,
             http,
+            listen,
+            tls_cert,
+            tls_key,
         } => {
+            // Checked first: a bad listener is refused before anything is set up.
+            let tcp = remote::Listener::configure(
+                listen.as_deref(),
+                token_file.as_deref(),
+                tls_cert.as_deref().zip(tls_key.as_deref()),
+            )?;
             if !(0.01..=1024.0).contains(&sandbox_cpus) {
                 anyhow::bail!("--sandbox-cpus must be between 0.01 and 1024, got {sandbox_cpus}");
             }
@@ -352,7 +421,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 max_episodes,
                 disk_bytes: sandbox_disk_mib << 20,
             };
-            serve(socket, config, storage, verdicts, limits, http).await?;
+            serve(socket.clone(), config, storage, verdicts, limits, http, tcp).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Create {
@@ -372,7 +441,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 pids: pids.unwrap_or(0),
                 cpus: cpus.unwrap_or(0.0),
             };
-            client::create(&socket, req, json).await
+            client::create(&target()?, req, json).await
         }
         Cmd::Step {
             episode,
@@ -400,7 +469,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 stdin,
                 max_output_bytes: max_output.unwrap_or(0),
             };
-            client::step(&socket, req, json).await
+            client::step(&target()?, req, json).await
         }
         Cmd::Write {
             episode,
@@ -414,31 +483,31 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .with_context(|| format!("--mode must be octal permission bits, got {mode:?}"))?;
             let mut data = Vec::new();
             std::io::Read::read_to_end(&mut std::io::stdin(), &mut data)?;
-            client::write_file(&socket, episode, path, data, mode, json).await
+            client::write_file(&target()?, episode, path, data, mode, json).await
         }
         Cmd::Read {
             episode,
             path,
             max_bytes,
-        } => client::read_file(&socket, episode, path, max_bytes).await,
-        Cmd::Delete { episode } => client::delete(&socket, episode).await,
+        } => client::read_file(&target()?, episode, path, max_bytes).await,
+        Cmd::Delete { episode } => client::delete(&target()?, episode).await,
         Cmd::Fork {
             episode,
             turn,
             count,
             json,
-        } => client::fork(&socket, episode, turn, count, json).await,
-        Cmd::Rewind { episode, turn } => client::rewind(&socket, episode, turn).await,
+        } => client::fork(&target()?, episode, turn, count, json).await,
+        Cmd::Rewind { episode, turn } => client::rewind(&target()?, episode, turn).await,
         Cmd::Tree {
             episode,
             json,
             whole,
             html,
         } => match html {
-            Some(file) => client::tree_html_file(&socket, episode, &file).await,
-            None => client::tree(&socket, episode, json, whole).await,
+            Some(file) => client::tree_html_file(&target()?, episode, &file).await,
+            None => client::tree(&target()?, episode, json, whole).await,
         },
-        Cmd::Export { episode, all_forks } => client::export(&socket, episode, all_forks).await,
+        Cmd::Export { episode, all_forks } => client::export(&target()?, episode, all_forks).await,
         Cmd::Replay {
             file,
             from_turn,
@@ -451,9 +520,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 image,
                 masks,
             };
-            client::replay(&socket, args).await
+            client::replay(&target()?, args).await
         }
-        Cmd::Stats { json } => client::stats(&socket, json).await,
+        Cmd::Stats { json } => client::stats(&target()?, json).await,
         Cmd::List {
             json,
             labels,
@@ -463,18 +532,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 labels: client::key_values(&labels, "--label")?,
                 status: status.unwrap_or_default(),
             };
-            client::list(&socket, req, json).await
+            client::list(&target()?, req, json).await
         }
         Cmd::Image { cmd } => match cmd {
-            ImageCmd::Build { kind } => client::build_image(&socket, kind).await,
+            ImageCmd::Build { kind } => client::build_image(&target()?, kind).await,
             ImageCmd::Import {
                 name,
                 path,
                 allow_setuid,
-            } => client::import_image(&socket, name, path, allow_setuid).await,
-            ImageCmd::List => client::list_images(&socket).await,
+            } => client::import_image(&target()?, name, path, allow_setuid).await,
+            ImageCmd::List => client::list_images(&target()?).await,
         },
-        Cmd::Doctor { json } => client::doctor(&socket, json).await,
+        Cmd::Doctor { json } => client::doctor(&target()?, json).await,
         // The bench and the demo are clients of the API (service/bench); they run this binary as
         // their private `sandtree serve`.
         Cmd::Bench(args) => {
@@ -519,6 +588,7 @@ async fn serve(
     verdicts: sandtree_runtime::inspect::Verdicts,
     limits: sandtree_runtime::cgroup::Limits,
     http: Option<std::net::SocketAddr>,
+    tcp: Option<remote::Listener>,
 ) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let data_dir = config.data_dir.clone();
@@ -612,27 +682,83 @@ async fn serve(
         }
         None => None,
     };
-    let shutdown = async {
+    // Room for the largest file write or read (runtime::shim::MAX_FILE_BYTES) and a step's stdin.
+    let grpc = |api: server::Api| {
+        sandtree_proto::v1::sandtree_server::SandtreeServer::new(api)
+            .max_decoding_message_size(80 << 20)
+            .max_encoding_message_size(80 << 20)
+    };
+    // The TCP listener is a server of its own: TLS (if any) and the token check apply to it
+    // only, never to the socket.
+    let tcp_server = match tcp {
+        None => None,
+        Some(l) => {
+            let listener = tokio::net::TcpListener::bind(l.addr)
+                .await
+                .with_context(|| format!("--listen: bind {}", l.addr))?;
+            let addr = listener.local_addr()?;
+            let mut builder = tonic::transport::Server::builder();
+            if let Some(tls) = l.tls.clone() {
+                builder = builder.tls_config(tls).context("--tls-cert/--tls-key")?;
+            }
+            if l.tls.is_none() && !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "the TCP listener has no TLS and is not on loopback: the token and every call cross the network in clear text (--tls-cert/--tls-key)");
+            }
+            tracing::info!(
+                tls = l.tls.is_some(),
+                "listening on tcp://{addr} (every call needs the token)"
+            );
+            let api = server::Api {
+                engine: engine.clone(),
+                image_lock: api.image_lock.clone(),
+            };
+            let svc = tonic::service::interceptor::InterceptedService::new(
+                grpc(api),
+                server::TokenCheck::new(&l.token),
+            );
+            let incoming = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                |s| {
+                    s.inspect(|s| {
+                        let _ = s.set_nodelay(true);
+                    })
+                },
+            );
+            Some((builder, svc, incoming))
+        }
+    };
+    // One signal stops both servers.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {},
             _ = term.recv() => {},
         }
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
     };
-    tonic::transport::Server::builder()
-        .add_service(
-            // Room for the largest file write or read (runtime::shim::MAX_FILE_BYTES) and a
-            // step's stdin.
-            sandtree_proto::v1::sandtree_server::SandtreeServer::new(api)
-                .max_decoding_message_size(80 << 20)
-                .max_encoding_message_size(80 << 20),
-        )
+    let unix = tonic::transport::Server::builder()
+        .add_service(grpc(api))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
-            shutdown,
-        )
-        .await?;
+            stopped(stop_rx.clone()),
+        );
+    let tcp = async {
+        match tcp_server {
+            Some((mut builder, svc, incoming)) => {
+                builder
+                    .add_service(svc)
+                    .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()))
+                    .await
+            }
+            None => Ok(()),
+        }
+    };
+    tokio::try_join!(unix, tcp)?;
     if let Some(w) = web {
         w.abort();
     }

@@ -1,5 +1,6 @@
-//! The gRPC edge: tonic service on a unix socket. Domain types become protobuf here and only
-//! here, and every engine error becomes a `tonic::Status` in [`status`].
+//! The gRPC edge: tonic service on a unix socket (and, with `serve --listen`, on TCP behind
+//! [`TokenCheck`]). Domain types become protobuf here and only here, and every engine error
+//! becomes a `tonic::Status` in [`status`].
 
 use std::path::Path;
 use std::pin::Pin;
@@ -57,10 +58,11 @@ pub fn status(e: EngineError) -> Status {
 }
 
 /// An error found at the edge, before the engine: the same `sandtree-error` kinds as
-/// [`status`].
+/// [`status`], and `unauthenticated` for a TCP call without the right token.
 fn edge_status(code: Code, msg: impl Into<String>) -> Status {
     let kind = match code {
         Code::InvalidArgument => "invalid_argument",
+        Code::Unauthenticated => "unauthenticated",
         _ => "internal",
     };
     let mut st = Status::new(code, msg.into());
@@ -69,6 +71,52 @@ fn edge_status(code: Code, msg: impl Into<String>) -> Status {
         tonic::metadata::MetadataValue::from_static(kind),
     );
     st
+}
+
+/// The check in front of every call on the TCP listener: the call must carry
+/// `authorization: Bearer <token>` with the service's token, compared in constant time (`subtle`;
+/// only the token's length can show in the timing). A call without it is refused with
+/// UNAUTHENTICATED before it reaches the service, so it has no effect.
+#[derive(Clone)]
+pub struct TokenCheck {
+    token: Arc<[u8]>,
+}
+
+impl TokenCheck {
+    pub fn new(token: &str) -> TokenCheck {
+        TokenCheck {
+            token: token.as_bytes().into(),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        use subtle::ConstantTimeEq;
+        let given = req
+            .metadata()
+            .get(sandtree_client::TOKEN_KEY)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        let peer = req.remote_addr();
+        match given {
+            Some(t) if bool::from(t.ct_eq(&self.token)) => Ok(req),
+            Some(_) => {
+                tracing::warn!(?peer, "refused a call over TCP: wrong token");
+                Err(edge_status(
+                    Code::Unauthenticated,
+                    "wrong token: not the one of this service's --token-file",
+                ))
+            }
+            None => {
+                tracing::warn!(?peer, "refused a call over TCP: no token");
+                Err(edge_status(
+                    Code::Unauthenticated,
+                    "missing token: a call over TCP must carry `authorization: Bearer <token>` \
+                     (sandtree --token-file FILE, or SANDTREE_TOKEN_FILE)",
+                ))
+            }
+        }
+    }
 }
 
 fn episode_id(s: &str) -> Result<EpisodeId, Status> {

@@ -3,6 +3,7 @@
     import sandtree
 
     c = sandtree.Client()                        # $SANDTREE_SOCKET, else /run/sandtree/sandtree.sock
+    # or a service's TCP listener: Client(addr="tcp://HOST:PORT", token_file="token")
     with c.create("busybox", labels={"task": "t1"}) as ep:    # deleted on exit
         ep.write_file("/workspace/a.py", b"print(1)\\n")     # a turn of its own
         r = ep.step("echo hi", timeout=30, env={"A": "1"})
@@ -28,6 +29,7 @@ from sandtree.errors import (
     ResourceExhausted,
     SandtreeError,
     StepTimeout,
+    Unauthenticated,
     Unavailable,
 )
 from sandtree.models import (
@@ -69,6 +71,7 @@ __all__ = [
     "StepTimeout",
     "Tree",
     "Turn",
+    "Unauthenticated",
     "Unavailable",
     "__version__",
 ]

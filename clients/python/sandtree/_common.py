@@ -1,11 +1,14 @@
-"""What the sync and the async client share: where the socket is, how to dial it, and how
-arguments become requests (so both clients check and send exactly the same thing)."""
+"""What the sync and the async client share: where the service is (its socket, or its TCP
+listener with the token), how to dial it, and how arguments become requests (so both clients
+check and send exactly the same thing)."""
 
 from __future__ import annotations
 
 import math
 import os
+import stat
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from sandtree._pb.v1 import sandtree_pb2 as pb
 from sandtree.errors import InvalidArgument, StepTimeout
@@ -34,6 +37,15 @@ CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
 ]
 
 
+TCP_CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+MAX_TOKEN_BYTES = 4096
+"""Longest token a token file may hold (the service's limit)."""
+
+
 def resolve_socket(socket: str | os.PathLike[str] | None) -> str:
     """The socket path: the argument, else $SANDTREE_SOCKET, else the service's default."""
     path = os.fspath(socket) if socket is not None else os.environ.get("SANDTREE_SOCKET") or DEFAULT_SOCKET
@@ -43,6 +55,106 @@ def resolve_socket(socket: str | os.PathLike[str] | None) -> str:
 def target(socket: str) -> str:
     """The gRPC target of an absolute socket path."""
     return f"unix://{socket}"
+
+
+def parse_tcp_addr(addr: str) -> str:
+    """`tcp://HOST:PORT` -> `HOST:PORT` (the one form `addr` and `serve --listen` take)."""
+    rest = addr.removeprefix("tcp://")
+    host, _, port = rest.rpartition(":")
+    if rest == addr or not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"address {addr!r} must be tcp://HOST:PORT")
+    return rest
+
+
+def read_token_file(path: str | os.PathLike[str]) -> str:
+    """The token in `path`: its content, trimmed. Refused as the service refuses it: not a
+    regular file, any permission for group or others (it must be 0600 or 0400), empty, over
+    4096 bytes, or not printable ASCII."""
+    p = os.fspath(path)
+    try:
+        st = os.stat(p)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidArgument(f"token file {p} is not a regular file")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            raise InvalidArgument(
+                f"token file {p} has mode {mode:04o}: group and others must have no access (chmod 600 {p})"
+            )
+        with open(p, "rb") as f:
+            raw = f.read(MAX_TOKEN_BYTES * 2)
+    except OSError as e:
+        raise InvalidArgument(f"token file {p}: {e.strerror or e}") from None
+    token = raw.strip()
+    if not token:
+        raise InvalidArgument(f"token file {p} is empty")
+    if len(token) > MAX_TOKEN_BYTES:
+        raise InvalidArgument(f"token file {p} holds more than {MAX_TOKEN_BYTES} bytes")
+    if not all(0x21 <= b <= 0x7E for b in token):
+        raise InvalidArgument(
+            f"token file {p}: the token must be printable ASCII without spaces (e.g. `openssl rand -hex 32`)"
+        )
+    return token.decode()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a client reaches the service: its unix socket (no token), or the `HOST:PORT` of
+    its TCP listener with the token every call carries and, for TLS, the CA certificate (PEM)
+    that the service's certificate must chain to."""
+
+    socket: str | None = None
+    addr: str | None = None
+    token: str | None = field(default=None, repr=False)
+    tls_ca: bytes | None = field(default=None, repr=False)
+
+    @property
+    def where(self) -> str:
+        """The socket path, or `tcp://HOST:PORT`, for messages."""
+        return self.socket if self.socket is not None else f"tcp://{self.addr}"
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """What every call sends: the token on TCP, nothing on the socket."""
+        return (("authorization", f"Bearer {self.token}"),) if self.token is not None else None
+
+    def target(self) -> str:
+        return target(self.socket) if self.socket is not None else str(self.addr)
+
+    def options(self) -> list[tuple[str, int | str]]:
+        return CHANNEL_OPTIONS if self.socket is not None else TCP_CHANNEL_OPTIONS
+
+
+def resolve_endpoint(
+    socket: str | os.PathLike[str] | None,
+    addr: str | None,
+    token_file: str | os.PathLike[str] | None,
+    tls_ca: str | os.PathLike[str] | None,
+) -> Endpoint:
+    """The `socket` argument, else the `addr` argument, else $SANDTREE_ADDR, else
+    $SANDTREE_SOCKET, else the default socket. A TCP address needs a token file (the argument,
+    else $SANDTREE_TOKEN_FILE); `tls_ca` (else $SANDTREE_TLS_CA) turns TLS on."""
+    if socket is not None and addr is not None:
+        raise InvalidArgument("give socket or addr, not both")
+    if socket is None and addr is None:
+        addr = os.environ.get("SANDTREE_ADDR") or None
+    if addr is None:
+        return Endpoint(socket=resolve_socket(socket))
+    hostport = parse_tcp_addr(addr)
+    token_file = token_file if token_file is not None else os.environ.get("SANDTREE_TOKEN_FILE") or None
+    if token_file is None:
+        raise InvalidArgument(
+            f"addr {addr} needs token_file= (or $SANDTREE_TOKEN_FILE): the service refuses every "
+            "call over TCP without its token"
+        )
+    ca_path = tls_ca if tls_ca is not None else os.environ.get("SANDTREE_TLS_CA") or None
+    ca = None
+    if ca_path is not None:
+        try:
+            with open(ca_path, "rb") as f:
+                ca = f.read()
+        except OSError as e:
+            raise InvalidArgument(f"tls_ca {os.fspath(ca_path)}: {e.strerror or e}") from None
+    return Endpoint(addr=hostport, token=read_token_file(token_file), tls_ca=ca)
 
 
 def check_count(n: int) -> None:

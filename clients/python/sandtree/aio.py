@@ -24,16 +24,14 @@ import grpc
 import grpc.aio
 
 from sandtree._common import (
-    CHANNEL_OPTIONS,
     check_count,
     checked,
     create_request,
     list_request,
     read_request,
     read_result,
-    resolve_socket,
+    resolve_endpoint,
     step_request,
-    target,
     write_request,
 )
 from sandtree._pb.v1 import sandtree_pb2 as pb
@@ -49,20 +47,36 @@ Progress = Callable[[str], None]
 class AsyncClient:
     """A grpc.aio connection to the sandtree service; create it inside the event loop that uses it.
 
-    `socket`: the argument, else $SANDTREE_SOCKET, else /run/sandtree/sandtree.sock. See
+    `socket`: the argument, else $SANDTREE_SOCKET, else /run/sandtree/sandtree.sock; or `addr`,
+    `token_file` and `tls_ca` for a TCP listener, as for `sandtree.Client`. See
     `sandtree.Client` for what each method does; here each is awaited.
     """
 
-    def __init__(self, socket: str | os.PathLike[str] | None = None) -> None:
-        self.socket = resolve_socket(socket)
-        self._channel = grpc.aio.insecure_channel(target(self.socket), options=CHANNEL_OPTIONS)
+    def __init__(
+        self,
+        socket: str | os.PathLike[str] | None = None,
+        *,
+        addr: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.endpoint = resolve_endpoint(socket, addr, token_file, tls_ca)
+        self.socket = self.endpoint.socket
+        self.addr = None if self.endpoint.addr is None else f"tcp://{self.endpoint.addr}"
+        ep = self.endpoint
+        if ep.tls_ca is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=ep.tls_ca)
+            self._channel = grpc.aio.secure_channel(ep.target(), creds, options=ep.options())
+        else:
+            self._channel = grpc.aio.insecure_channel(ep.target(), options=ep.options())
+        self._metadata = ep.metadata
         self._stub = pb_grpc.SandtreeStub(self._channel)  # type: ignore[no-untyped-call]  # generated, untyped
 
     async def _call(self, method: str, request: Any) -> Any:
         try:
-            return await getattr(self._stub, method)(request)
+            return await getattr(self._stub, method)(request, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise from_rpc_error(e, self.socket) from None
+            raise from_rpc_error(e, self.endpoint.where) from None
 
     async def health(self) -> Health:
         """The service's version, storage, inspector and host probes."""
@@ -113,7 +127,9 @@ class AsyncClient:
 
     async def build_image(self, kind: str, progress: Progress | None = None) -> str:
         """Builds image `kind` (busybox | debian); `progress` gets each progress line."""
-        await self._follow(self._stub.BuildImage(pb.BuildImageRequest(name=kind)), progress)
+        await self._follow(
+            self._stub.BuildImage(pb.BuildImageRequest(name=kind), metadata=self._metadata), progress
+        )
         return kind
 
     async def import_image(
@@ -121,7 +137,7 @@ class AsyncClient:
     ) -> str:
         """Imports a rootfs, tarball, OCI layout or docker-save archive at `path` (on the service's host)."""
         req = pb.ImportImageRequest(name=name, path=os.path.abspath(os.fspath(path)))
-        await self._follow(self._stub.ImportImage(req), progress)
+        await self._follow(self._stub.ImportImage(req, metadata=self._metadata), progress)
         return name
 
     async def _follow(self, stream: AsyncIterator[pb.ImageProgress], progress: Progress | None) -> None:
@@ -132,7 +148,7 @@ class AsyncClient:
                 if progress is not None:
                     progress(m.message)
         except grpc.RpcError as e:
-            raise from_rpc_error(e, self.socket) from None
+            raise from_rpc_error(e, self.endpoint.where) from None
 
     async def close(self) -> None:
         await self._channel.close()
@@ -149,6 +165,8 @@ class AsyncClient:
         await self.close()
 
     def __repr__(self) -> str:
+        if self.addr is not None:
+            return f"AsyncClient(addr={self.addr!r})"
         return f"AsyncClient(socket={self.socket!r})"
 
 
@@ -222,7 +240,7 @@ class AsyncEpisode:
                     print(item.stream, item.data)
         """
         req = step_request(self.id, cmd, timeout, env, cwd, stdin, max_output)
-        call = self.client._stub.StepStream(req)
+        call = self.client._stub.StepStream(req, metadata=self.client._metadata)
         try:
             async for ev in call:
                 which = ev.WhichOneof("event")
@@ -232,7 +250,7 @@ class AsyncEpisode:
                 if which == "stdout" or which == "stderr":
                     yield Chunk(which, bytes(getattr(ev, which)))
         except grpc.RpcError as e:
-            raise from_rpc_error(e, self.client.socket) from None
+            raise from_rpc_error(e, self.client.endpoint.where) from None
         finally:
             call.cancel()
 

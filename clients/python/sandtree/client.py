@@ -22,16 +22,14 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from sandtree._common import (
-    CHANNEL_OPTIONS,
     check_count,
     checked,
     create_request,
     list_request,
     read_request,
     read_result,
-    resolve_socket,
+    resolve_endpoint,
     step_request,
-    target,
     write_request,
 )
 from sandtree._pb.v1 import sandtree_pb2 as pb
@@ -48,19 +46,39 @@ Progress = Callable[[str], None]
 
 
 class Client:
-    """A connection to the sandtree service on its unix socket.
+    """A connection to the sandtree service on its unix socket, or on its TCP listener.
 
-    `socket`: the argument, else $SANDTREE_SOCKET, else /run/sandtree/sandtree.sock. Connecting
-    is lazy: a service that is not running shows as `Unavailable` on the first call. Thread-safe;
-    close it (or use it as a context manager) when done::
+    `socket`: the argument, else $SANDTREE_SOCKET, else /run/sandtree/sandtree.sock. Or
+    `addr="tcp://HOST:PORT"` (else $SANDTREE_ADDR, when no `socket` is given): the listener of
+    `sandtree serve --listen`, with `token_file` (else $SANDTREE_TOKEN_FILE; mode 0600 or 0400)
+    whose token every call carries, and `tls_ca` (else $SANDTREE_TLS_CA), a CA certificate (PEM),
+    for a listener with TLS. A bad token file raises `InvalidArgument` here; a wrong token
+    raises `Unauthenticated` on the first call. Connecting is lazy: a service that is not
+    running shows as `Unavailable` on the first call. Thread-safe; close it (or use it as a
+    context manager) when done::
 
         with sandtree.Client() as c:
             ep = c.create("busybox", policy="auto", labels={"task": "t1"})
     """
 
-    def __init__(self, socket: str | os.PathLike[str] | None = None) -> None:
-        self.socket = resolve_socket(socket)
-        self._channel = grpc.insecure_channel(target(self.socket), options=CHANNEL_OPTIONS)
+    def __init__(
+        self,
+        socket: str | os.PathLike[str] | None = None,
+        *,
+        addr: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.endpoint = resolve_endpoint(socket, addr, token_file, tls_ca)
+        self.socket = self.endpoint.socket
+        self.addr = None if self.endpoint.addr is None else f"tcp://{self.endpoint.addr}"
+        ep = self.endpoint
+        if ep.tls_ca is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=ep.tls_ca)
+            self._channel = grpc.secure_channel(ep.target(), creds, options=ep.options())
+        else:
+            self._channel = grpc.insecure_channel(ep.target(), options=ep.options())
+        self._metadata = ep.metadata
         self._stub = pb_grpc.SandtreeStub(self._channel)  # type: ignore[no-untyped-call]  # generated, untyped
 
     @contextmanager
@@ -68,11 +86,11 @@ class Client:
         try:
             yield
         except grpc.RpcError as e:
-            raise from_rpc_error(e, self.socket) from None
+            raise from_rpc_error(e, self.endpoint.where) from None
 
     def _call(self, method: str, request: Any) -> Any:
         with self._errors():
-            return getattr(self._stub, method)(request)
+            return getattr(self._stub, method)(request, metadata=self._metadata)
 
     def health(self) -> Health:
         """The service's version, storage, inspector and host probes."""
@@ -198,6 +216,8 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
+        if self.addr is not None:
+            return f"Client(addr={self.addr!r})"
         return f"Client(socket={self.socket!r})"
 
 

@@ -9,9 +9,9 @@ Every exception is a `SandtreeError` carrying the service's own message::
 
 The service names the kind of every error it answers with in the trailing metadata key
 `sandtree-error` (not_found | invalid_argument | out_of_range | not_restorable | precondition |
-exhausted | internal); the exception class follows that kind, and the gRPC status code when the
-key is absent (errors raised before a request reaches the engine, e.g. a malformed episode id,
-and errors of gRPC itself).
+exhausted | unauthenticated | internal); the exception class follows that kind, and the gRPC
+status code when the key is absent (errors raised before a request reaches the engine, e.g. a
+malformed episode id, and errors of gRPC itself).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ __all__ = [
     "ResourceExhausted",
     "SandtreeError",
     "StepTimeout",
+    "Unauthenticated",
     "Unavailable",
     "from_rpc_error",
 ]
@@ -91,6 +92,11 @@ class ResourceExhausted(SandtreeError):
     limit (RESOURCE_EXHAUSTED; kind exhausted)."""
 
 
+class Unauthenticated(SandtreeError):
+    """A call over TCP without the service's token, or with another one (UNAUTHENTICATED; kind
+    unauthenticated): check `token_file` / $SANDTREE_TOKEN_FILE. The call did nothing."""
+
+
 class Unavailable(SandtreeError):
     """The service cannot be reached: not running, wrong socket, no permission (UNAVAILABLE)."""
 
@@ -129,6 +135,7 @@ _BY_KIND: dict[str, type[SandtreeError]] = {
     "not_restorable": NotRestorable,
     "precondition": FailedPrecondition,
     "exhausted": ResourceExhausted,
+    "unauthenticated": Unauthenticated,
     "internal": Internal,
 }
 
@@ -138,6 +145,7 @@ _BY_CODE: dict[grpc.StatusCode, type[SandtreeError]] = {
     grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: Cancelled,
@@ -153,7 +161,8 @@ def _kind(metadata: Iterable[Any] | None) -> str | None:
 
 
 def from_rpc_error(e: grpc.RpcError, socket: str) -> SandtreeError:
-    """The exception for a failed call to the service at `socket` (sync or grpc.aio)."""
+    """The exception for a failed call to the service at `socket` (a socket path, or
+    `tcp://HOST:PORT`) (sync or grpc.aio)."""
     if not isinstance(e, grpc.Call | grpc.aio.AioRpcError):
         return Internal(str(e))
     code = e.code()
@@ -162,6 +171,14 @@ def from_rpc_error(e: grpc.RpcError, socket: str) -> SandtreeError:
         kind = _kind(e.trailing_metadata())
     except Exception:  # a call that failed before it had metadata
         kind = None
+    if code == grpc.StatusCode.UNAVAILABLE and socket.startswith("tcp://"):
+        return Unavailable(
+            f"the sandtree service is not reachable at {socket} ({details}); start it there with "
+            f"`sandtree serve --listen {socket} --token-file FILE`, or point SANDTREE_ADDR or "
+            "Client(addr=...) at the listener of a running service",
+            code,
+            kind,
+        )
     if code == grpc.StatusCode.UNAVAILABLE:
         return Unavailable(
             f"the sandtree service is not reachable at {socket} ({details}); start it with "

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -57,16 +59,35 @@ def _term_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-class Service:
-    """One `sandtree serve` child process and its directory."""
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
-    def __init__(self, binary: Path) -> None:
+
+def write_token(path: Path, mode: int = 0o600) -> Path:
+    """A long random token in `path`, with `mode`."""
+    path.write_text(secrets.token_hex(32) + "\n")
+    path.chmod(mode)
+    return path
+
+
+class Service:
+    """One `sandtree serve` child process and its directory. Besides its socket it listens on
+    TCP at `addr` (127.0.0.1, a free port), where every call needs the token in `token_file`."""
+
+    def __init__(self, binary: Path, storage: str = "btrfs", extra: tuple[str, ...] = ()) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="sandtree-py-"))
         self.socket = str(self.dir / "s.sock")
         self.log = self.dir / "serve.log"
+        self.addr = f"tcp://127.0.0.1:{free_port()}"
+        self.token_file = str(write_token(self.dir / "token"))
+        cmd = [str(binary), "serve", "--storage", storage, "--data-dir", str(self.dir / "data")]
+        cmd += ["--socket", self.socket, "--listen", self.addr, "--token-file", self.token_file, *extra]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(binary), "serve", "--data-dir", str(self.dir / "data"), "--socket", self.socket],
+                cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
