@@ -165,6 +165,7 @@ pub async fn fork(
     episode: String,
     turn: u32,
     count: u32,
+    keep_warm: u32,
     json: bool,
 ) -> Result<ExitCode> {
     if count == 0 {
@@ -176,6 +177,7 @@ pub async fn fork(
             episode,
             turn,
             count,
+            keep_warm,
         })
         .await
         .map_err(rpc_err)?
@@ -186,6 +188,34 @@ pub async fn fork(
         for id in r.episodes {
             println!("{id}");
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn prepare(
+    target: &Target,
+    episode: String,
+    turn: u32,
+    count: u32,
+    json: bool,
+) -> Result<ExitCode> {
+    let r = connect_to(target)
+        .await?
+        .prepare(pb::PrepareRequest {
+            episode,
+            turn,
+            count,
+        })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    if json {
+        println!("{}", to_json(&r));
+    } else {
+        println!(
+            "{} warm copies ready ({} B; every warm copy: {} B; {} evicted)",
+            r.ready, r.memory_bytes, r.warm_bytes, r.evicted
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -334,6 +364,10 @@ pub async fn stats(target: &Target, json: bool) -> Result<ExitCode> {
     println!(
         "running sandboxes hold {} B of anonymous memory",
         r.sandbox_memory_bytes
+    );
+    println!(
+        "warm copies {} holding {} B; forks took {} and found none {} times; {} evicted",
+        r.warm_copies, r.warm_memory_bytes, r.warm_hits, r.warm_misses, r.warm_evicted
     );
     println!(
         "{}; {} watched sandboxes use {} B of bpf maps",
@@ -822,6 +856,7 @@ async fn replay_inner(target: &Target, args: ReplayArgs) -> Result<ExitCode> {
                     episode: tr.root.clone(),
                     turn: t,
                     count: 1,
+                    keep_warm: 0,
                 })
                 .await
                 .map_err(|s| {

@@ -96,6 +96,11 @@ enum Cmd {
         /// Enforced by btrfs quota groups or zfs refquota; the dir backend has none.
         #[arg(long, default_value_t = 10240)]
         sandbox_disk_mib: u64,
+        /// Memory in MiB that warm copies (`sandtree prepare`, fork --keep-warm) may hold in
+        /// all, their anonymous memory measured frozen; past it the least recently used node's
+        /// copies are evicted. 0: no warm copies.
+        #[arg(long, default_value_t = 1024)]
+        warm_budget_mib: u64,
         /// Live episodes (running sandboxes) on this host; create and fork beyond it are
         /// refused with RESOURCE_EXHAUSTED. With the memory limit this bounds the committed
         /// memory: max-episodes x sandbox-memory-mib.
@@ -189,6 +194,20 @@ enum Cmd {
         #[arg(long)]
         turn: u32,
         #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Afterwards, refill the node's warm copies to this many in the background.
+        #[arg(long, default_value_t = 0)]
+        keep_warm: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Keep N warm copies of the node at a turn ready (restored, frozen): a fork then takes one
+    /// and thaws it instead of restoring. 0 drops them.
+    Prepare {
+        episode: String,
+        #[arg(long)]
+        turn: u32,
+        #[arg(long)]
         count: u32,
         #[arg(long)]
         json: bool,
@@ -387,6 +406,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             sandbox_pids,
             sandbox_cpus,
             sandbox_disk_mib,
+            warm_budget_mib,
             max_episodes,
             http,
             listen,
@@ -420,6 +440,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 restore_slots,
                 max_episodes,
                 disk_bytes: sandbox_disk_mib << 20,
+                warm_budget_bytes: warm_budget_mib << 20,
             };
             serve(socket.clone(), config, storage, verdicts, limits, http, tcp).await?;
             Ok(ExitCode::SUCCESS)
@@ -495,8 +516,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             episode,
             turn,
             count,
+            keep_warm,
             json,
-        } => client::fork(&target()?, episode, turn, count, json).await,
+        } => client::fork(&target()?, episode, turn, count, keep_warm, json).await,
+        Cmd::Prepare {
+            episode,
+            turn,
+            count,
+            json,
+        } => client::prepare(&target()?, episode, turn, count, json).await,
         Cmd::Rewind { episode, turn } => client::rewind(&target()?, episode, turn).await,
         Cmd::Tree {
             episode,

@@ -484,13 +484,43 @@ impl pb::sandtree_server::Sandtree for Api {
     ) -> Result<Response<pb::ForkResponse>, Status> {
         let r = req.into_inner();
         let id = episode_id(&r.episode)?;
-        let ids = self
+        if r.keep_warm > sandtree_engine::MAX_FORK_COUNT {
+            return Err(edge_status(
+                Code::InvalidArgument,
+                format!(
+                    "keep_warm must be 0..={}, got {}",
+                    sandtree_engine::MAX_FORK_COUNT,
+                    r.keep_warm
+                ),
+            ));
+        }
+        let out = self
             .engine
-            .fork(&id, r.turn, r.count)
+            .fork_with(&id, r.turn, r.count, r.keep_warm)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::ForkResponse {
-            episodes: ids.into_iter().map(|i| i.to_string()).collect(),
+            episodes: out.ids.into_iter().map(|i| i.to_string()).collect(),
+            warm: out.warm as u32,
+        }))
+    }
+
+    async fn prepare(
+        &self,
+        req: Request<pb::PrepareRequest>,
+    ) -> Result<Response<pb::PrepareResponse>, Status> {
+        let r = req.into_inner();
+        let id = episode_id(&r.episode)?;
+        let p = self
+            .engine
+            .prepare(&id, r.turn, r.count)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::PrepareResponse {
+            ready: p.ready,
+            memory_bytes: p.node_bytes,
+            warm_bytes: p.total_bytes,
+            evicted: p.evicted,
         }))
     }
 
@@ -613,6 +643,12 @@ impl pb::sandtree_server::Sandtree for Api {
         resp.checkpoints_promoted = counts.promoted;
         resp.checkpoint_batches = counts.batches;
         resp.checkpoints_batched = counts.batched_jobs;
+        let w = e.warm_counts();
+        resp.warm_copies = w.copies as u32;
+        resp.warm_memory_bytes = w.bytes;
+        resp.warm_hits = w.hits;
+        resp.warm_misses = w.misses;
+        resp.warm_evicted = w.evicted;
         if reset {
             t.reset();
         }

@@ -30,7 +30,10 @@ fn sixteen_python_workers_under_edf_and_fifo() {
     assert!(o.status.success(), "bench failed: {}", tail(&log));
     let r: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("density.json")).unwrap()).unwrap();
-    eprintln!("{}", std::fs::read_to_string(out.join("density.md")).unwrap());
+    eprintln!(
+        "{}",
+        std::fs::read_to_string(out.join("density.md")).unwrap()
+    );
     let _ = std::fs::remove_dir_all(&out);
     let run = |s: &str, p: &str| {
         r["runs"]
@@ -52,7 +55,10 @@ fn sixteen_python_workers_under_edf_and_fifo() {
         assert_eq!(x["nodes_fs"], 32, "{x}");
         assert_eq!(x["nodes_full"], 64, "{x}");
     }
-    assert_eq!(none["nodes_fs"].as_u64().unwrap() + none["nodes_full"].as_u64().unwrap(), 0);
+    assert_eq!(
+        none["nodes_fs"].as_u64().unwrap() + none["nodes_full"].as_u64().unwrap(),
+        0
+    );
     let f = |x: &serde_json::Value, k: &str| x[k].as_f64().unwrap();
     assert!(
         f(&edf, "queue_wait_ms_max") < 10_000.0,
@@ -68,6 +74,9 @@ fn sixteen_python_workers_under_edf_and_fifo() {
     assert_eq!(fifo["promoted"], 0, "fifo never promotes: {fifo}");
     // Both fs turns of all 16 episodes come at the same moments: edf batches some of them.
     assert!(edf["batched"].as_u64().unwrap() >= 2, "{edf}");
-    assert!(f(&edf, "sandbox_rss_mib_p50") > 0.5, "a python worker's RSS: {edf}");
+    assert!(
+        f(&edf, "sandbox_rss_mib_p50") > 0.5,
+        "a python worker's RSS: {edf}"
+    );
     assert!(f(&edf, "service_rss_mib") > 1.0, "{edf}");
 }

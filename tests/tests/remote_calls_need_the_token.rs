@@ -252,6 +252,7 @@ fn tcp_calls_need_the_token_and_a_refused_call_changes_nothing() {
             episode: ep.clone(),
             turn: 1,
             count: 1,
+            keep_warm: 0,
         };
         assert_unauthenticated(bad.fork(fork).await, "fork, wrong token");
         assert_unauthenticated(none.health(pb::HealthRequest {}).await, "health, no token");

@@ -54,6 +54,7 @@ pub async fn demo(data_dir: PathBuf, sandtree: &Path) -> Result<std::process::Ex
             episode: ep.clone(),
             turn: 3,
             count: 2,
+            keep_warm: 0,
         })
         .await
         .map_err(rpc_err)?

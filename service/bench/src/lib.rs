@@ -480,6 +480,7 @@ async fn run_one(
                 episode: ep.clone(),
                 turn: t0 as u32,
                 count: 1,
+                keep_warm: 0,
             })
             .await
         {
@@ -625,6 +626,7 @@ async fn nested_chain(
                 episode: src.clone(),
                 turn: t0 as u32,
                 count: 1,
+                keep_warm: 0,
             })
             .await
         {

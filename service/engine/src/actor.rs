@@ -159,7 +159,7 @@ fn register(
 }
 
 /// The actor of `id`: the registered one, or a new one standing for a stopped episode.
-fn handle_for(s: &Arc<Shared>, id: &EpisodeId) -> Result<Handle> {
+pub(crate) fn handle_for(s: &Arc<Shared>, id: &EpisodeId) -> Result<Handle> {
     if let Some(h) = s.registry.lock().expect("registry lock").get(id) {
         return Ok(h.clone());
     }

@@ -19,6 +19,7 @@ pub mod fake;
 pub mod ports;
 pub mod sched;
 mod stats;
+pub mod warm;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -60,6 +61,36 @@ pub struct Config {
     pub max_episodes: usize,
     /// Size cap of each sandbox's root filesystem; 0: none.
     pub disk_bytes: u64,
+    /// Memory that warm copies (Prepare) may hold in all; 0: no warm copies.
+    pub warm_budget_bytes: u64,
+}
+
+/// What a fork made.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ForkOutcome {
+    pub ids: Vec<EpisodeId>,
+    /// How many of them took a warm copy (the first ones).
+    pub warm: usize,
+}
+
+/// Thaws warm copy `c` as episode `id`'s sandbox and records it.
+async fn adopt(s: &Arc<Shared>, id: &EpisodeId, c: &warm::WarmCopy) -> Result<()> {
+    let (parts, v) = (s.parts.clone(), c.volume.clone());
+    blocking(move || parts.runtime.freeze(&v, false)).await?;
+    s.tree.set_volume(id, Some(c.volume.to_string()))?;
+    Ok(())
+}
+
+/// What a prepare left ready.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Prepared {
+    /// Copies of the node ready now.
+    pub ready: u32,
+    /// Their memory, and every warm copy's.
+    pub node_bytes: u64,
+    pub total_bytes: u64,
+    /// Copies of other nodes evicted to make room.
+    pub evicted: u32,
 }
 
 /// What the episode's shell starts with, under the image's own environment.
@@ -118,6 +149,8 @@ pub(crate) struct Shared {
     /// The host-wide checkpoint queue.
     pub sched: sched::Scheduler<CheckpointWork>,
     pub restores: Arc<Semaphore>,
+    /// Warm copies by node.
+    pub warm: StdMutex<warm::WarmPool>,
     /// Cleanup left to run after an answer: replaced volumes and garbage.
     pub background: StdMutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -175,6 +208,7 @@ impl Engine {
                 registry: StdMutex::default(),
                 live: AtomicUsize::new(0),
                 in_flight: StdMutex::default(),
+                warm: StdMutex::default(),
                 background: StdMutex::default(),
             }),
         })
@@ -515,7 +549,20 @@ impl Engine {
         .await
     }
 
+    /// Forks `count` copies of `src` at `turn` ([`Engine::fork_with`], no refill).
     pub async fn fork(&self, src: &EpisodeId, turn: u32, count: u32) -> Result<Vec<EpisodeId>> {
+        Ok(self.fork_with(src, turn, count, 0).await?.ids)
+    }
+
+    /// Forks `count` copies of `src` at `turn`, taking warm copies first; with `keep_warm` > 0
+    /// the node's copies are refilled to that many in the background afterwards.
+    pub async fn fork_with(
+        &self,
+        src: &EpisodeId,
+        turn: u32,
+        count: u32,
+        keep_warm: u32,
+    ) -> Result<ForkOutcome> {
         if count == 0 || count > MAX_FORK_COUNT {
             return Err(EngineError::BadRequest(format!(
                 "fork count must be 1..={MAX_FORK_COUNT}, got {count}"
@@ -535,11 +582,28 @@ impl Engine {
         // The copies are cloned and restored concurrently (each in its own cgroup and
         // namespaces), up to the host's restore slots; the rest queue.
         let shared = &self.shared;
+        let warm_node = forks.first().map(|(_, n, _)| n.id);
         let results = futures_util::future::join_all(forks.into_iter().map(
             |(ep, node, session)| async move {
+                // A warm copy of the node, if one is ready: it becomes this episode's sandbox.
+                let copy = shared
+                    .warm
+                    .lock()
+                    .expect("warm lock")
+                    .take(node.id, ep.meta.limits);
+                if let Some(c) = copy {
+                    match adopt(shared, &ep.id, &c).await {
+                        Ok(()) => return Ok((ep, c.volume, session, true)),
+                        Err(e) => {
+                            warn!(copy = %c.volume, error = %e, "a warm copy could not be adopted; forking cold");
+                            let s2 = shared.clone();
+                            let _ = tokio::task::spawn_blocking(move || destroy_copies(&s2, vec![c])).await;
+                        }
+                    }
+                }
                 let volume = VolumeName::first(&ep.id);
                 match materialize(shared, &node, &volume, ep.meta.limits).await {
-                    Ok(()) => Ok((ep, volume, session)),
+                    Ok(()) => Ok((ep, volume, session, false)),
                     Err(e) => {
                         let _ = shared.tree.delete_episode(&ep.id);
                         Err(e)
@@ -548,11 +612,15 @@ impl Engine {
             },
         ))
         .await;
+        let warm = results
+            .iter()
+            .filter(|r| matches!(r, Ok((_, _, _, true))))
+            .count();
         let mut ids = Vec::new();
         let mut first_err = None;
         for r in results {
             match r {
-                Ok((ep, volume, session)) => {
+                Ok((ep, volume, session, _)) => {
                     admission.keep_one();
                     actor::spawn(shared, &ep, Some(volume), session, turn);
                     ids.push(ep.id);
@@ -566,9 +634,161 @@ impl Engine {
             }
             return Err(e);
         }
-        // Every fork is cold for now (a clone and a restore); warm forks will say "warm".
-        metrics::histogram!(stats::FORK, "kind" => "cold").record(t.elapsed().as_secs_f64());
-        Ok(ids)
+        let kind = if warm == ids.len() { "warm" } else { "cold" };
+        metrics::histogram!(stats::FORK, "kind" => kind).record(t.elapsed().as_secs_f64());
+        metrics::counter!(stats::WARM_HITS).increment(warm as u64);
+        metrics::counter!(stats::WARM_MISSES).increment((ids.len() - warm) as u64);
+        if let (Some(node), n) = (warm_node, keep_warm) {
+            if n > 0 {
+                // The fork's hint: refill the node's copies while the trainer goes on.
+                let (engine, src) = (self.clone_handle(), src.clone());
+                let h = tokio::spawn(async move {
+                    if let Err(e) = engine.prepare_node(&src, node, n).await {
+                        warn!(episode = %src, node = %node, error = %e, "keeping warm copies after a fork failed");
+                    }
+                });
+                drop(h);
+            }
+        }
+        Ok(ForkOutcome { ids, warm })
+    }
+
+    fn clone_handle(&self) -> Engine {
+        Engine {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Keeps `count` warm copies of the node at `turn` of `id` ready (fewer: the extra ones are
+    /// destroyed; 0 drops them all). Each is a cloned snapshot with the node's CRIU image
+    /// restored into a frozen cgroup. Answers once they are ready.
+    pub async fn prepare(&self, id: &EpisodeId, turn: u32, count: u32) -> Result<Prepared> {
+        if count > MAX_FORK_COUNT {
+            return Err(EngineError::BadRequest(format!(
+                "prepare count must be 0..={MAX_FORK_COUNT}, got {count}"
+            )));
+        }
+        if count > 0 && self.shared.config.warm_budget_bytes == 0 {
+            return Err(EngineError::Precondition(
+                "warm copies are off on this service (serve --warm-budget-mib 0)".into(),
+            ));
+        }
+        precheck(&self.shared.tree, id, turn)?;
+        // The node at that turn once the pending checkpoint settled.
+        let handle = actor::handle_for(&self.shared, id)?;
+        handle.settle().await;
+        let node = preflight(&self.shared.tree, id, turn)?;
+        self.prepare_node(id, node.id, count).await
+    }
+
+    async fn prepare_node(&self, id: &EpisodeId, node: NodeId, count: u32) -> Result<Prepared> {
+        let s = &self.shared;
+        let node = s.tree.node(node)?;
+        let limits = s.tree.episode(id)?.meta.limits;
+        let extra = s
+            .warm
+            .lock()
+            .expect("warm lock")
+            .trim(node.id, count as usize);
+        let mut evicted = 0u32;
+        if !extra.is_empty() {
+            let s2 = s.clone();
+            let _ = tokio::task::spawn_blocking(move || destroy_copies(&s2, extra)).await;
+        }
+        loop {
+            let (ready, estimate) = {
+                let mut w = s.warm.lock().expect("warm lock");
+                w.touch(node.id);
+                let ready = w.ready(node.id);
+                (ready, w.bytes_of(node.id) / ready.max(1) as u64)
+            };
+            if ready >= count as usize {
+                break;
+            }
+            // Room for one more copy, estimated as the node's copies so far weigh.
+            let budget = s.config.warm_budget_bytes;
+            let (gone, fits) = s
+                .warm
+                .lock()
+                .expect("warm lock")
+                .evict_for(estimate, budget, node.id);
+            evicted += gone.len() as u32;
+            if !gone.is_empty() {
+                let s2 = s.clone();
+                let _ = tokio::task::spawn_blocking(move || destroy_copies(&s2, gone)).await;
+            }
+            if !fits {
+                return Err(EngineError::Exhausted(format!(
+                    "warm budget: {ready} copies of node {} ({} B) fill --warm-budget-mib ({budget} B)",
+                    node.id,
+                    s.warm.lock().expect("warm lock").bytes_of(node.id)
+                )));
+            }
+            let volume = s.warm.lock().expect("warm lock").name(node.id);
+            make_sandbox(s, &node, &volume, limits).await?;
+            let (parts, v2) = (s.parts.clone(), volume.clone());
+            let frozen = blocking(move || {
+                parts.runtime.freeze(&v2, true)?;
+                Ok(parts.runtime.memory_rss(&v2).unwrap_or(0))
+            })
+            .await;
+            let bytes = match frozen {
+                Ok(b) => b,
+                Err(e) => {
+                    let s2 = s.clone();
+                    let c = warm::WarmCopy {
+                        volume,
+                        bytes: 0,
+                        limits,
+                    };
+                    let _ = tokio::task::spawn_blocking(move || destroy_copies(&s2, vec![c])).await;
+                    return Err(e);
+                }
+            };
+            let copy = warm::WarmCopy {
+                volume,
+                bytes,
+                limits,
+            };
+            let over = {
+                let mut w = s.warm.lock().expect("warm lock");
+                w.insert(node.id, copy);
+                w.bytes() > budget
+            };
+            if over {
+                // Measured heavier than estimated: make room, or give this copy back.
+                let (gone, fits) = s
+                    .warm
+                    .lock()
+                    .expect("warm lock")
+                    .evict_for(0, budget, node.id);
+                evicted += gone.len() as u32;
+                let mut gone = gone;
+                if !fits {
+                    gone.extend(s.warm.lock().expect("warm lock").trim(node.id, ready));
+                }
+                let s2 = s.clone();
+                let _ = tokio::task::spawn_blocking(move || destroy_copies(&s2, gone)).await;
+                if !fits {
+                    return Err(EngineError::Exhausted(format!(
+                        "warm budget: a copy of node {} holds {bytes} B; {ready} fit in --warm-budget-mib ({budget} B)",
+                        node.id
+                    )));
+                }
+            }
+        }
+        let w = s.warm.lock().expect("warm lock");
+        Ok(Prepared {
+            ready: w.ready(node.id) as u32,
+            node_bytes: w.bytes_of(node.id),
+            total_bytes: w.bytes(),
+            evicted,
+        })
+    }
+
+    /// Warm copies now, and what forks found.
+    pub fn warm_counts(&self) -> warm::WarmCounts {
+        self.shared.warm.lock().expect("warm lock").counts()
     }
 
     pub async fn rewind(&self, id: &EpisodeId, turn: u32) -> Result<()> {
@@ -626,6 +846,9 @@ impl Engine {
         metrics::gauge!(stats::LIVE_EPISODES).set(self.live_episodes() as f64);
         metrics::gauge!(stats::QUEUE_DEPTH).set(c.queued as f64);
         metrics::gauge!(stats::CHECKPOINTS_RUNNING).set(c.running as f64);
+        let w = self.warm_counts();
+        metrics::gauge!(stats::WARM_COPIES).set(w.copies as f64);
+        metrics::gauge!(stats::WARM_BYTES).set(w.bytes as f64);
         if let Ok(m) = self.sandbox_memory() {
             metrics::gauge!(stats::SANDBOX_MEMORY)
                 .set(m.iter().map(|(_, b)| *b as f64).sum::<f64>());
@@ -747,6 +970,9 @@ impl Engine {
             h.shutdown().await;
         }
         settle_background(&self.shared).await;
+        let copies = self.shared.warm.lock().expect("warm lock").drain();
+        let s = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || destroy_copies(&s, copies)).await;
         self.shared.parts.runtime.release();
     }
 }
@@ -781,6 +1007,20 @@ pub(crate) fn preflight(tree: &Tree, id: &EpisodeId, turn: u32) -> Result<Node> 
 /// Makes volume `volume` and its sandbox holding `node`'s state, and records the volume as the
 /// episode's.
 pub(crate) async fn materialize(
+    s: &Arc<Shared>,
+    node: &Node,
+    volume: &VolumeName,
+    limits: Option<SandboxLimits>,
+) -> Result<()> {
+    make_sandbox(s, node, volume, limits).await?;
+    s.tree
+        .set_volume(&volume.episode, Some(volume.to_string()))?;
+    Ok(())
+}
+
+/// Makes volume `volume` and its sandbox holding `node`'s state (a restore slot is held
+/// meanwhile); on failure nothing of it is left.
+pub(crate) async fn make_sandbox(
     s: &Arc<Shared>,
     node: &Node,
     volume: &VolumeName,
@@ -839,9 +1079,23 @@ pub(crate) async fn materialize(
         }
     })
     .await?;
-    s.tree
-        .set_volume(&volume.episode, Some(volume.to_string()))?;
     Ok(())
+}
+
+/// Kills warm copies and removes their volumes (blocking); logs what fails (a restart's
+/// reconcile removes what is left).
+pub(crate) fn destroy_copies(s: &Shared, copies: Vec<warm::WarmCopy>) {
+    for c in copies {
+        let name = c.volume.to_string();
+        if let Err(e) = s.parts.runtime.destroy(&c.volume) {
+            warn!(copy = %name, error = %e, "cannot stop a warm copy");
+            continue;
+        }
+        s.parts.inspector.detach(&c.volume);
+        if let Err(e) = s.storage.destroy_volume(&name) {
+            warn!(copy = %name, error = %e, "cannot destroy a warm copy's volume");
+        }
+    }
 }
 
 /// Destroys `volume` (if any) and collects garbage on a background task.
@@ -890,6 +1144,9 @@ pub(crate) fn collect_garbage(s: &Shared) {
             if matches!(n.state, NodeState::Pending) {
                 continue;
             }
+            // Warm copies are clones of the node's snapshot: they go first.
+            let copies = s.warm.lock().expect("warm lock").drop_node(n.id);
+            destroy_copies(s, copies);
             if let Some(snap) = &n.snapshot {
                 if let Err(e) = s.storage.destroy_snapshot(&snap.volume, &snap.snap) {
                     if !matches!(e, sandtree_storage::SnapshotError::NotFound { .. }) {

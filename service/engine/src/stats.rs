@@ -25,6 +25,10 @@ pub const PROMOTED: &str = "sandtree_checkpoints_promoted_total";
 pub const LIVE_EPISODES: &str = "sandtree_live_episodes";
 pub const QUEUE_DEPTH: &str = "sandtree_checkpoint_queue_depth";
 pub const CHECKPOINTS_RUNNING: &str = "sandtree_checkpoints_running";
+pub const WARM_COPIES: &str = "sandtree_warm_copies";
+pub const WARM_BYTES: &str = "sandtree_warm_memory_bytes";
+pub const WARM_HITS: &str = "sandtree_warm_hits_total";
+pub const WARM_MISSES: &str = "sandtree_warm_misses_total";
 pub const SANDBOX_MEMORY: &str = "sandtree_sandbox_memory_rss_bytes";
 
 /// Samples kept per series: the latest ones (older ones are dropped, so memory stays bounded).

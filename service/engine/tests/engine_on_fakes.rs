@@ -44,6 +44,7 @@ fn rig_with(tune: impl FnOnce(&mut Config)) -> Rig {
         restore_slots: 4,
         max_episodes: 64,
         disk_bytes: 0,
+        warm_budget_bytes: 64 << 20,
     };
     tune(&mut config);
     let engine = Engine::new(

@@ -187,6 +187,26 @@ class DeleteEpisodeResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ForkRequest(_message.Message):
+    __slots__ = ("episode", "turn", "count", "keep_warm")
+    EPISODE_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    KEEP_WARM_FIELD_NUMBER: _ClassVar[int]
+    episode: str
+    turn: int
+    count: int
+    keep_warm: int
+    def __init__(self, episode: _Optional[str] = ..., turn: _Optional[int] = ..., count: _Optional[int] = ..., keep_warm: _Optional[int] = ...) -> None: ...
+
+class ForkResponse(_message.Message):
+    __slots__ = ("episodes", "warm")
+    EPISODES_FIELD_NUMBER: _ClassVar[int]
+    WARM_FIELD_NUMBER: _ClassVar[int]
+    episodes: _containers.RepeatedScalarFieldContainer[str]
+    warm: int
+    def __init__(self, episodes: _Optional[_Iterable[str]] = ..., warm: _Optional[int] = ...) -> None: ...
+
+class PrepareRequest(_message.Message):
     __slots__ = ("episode", "turn", "count")
     EPISODE_FIELD_NUMBER: _ClassVar[int]
     TURN_FIELD_NUMBER: _ClassVar[int]
@@ -196,11 +216,17 @@ class ForkRequest(_message.Message):
     count: int
     def __init__(self, episode: _Optional[str] = ..., turn: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
-class ForkResponse(_message.Message):
-    __slots__ = ("episodes",)
-    EPISODES_FIELD_NUMBER: _ClassVar[int]
-    episodes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, episodes: _Optional[_Iterable[str]] = ...) -> None: ...
+class PrepareResponse(_message.Message):
+    __slots__ = ("ready", "memory_bytes", "warm_bytes", "evicted")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WARM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    ready: int
+    memory_bytes: int
+    warm_bytes: int
+    evicted: int
+    def __init__(self, ready: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., warm_bytes: _Optional[int] = ..., evicted: _Optional[int] = ...) -> None: ...
 
 class RewindRequest(_message.Message):
     __slots__ = ("episode", "turn")
@@ -325,7 +351,7 @@ class EpisodeStats(_message.Message):
     def __init__(self, id: _Optional[str] = ..., policy: _Optional[str] = ..., status: _Optional[str] = ..., turn: _Optional[int] = ..., checkpoint_bytes: _Optional[int] = ..., nodes_fs: _Optional[int] = ..., nodes_full: _Optional[int] = ..., turns_shared: _Optional[int] = ..., image_bytes: _Optional[int] = ..., image_dumped_bytes: _Optional[int] = ..., page_dedup_saved_bytes: _Optional[int] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("checkpoint_bytes", "episodes", "nodes_fs", "nodes_full", "turns_shared", "per_episode", "dump_ms_p50", "dump_ms_p99", "snapshot_ms_p50", "snapshot_ms_p99", "restore_ms_p50", "restore_ms_p99", "checkpoint_ms_p50", "checkpoint_ms_p99", "inspector", "inspector_loaded", "bpf_map_bytes", "verdicts_checked", "verdicts_unsafe", "verdicts_fs_without_change", "watched_sandboxes", "sandbox_map_bytes", "dedup_ms_p50", "dedup_ms_p99", "image_bytes", "image_dumped_bytes", "scheduler", "checkpoint_slots", "checkpoints_promoted", "checkpoint_batches", "checkpoints_batched", "queue_wait_ms_p50", "queue_wait_ms_p99", "queue_wait_ms_max", "sandbox_memory_bytes")
+    __slots__ = ("checkpoint_bytes", "episodes", "nodes_fs", "nodes_full", "turns_shared", "per_episode", "dump_ms_p50", "dump_ms_p99", "snapshot_ms_p50", "snapshot_ms_p99", "restore_ms_p50", "restore_ms_p99", "checkpoint_ms_p50", "checkpoint_ms_p99", "inspector", "inspector_loaded", "bpf_map_bytes", "verdicts_checked", "verdicts_unsafe", "verdicts_fs_without_change", "watched_sandboxes", "sandbox_map_bytes", "dedup_ms_p50", "dedup_ms_p99", "image_bytes", "image_dumped_bytes", "scheduler", "checkpoint_slots", "checkpoints_promoted", "checkpoint_batches", "checkpoints_batched", "queue_wait_ms_p50", "queue_wait_ms_p99", "queue_wait_ms_max", "sandbox_memory_bytes", "warm_copies", "warm_memory_bytes", "warm_hits", "warm_misses", "warm_evicted")
     CHECKPOINT_BYTES_FIELD_NUMBER: _ClassVar[int]
     EPISODES_FIELD_NUMBER: _ClassVar[int]
     NODES_FS_FIELD_NUMBER: _ClassVar[int]
@@ -361,6 +387,11 @@ class StatsResponse(_message.Message):
     QUEUE_WAIT_MS_P99_FIELD_NUMBER: _ClassVar[int]
     QUEUE_WAIT_MS_MAX_FIELD_NUMBER: _ClassVar[int]
     SANDBOX_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WARM_COPIES_FIELD_NUMBER: _ClassVar[int]
+    WARM_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WARM_HITS_FIELD_NUMBER: _ClassVar[int]
+    WARM_MISSES_FIELD_NUMBER: _ClassVar[int]
+    WARM_EVICTED_FIELD_NUMBER: _ClassVar[int]
     checkpoint_bytes: int
     episodes: int
     nodes_fs: int
@@ -396,7 +427,12 @@ class StatsResponse(_message.Message):
     queue_wait_ms_p99: float
     queue_wait_ms_max: float
     sandbox_memory_bytes: int
-    def __init__(self, checkpoint_bytes: _Optional[int] = ..., episodes: _Optional[int] = ..., nodes_fs: _Optional[int] = ..., nodes_full: _Optional[int] = ..., turns_shared: _Optional[int] = ..., per_episode: _Optional[_Iterable[_Union[EpisodeStats, _Mapping]]] = ..., dump_ms_p50: _Optional[float] = ..., dump_ms_p99: _Optional[float] = ..., snapshot_ms_p50: _Optional[float] = ..., snapshot_ms_p99: _Optional[float] = ..., restore_ms_p50: _Optional[float] = ..., restore_ms_p99: _Optional[float] = ..., checkpoint_ms_p50: _Optional[float] = ..., checkpoint_ms_p99: _Optional[float] = ..., inspector: _Optional[str] = ..., inspector_loaded: bool = ..., bpf_map_bytes: _Optional[int] = ..., verdicts_checked: _Optional[int] = ..., verdicts_unsafe: _Optional[int] = ..., verdicts_fs_without_change: _Optional[int] = ..., watched_sandboxes: _Optional[int] = ..., sandbox_map_bytes: _Optional[int] = ..., dedup_ms_p50: _Optional[float] = ..., dedup_ms_p99: _Optional[float] = ..., image_bytes: _Optional[int] = ..., image_dumped_bytes: _Optional[int] = ..., scheduler: _Optional[str] = ..., checkpoint_slots: _Optional[int] = ..., checkpoints_promoted: _Optional[int] = ..., checkpoint_batches: _Optional[int] = ..., checkpoints_batched: _Optional[int] = ..., queue_wait_ms_p50: _Optional[float] = ..., queue_wait_ms_p99: _Optional[float] = ..., queue_wait_ms_max: _Optional[float] = ..., sandbox_memory_bytes: _Optional[int] = ...) -> None: ...
+    warm_copies: int
+    warm_memory_bytes: int
+    warm_hits: int
+    warm_misses: int
+    warm_evicted: int
+    def __init__(self, checkpoint_bytes: _Optional[int] = ..., episodes: _Optional[int] = ..., nodes_fs: _Optional[int] = ..., nodes_full: _Optional[int] = ..., turns_shared: _Optional[int] = ..., per_episode: _Optional[_Iterable[_Union[EpisodeStats, _Mapping]]] = ..., dump_ms_p50: _Optional[float] = ..., dump_ms_p99: _Optional[float] = ..., snapshot_ms_p50: _Optional[float] = ..., snapshot_ms_p99: _Optional[float] = ..., restore_ms_p50: _Optional[float] = ..., restore_ms_p99: _Optional[float] = ..., checkpoint_ms_p50: _Optional[float] = ..., checkpoint_ms_p99: _Optional[float] = ..., inspector: _Optional[str] = ..., inspector_loaded: bool = ..., bpf_map_bytes: _Optional[int] = ..., verdicts_checked: _Optional[int] = ..., verdicts_unsafe: _Optional[int] = ..., verdicts_fs_without_change: _Optional[int] = ..., watched_sandboxes: _Optional[int] = ..., sandbox_map_bytes: _Optional[int] = ..., dedup_ms_p50: _Optional[float] = ..., dedup_ms_p99: _Optional[float] = ..., image_bytes: _Optional[int] = ..., image_dumped_bytes: _Optional[int] = ..., scheduler: _Optional[str] = ..., checkpoint_slots: _Optional[int] = ..., checkpoints_promoted: _Optional[int] = ..., checkpoint_batches: _Optional[int] = ..., checkpoints_batched: _Optional[int] = ..., queue_wait_ms_p50: _Optional[float] = ..., queue_wait_ms_p99: _Optional[float] = ..., queue_wait_ms_max: _Optional[float] = ..., sandbox_memory_bytes: _Optional[int] = ..., warm_copies: _Optional[int] = ..., warm_memory_bytes: _Optional[int] = ..., warm_hits: _Optional[int] = ..., warm_misses: _Optional[int] = ..., warm_evicted: _Optional[int] = ...) -> None: ...
 
 class ListEpisodesRequest(_message.Message):
     __slots__ = ("labels", "status")

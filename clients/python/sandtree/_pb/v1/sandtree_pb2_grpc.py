@@ -74,6 +74,11 @@ class SandtreeStub(object):
                 request_serializer=sandtree_dot_v1_dot_sandtree__pb2.ForkRequest.SerializeToString,
                 response_deserializer=sandtree_dot_v1_dot_sandtree__pb2.ForkResponse.FromString,
                 _registered_method=True)
+        self.Prepare = channel.unary_unary(
+                '/sandtree.v1.Sandtree/Prepare',
+                request_serializer=sandtree_dot_v1_dot_sandtree__pb2.PrepareRequest.SerializeToString,
+                response_deserializer=sandtree_dot_v1_dot_sandtree__pb2.PrepareResponse.FromString,
+                _registered_method=True)
         self.Rewind = channel.unary_unary(
                 '/sandtree.v1.Sandtree/Rewind',
                 request_serializer=sandtree_dot_v1_dot_sandtree__pb2.RewindRequest.SerializeToString,
@@ -164,6 +169,13 @@ class SandtreeServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prepare(self, request, context):
+        """Keeps `count` warm copies of the node at a turn ready for forks (0 drops them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Rewind(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -249,6 +261,11 @@ def add_SandtreeServicer_to_server(servicer, server):
                     servicer.Fork,
                     request_deserializer=sandtree_dot_v1_dot_sandtree__pb2.ForkRequest.FromString,
                     response_serializer=sandtree_dot_v1_dot_sandtree__pb2.ForkResponse.SerializeToString,
+            ),
+            'Prepare': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prepare,
+                    request_deserializer=sandtree_dot_v1_dot_sandtree__pb2.PrepareRequest.FromString,
+                    response_serializer=sandtree_dot_v1_dot_sandtree__pb2.PrepareResponse.SerializeToString,
             ),
             'Rewind': grpc.unary_unary_rpc_method_handler(
                     servicer.Rewind,
@@ -502,6 +519,33 @@ class Sandtree(object):
             '/sandtree.v1.Sandtree/Fork',
             sandtree_dot_v1_dot_sandtree__pb2.ForkRequest.SerializeToString,
             sandtree_dot_v1_dot_sandtree__pb2.ForkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prepare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandtree.v1.Sandtree/Prepare',
+            sandtree_dot_v1_dot_sandtree__pb2.PrepareRequest.SerializeToString,
+            sandtree_dot_v1_dot_sandtree__pb2.PrepareResponse.FromString,
             options,
             channel_credentials,
             insecure,
