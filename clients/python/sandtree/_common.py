@@ -163,6 +163,11 @@ def check_count(n: int) -> None:
         raise InvalidArgument(f"fork count must be 1..={MAX_FORK}, got {n}")
 
 
+def check_warm(name: str, n: int) -> None:
+    if not 0 <= n <= MAX_FORK:
+        raise InvalidArgument(f"{name} must be 0..={MAX_FORK}, got {n}")
+
+
 def _uint(name: str, v: int | None) -> int:
     if v is None:
         return 0

@@ -25,6 +25,7 @@ import grpc.aio
 
 from sandtree._common import (
     check_count,
+    check_warm,
     checked,
     create_request,
     list_request,
@@ -37,7 +38,7 @@ from sandtree._common import (
 from sandtree._pb.v1 import sandtree_pb2 as pb
 from sandtree._pb.v1 import sandtree_pb2_grpc as pb_grpc
 from sandtree.errors import from_rpc_error
-from sandtree.models import Chunk, EpisodeInfo, Health, Stats, StepResult, Tree
+from sandtree.models import Chunk, EpisodeInfo, Health, Prepared, Stats, StepResult, Tree
 
 __all__ = ["AsyncClient", "AsyncEpisode"]
 
@@ -264,13 +265,23 @@ class AsyncEpisode:
         r = await self.client._call("ReadFile", read_request(self.id, path, max_bytes))
         return read_result(path, r, max_bytes)
 
-    async def fork(self, turn: int | None = None, n: int = 1) -> list[AsyncEpisode]:
+    async def fork(self, turn: int | None = None, n: int = 1, keep_warm: int = 0) -> list[AsyncEpisode]:
         """`n` live copies of the episode as it was after `turn` (see `Episode.fork`)."""
         check_count(n)
+        check_warm("keep_warm", keep_warm)
         if turn is None:
             turn = await self.turn
-        r = await self.client._call("Fork", pb.ForkRequest(episode=self.id, turn=turn, count=n))
+        req = pb.ForkRequest(episode=self.id, turn=turn, count=n, keep_warm=keep_warm)
+        r = await self.client._call("Fork", req)
         return [AsyncEpisode(self.client, e) for e in r.episodes]
+
+    async def prepare(self, turn: int | None = None, n: int = 1) -> Prepared:
+        """Keeps `n` warm copies of the node after `turn` ready (see `Episode.prepare`)."""
+        check_warm("prepare count", n)
+        if turn is None:
+            turn = await self.turn
+        req = pb.PrepareRequest(episode=self.id, turn=turn, count=n)
+        return Prepared.from_pb(await self.client._call("Prepare", req))
 
     async def rewind(self, turn: int) -> int:
         """Brings the episode back to how it was after `turn`; returns its turn now."""

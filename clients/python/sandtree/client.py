@@ -23,6 +23,7 @@ import grpc
 
 from sandtree._common import (
     check_count,
+    check_warm,
     checked,
     create_request,
     list_request,
@@ -35,7 +36,7 @@ from sandtree._common import (
 from sandtree._pb.v1 import sandtree_pb2 as pb
 from sandtree._pb.v1 import sandtree_pb2_grpc as pb_grpc
 from sandtree.errors import from_rpc_error
-from sandtree.models import Chunk, EpisodeInfo, Health, Stats, StepResult, Tree
+from sandtree.models import Chunk, EpisodeInfo, Health, Prepared, Stats, StepResult, Tree
 
 if TYPE_CHECKING:
     from sandtree.trajectory import ReplayReport
@@ -326,18 +327,37 @@ class Episode:
         r = self.client._call("ReadFile", read_request(self.id, path, max_bytes))
         return read_result(path, r, max_bytes)
 
-    def fork(self, turn: int | None = None, n: int = 1) -> list[Episode]:
+    def fork(self, turn: int | None = None, n: int = 1, keep_warm: int = 0) -> list[Episode]:
         """`n` (1..=64) new episodes, each a live copy of this one as it was after `turn` (None:
-        the current turn): files, and under a full checkpoint its running processes too. Raises
-        `OutOfRange` for a turn past the end, `NotRestorable` for a turn without a checkpoint::
+        the current turn): files, and under a full checkpoint its running processes too. Forks
+        take warm copies first (see `prepare`); `keep_warm` refills that many afterwards, in the
+        background. Raises `OutOfRange` for a turn past the end, `NotRestorable` for a turn
+        without a checkpoint::
 
             kids = ep.fork(turn=2, n=4)
         """
         check_count(n)
+        check_warm("keep_warm", keep_warm)
         if turn is None:
             turn = self.turn
-        r = self.client._call("Fork", pb.ForkRequest(episode=self.id, turn=turn, count=n))
+        req = pb.ForkRequest(episode=self.id, turn=turn, count=n, keep_warm=keep_warm)
+        r = self.client._call("Fork", req)
         return [Episode(self.client, e) for e in r.episodes]
+
+    def prepare(self, turn: int | None = None, n: int = 1) -> Prepared:
+        """Keeps `n` (0..=64) warm copies of the node after `turn` ready: restored and frozen,
+        so that a fork of that turn takes one and thaws it instead of restoring. 0 drops them.
+        Raises `FailedPrecondition` when the service keeps no warm copies, `ResourceExhausted`
+        past its warm budget::
+
+            ep.prepare(turn=3, n=8)
+            kids = ep.fork(turn=3, n=8)  # in milliseconds
+        """
+        check_warm("prepare count", n)
+        if turn is None:
+            turn = self.turn
+        req = pb.PrepareRequest(episode=self.id, turn=turn, count=n)
+        return Prepared.from_pb(self.client._call("Prepare", req))
 
     def rewind(self, turn: int) -> int:
         """Brings the episode back to how it was after `turn` (its later turns are dropped);

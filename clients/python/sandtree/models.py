@@ -249,6 +249,21 @@ class EpisodeStats:
 
 
 @dataclass(frozen=True)
+class Prepared:
+    """What `Episode.prepare` left ready: copies of the node, their memory (frozen), every warm
+    copy's memory on the service, and copies of other nodes evicted to make room."""
+
+    ready: int
+    memory_bytes: int
+    warm_bytes: int
+    evicted: int
+
+    @staticmethod
+    def from_pb(m: pb.PrepareResponse) -> Prepared:
+        return _from_pb(Prepared, m)
+
+
+@dataclass(frozen=True)
 class Stats:
     """Service-wide checkpoint totals and timings (milliseconds, p50/p99 over its lifetime)."""
 
@@ -288,6 +303,12 @@ class Stats:
     queue_wait_ms_p99: float
     queue_wait_ms_max: float
     sandbox_memory_bytes: int
+    # Warm copies ready now, their memory, forks that took one or found none, evictions.
+    warm_copies: int
+    warm_memory_bytes: int
+    warm_hits: int
+    warm_misses: int
+    warm_evicted: int
 
     @staticmethod
     def from_pb(m: pb.StatsResponse) -> Stats:

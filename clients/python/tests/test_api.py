@@ -199,6 +199,23 @@ def test_fork_has_the_parents_files_and_processes(client: Client) -> None:
             assert ep.step("pidof sleep").stdout.split() == parent, "the parent's is its own"
 
 
+def test_prepare_makes_forks_warm_and_alike(client: Client) -> None:
+    with client.create(policy="auto") as ep:
+        ep.step("sleep 1000 >/dev/null 2>&1 &")
+        parent = ep.step("pidof sleep").stdout.split()
+        p = ep.prepare(turn=2, n=1)
+        assert (p.ready, p.evicted) == (1, 0) and p.memory_bytes > 0 and p.warm_bytes >= p.memory_bytes
+        hits = client.stats().warm_hits
+        warm, cold = ep.fork(turn=2, n=2)
+        with warm, cold:
+            assert client.stats().warm_hits == hits + 1, "one fork took the copy"
+            for kid in (warm, cold):
+                assert kid.step("pidof sleep").stdout.split() == parent
+        assert ep.prepare(turn=2, n=0).ready == 0
+        with pytest.raises(sandtree.InvalidArgument):
+            ep.prepare(turn=2, n=65)
+
+
 def test_step_stream_yields_chunks_before_the_result(client: Client) -> None:
     with client.create() as ep:
         items: list[tuple[float, sandtree.Chunk | sandtree.StepResult]] = []
