@@ -10,7 +10,7 @@ use anyhow::anyhow;
 use sandtree_branching::{Verdict, VolumeName};
 use sandtree_engine::ports::{
     Checkpointer, Chunk, DedupError, DumpStats, ExecOutcome, ExecRequest, FileOp, FileOutcome,
-    Inspector, InspectorStatus, Limits, SandboxRuntime,
+    Inspector, InspectorStatus, Limits, RestoreStats, SandboxRuntime,
 };
 use sandtree_runtime::inspect::{Verdicts, Watch};
 use sandtree_runtime::{cgroup, pages, shim, Runtime, Sandbox};
@@ -21,13 +21,16 @@ pub struct Host {
     pub runtime: Runtime,
     pub verdicts: Verdicts,
     sandboxes: Mutex<HashMap<String, (Sandbox, Watch)>>,
+    /// `serve --ksm`: warm copies are restored with KSM merging on.
+    ksm: bool,
 }
 
 impl Host {
-    pub fn new(runtime: Runtime, verdicts: Verdicts) -> Arc<Host> {
+    pub fn new(runtime: Runtime, verdicts: Verdicts, ksm: bool) -> Arc<Host> {
         Arc::new(Host {
             runtime,
             verdicts,
+            ksm,
             sandboxes: Mutex::default(),
         })
     }
@@ -200,12 +203,16 @@ impl Checkpointer for Host {
         images: &Path,
         root: &Path,
         l: Option<Limits>,
-    ) -> anyhow::Result<()> {
-        let sandbox = self
-            .runtime
-            .restore(&sb.to_string(), images, root, limits(l))?;
+        merge: bool,
+    ) -> anyhow::Result<RestoreStats> {
+        let merge = merge && self.ksm;
+        let (sandbox, took) =
+            self.runtime
+                .restore(&sb.to_string(), images, root, limits(l), merge)?;
         self.insert(sb, sandbox);
-        Ok(())
+        Ok(RestoreStats {
+            criu_ms: took.as_secs_f64() * 1e3,
+        })
     }
 
     fn dedup(&self, images: &Path, parent: &Path, max_chain: usize) -> Result<usize, DedupError> {

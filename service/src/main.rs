@@ -101,6 +101,12 @@ enum Cmd {
         /// copies are evicted. 0: no warm copies.
         #[arg(long, default_value_t = 1024)]
         warm_budget_mib: u64,
+        /// Restore warm copies with KSM merging on, so identical pages of copies of one node are
+        /// shared; turns the host's KSM daemon on (/sys/kernel/mm/ksm/run) if it is off, and
+        /// back off at shutdown. KSM lets sandboxes sharing a page time each other's writes (a
+        /// side channel between sandboxes): off by default.
+        #[arg(long)]
+        ksm: bool,
         /// Live episodes (running sandboxes) on this host; create and fork beyond it are
         /// refused with RESOURCE_EXHAUSTED. With the memory limit this bounds the committed
         /// memory: max-episodes x sandbox-memory-mib.
@@ -407,6 +413,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             sandbox_cpus,
             sandbox_disk_mib,
             warm_budget_mib,
+            ksm,
             max_episodes,
             http,
             listen,
@@ -442,7 +449,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 disk_bytes: sandbox_disk_mib << 20,
                 warm_budget_bytes: warm_budget_mib << 20,
             };
-            serve(socket.clone(), config, storage, verdicts, limits, http, tcp).await?;
+            serve(
+                socket.clone(),
+                config,
+                storage,
+                verdicts,
+                limits,
+                http,
+                tcp,
+                ksm,
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Create {
@@ -617,6 +634,7 @@ async fn serve(
     limits: sandtree_runtime::cgroup::Limits,
     http: Option<std::net::SocketAddr>,
     tcp: Option<remote::Listener>,
+    ksm: bool,
 ) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let data_dir = config.data_dir.clone();
@@ -643,7 +661,14 @@ async fn serve(
     let tree = sandtree_branching::Tree::open(data_dir.join("sandtree.redb"))?;
     let runtime = sandtree_runtime::Runtime::new(&instance_tag(&data_dir), limits)?;
     tracing::info!(criu = %runtime.criu.bin.display(), cgroup = %runtime.layout.v2_parent.display(), "runtime ready");
-    let host = host::Host::new(runtime, verdicts);
+    let ksm_started = if ksm {
+        let started = sandtree_runtime::ksm::start().context("--ksm: turn on KSM")?;
+        tracing::info!(started, "KSM: warm copies are restored with merging on");
+        started
+    } else {
+        false
+    };
+    let host = host::Host::new(runtime, verdicts, ksm);
     let engine = std::sync::Arc::new(sandtree_engine::Engine::new(
         tree,
         storage,
@@ -792,6 +817,11 @@ async fn serve(
     }
     tracing::info!("shutting down: stopping sandboxes");
     engine.shutdown().await;
+    if ksm_started {
+        if let Err(e) = sandtree_runtime::ksm::stop() {
+            tracing::warn!(error = %e, "cannot turn KSM back off");
+        }
+    }
     let _ = std::fs::remove_file(&socket);
     if matches!(spec, sandtree_storage::StorageSpec::Btrfs) {
         // Release the embedded loop image this service mounted; the next start mounts it again.

@@ -634,6 +634,9 @@ impl pb::sandtree_server::Sandtree for Api {
         resp.checkpoint_ms_p99 = percentile(&t.checkpoint, 0.99);
         resp.dedup_ms_p50 = percentile(&t.dedup, 0.5);
         resp.dedup_ms_p99 = percentile(&t.dedup, 0.99);
+        resp.ksm_saved_bytes = sandtree_runtime::ksm::saved_bytes().unwrap_or(0);
+        resp.criu_restore_ms_p50 = percentile(&t.criu_restore, 0.5);
+        resp.criu_restore_ms_p99 = percentile(&t.criu_restore, 0.99);
         resp.queue_wait_ms_p50 = percentile(&t.queue_wait, 0.5);
         resp.queue_wait_ms_p99 = percentile(&t.queue_wait, 0.99);
         resp.queue_wait_ms_max = percentile(&t.queue_wait, 1.0);

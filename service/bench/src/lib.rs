@@ -20,6 +20,7 @@ use sandtree_client::{connect, rpc_err, Client};
 
 mod demo;
 mod density;
+mod forks;
 pub use demo::demo;
 
 #[derive(clap::Args, Debug)]
@@ -86,6 +87,12 @@ pub struct BenchArgs {
     density_trajectory: String,
     #[arg(long, default_value = "edf,fifo")]
     schedulers: String,
+    /// Fork latency instead of the suite: N cold and N warm forks of the python worker node of
+    /// `--density-trajectory`, beside CRIU's own restore time, and the memory of 16 warm copies
+    /// without and with `--ksm` (forks.md / forks.json). Turns the host's KSM on for the second
+    /// part, and back off.
+    #[arg(long)]
+    forks: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -702,6 +709,9 @@ fn drop_caches() -> Result<()> {
 pub async fn run(args: BenchArgs, sandtree: &Path) -> Result<std::process::ExitCode> {
     if let Some(n) = args.density {
         return density::run(&args, n, sandtree).await;
+    }
+    if let Some(n) = args.forks {
+        return forks::run(&args, n, sandtree).await;
     }
     let suite = load_suite(&args.suite, args.filter.as_deref())?;
     let policies: Vec<String> = args

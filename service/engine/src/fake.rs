@@ -27,7 +27,7 @@ use sandtree_storage::SnapshotBackend;
 
 use crate::ports::{
     Checkpointer, Chunk, DedupError, DumpStats, ExecOutcome, ExecRequest, FileOp, FileOutcome,
-    Inspector, InspectorStatus, Limits, SandboxRuntime,
+    Inspector, InspectorStatus, Limits, RestoreStats, SandboxRuntime,
 };
 
 /// What an injected failure says.
@@ -338,7 +338,8 @@ impl Checkpointer for FakeParts {
         images: &Path,
         root: &Path,
         _: Option<Limits>,
-    ) -> anyhow::Result<()> {
+        _merge: bool,
+    ) -> anyhow::Result<RestoreStats> {
         let mut s = self.begin("restore", format!("restore {sb} {}", images.display()))?;
         if !images.join("pages-1.img").is_file() {
             bail!("restore {sb}: no image at {}", images.display());
@@ -360,7 +361,7 @@ impl Checkpointer for FakeParts {
                 ..Default::default()
             },
         );
-        Ok(())
+        Ok(RestoreStats::default())
     }
 
     fn dedup(&self, images: &Path, parent: &Path, _: usize) -> Result<usize, DedupError> {

@@ -725,7 +725,7 @@ impl Engine {
                 )));
             }
             let volume = s.warm.lock().expect("warm lock").name(node.id);
-            make_sandbox(s, &node, &volume, limits).await?;
+            make_sandbox(s, &node, &volume, limits, true).await?;
             let (parts, v2) = (s.parts.clone(), volume.clone());
             let frozen = blocking(move || {
                 parts.runtime.freeze(&v2, true)?;
@@ -1012,19 +1012,20 @@ pub(crate) async fn materialize(
     volume: &VolumeName,
     limits: Option<SandboxLimits>,
 ) -> Result<()> {
-    make_sandbox(s, node, volume, limits).await?;
+    make_sandbox(s, node, volume, limits, false).await?;
     s.tree
         .set_volume(&volume.episode, Some(volume.to_string()))?;
     Ok(())
 }
 
 /// Makes volume `volume` and its sandbox holding `node`'s state (a restore slot is held
-/// meanwhile); on failure nothing of it is left.
+/// meanwhile); on failure nothing of it is left. `warm`: a warm copy (KSM merging asked for).
 pub(crate) async fn make_sandbox(
     s: &Arc<Shared>,
     node: &Node,
     volume: &VolumeName,
     limits: Option<SandboxLimits>,
+    warm: bool,
 ) -> Result<()> {
     let limits = limits.map(|l| Limits {
         memory_bytes: l.memory_bytes,
@@ -1056,11 +1057,10 @@ pub(crate) async fn make_sandbox(
         }
         let restored = matches!(node.kind, NodeKind::Full);
         let started = match (&node.kind, &node.images) {
-            (NodeKind::Full, Some(images)) => {
-                parts
-                    .checkpointer
-                    .restore(&vol, Path::new(images), &root, limits)
-            }
+            (NodeKind::Full, Some(images)) => parts
+                .checkpointer
+                .restore(&vol, Path::new(images), &root, limits, warm)
+                .map(|r| timings.record_criu_restore(r.criu_ms)),
             (NodeKind::Full, None) => {
                 Err(anyhow!("checkpoint node {} has no CRIU images", node.id))
             }

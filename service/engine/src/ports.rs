@@ -85,6 +85,13 @@ pub enum FileOutcome {
     },
 }
 
+/// What a restore took.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RestoreStats {
+    /// CRIU's own time, from its start to its answer (ms).
+    pub criu_ms: f64,
+}
+
 /// Sandboxes: start, run commands and file operations, freeze, destroy. Blocking calls.
 pub trait SandboxRuntime: Send + Sync {
     /// Starts a fresh sandbox (its init) on `root`.
@@ -149,14 +156,16 @@ pub trait Checkpointer: Send + Sync {
         images: &Path,
         frozen_instant: &mut dyn FnMut() -> anyhow::Result<()>,
     ) -> anyhow::Result<DumpStats>;
-    /// Restores `images` into a new sandbox `sb` on `root`.
+    /// Restores `images` into a new sandbox `sb` on `root`; with `merge`, its processes' anonymous
+    /// memory may be shared with identical pages (KSM), as warm copies ask.
     fn restore(
         &self,
         sb: &VolumeName,
         images: &Path,
         root: &Path,
         limits: Option<Limits>,
-    ) -> anyhow::Result<()>;
+        merge: bool,
+    ) -> anyhow::Result<RestoreStats>;
     /// Leaves out of `images` the pages equal to those of `parent` (at most `max_chain` images
     /// deep). Returns the parent levels now behind `images` (0: kept whole).
     fn dedup(&self, images: &Path, parent: &Path, max_chain: usize) -> Result<usize, DedupError>;

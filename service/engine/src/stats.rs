@@ -15,6 +15,7 @@ pub const DUMP: &str = "sandtree_dump_seconds";
 pub const SNAPSHOT: &str = "sandtree_snapshot_seconds";
 pub const RESTORE: &str = "sandtree_restore_seconds";
 pub const CHECKPOINT: &str = "sandtree_checkpoint_seconds";
+pub const CRIU_RESTORE: &str = "sandtree_criu_restore_seconds";
 pub const DEDUP: &str = "sandtree_dedup_seconds";
 pub const QUEUE_WAIT: &str = "sandtree_checkpoint_queue_wait_seconds";
 pub const CHECKPOINT_BYTES: &str = "sandtree_checkpoint_bytes_total";
@@ -66,6 +67,8 @@ pub struct Timings {
     pub dedup: Series,
     /// Time checkpoints spent queued before they started.
     pub queue_wait: Series,
+    /// CRIU's own part of each restore.
+    pub criu_restore: Series,
 }
 
 impl Timings {
@@ -77,6 +80,7 @@ impl Timings {
             &self.checkpoint,
             &self.dedup,
             &self.queue_wait,
+            &self.criu_restore,
         ] {
             s.0.lock().expect("timings lock").clear();
         }
@@ -100,6 +104,10 @@ impl Timings {
     pub(crate) fn record_dedup(&self, ms: f64) {
         metrics::histogram!(DEDUP).record(ms / 1e3);
         self.dedup.push(ms)
+    }
+    pub(crate) fn record_criu_restore(&self, ms: f64) {
+        metrics::histogram!(CRIU_RESTORE).record(ms / 1e3);
+        self.criu_restore.push(ms)
     }
     pub(crate) fn record_queue_wait(&self, ms: f64) {
         metrics::histogram!(QUEUE_WAIT).record(ms / 1e3);

@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+/// prctl(2) option that marks every anonymous mapping of the caller mergeable by KSM (Linux 6.4).
+const PR_SET_MEMORY_MERGE: libc::c_int = 67;
+
 use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 use prost::Message;
 use sandtree_proto::criu as rpc;
@@ -100,7 +103,10 @@ impl Criu {
         Some((it.next()?, it.next().unwrap_or(0), it.next().unwrap_or(0)))
     }
 
-    fn start(&self, procs_files: &[PathBuf]) -> Result<Session> {
+    /// Spawns `criu swrk` in the cgroups whose `cgroup.procs` files are given; with `merge`,
+    /// with KSM merging on for it and the tasks it forks (PR_SET_MEMORY_MERGE is inherited across
+    /// fork and exec), so a restored tree's anonymous memory may be shared with identical pages.
+    fn start(&self, procs_files: &[PathBuf], merge: bool) -> Result<Session> {
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -122,12 +128,16 @@ impl Criu {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        // SAFETY: the closure only makes async-signal-safe syscalls (fcntl, getpid, open, write,
-        // close) on memory prepared before fork.
+        // SAFETY: the closure only makes async-signal-safe syscalls (fcntl, prctl, getpid, open,
+        // write, close) on memory prepared before fork.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // Best effort: a kernel without it restores unmerged.
+                if merge {
+                    libc::prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0);
                 }
                 let mut buf = [0u8; 16];
                 let pid = itoa(libc::getpid() as u32, &mut buf);
@@ -162,7 +172,7 @@ impl Criu {
         mut post_dump: impl FnMut() -> Result<(), String>,
     ) -> Result<DumpStats> {
         let started = Instant::now();
-        let mut s = self.start(&[])?;
+        let mut s = self.start(&[], false)?;
         // CRIU opens the images dir through /proc/<our pid>/fd/<fd>: keep it open for the call.
         let dir = open_dir(images_dir)?;
         let opts = rpc::CriuOpts {
@@ -230,15 +240,18 @@ impl Criu {
     }
 
     /// Restores the tree in `images_dir` onto `root`, inside the cgroups whose `cgroup.procs`
-    /// files are given. Returns the host pid of the restored init.
+    /// files are given (with KSM merging on when `merge`). Returns the host pid of the restored
+    /// init and how long CRIU took, from its start to its answer.
     pub fn restore(
         &self,
         images_dir: &Path,
         root: &Path,
         procs_files: &[PathBuf],
         log_name: &str,
-    ) -> Result<u32> {
-        let mut s = self.start(procs_files)?;
+        merge: bool,
+    ) -> Result<(u32, std::time::Duration)> {
+        let started = std::time::Instant::now();
+        let mut s = self.start(procs_files, merge)?;
         let dir = open_dir(images_dir)?;
         let opts = rpc::CriuOpts {
             images_dir_fd: dir.as_raw_fd(),
@@ -274,7 +287,7 @@ impl Criu {
                     let _ = std::fs::remove_file(images_dir.join(log_name));
                     return resp
                         .restore
-                        .map(|r| r.pid as u32)
+                        .map(|r| (r.pid as u32, started.elapsed()))
                         .ok_or_else(|| CriuError::Rpc("restore response has no pid".into()));
                 }
                 other => {

@@ -232,26 +232,32 @@ impl Runtime {
         Ok(self.criu.dump(sb.init_pid, images, post_dump)?)
     }
 
-    /// CRIU restore of `images` onto `rootfs`, in a fresh cgroup named `name`.
+    /// CRIU restore of `images` onto `rootfs`, in a fresh cgroup named `name` (KSM merging on
+    /// for the restored tasks when `merge`). Returns the sandbox and CRIU's own time.
     pub fn restore(
         &self,
         name: &str,
         images: &Path,
         rootfs: &Path,
         limits: Option<Limits>,
-    ) -> Result<Sandbox> {
+        merge: bool,
+    ) -> Result<(Sandbox, std::time::Duration)> {
         let cgroup = self.layout.create(name, limits.unwrap_or(self.limits))?;
         match self.criu.restore(
             images,
             rootfs,
             &cgroup.procs_files(),
             &format!("restore-{name}.log"),
+            merge,
         ) {
-            Ok(pid) => Ok(Sandbox {
-                init_pid: pid,
-                cgroup,
-                rootfs: rootfs.into(),
-            }),
+            Ok((pid, took)) => Ok((
+                Sandbox {
+                    init_pid: pid,
+                    cgroup,
+                    rootfs: rootfs.into(),
+                },
+                took,
+            )),
             Err(e) => {
                 let _ = cgroup.destroy();
                 Err(anyhow::Error::from(e).context(format!("restore sandbox {name}")))
@@ -304,4 +310,34 @@ pub fn sync_fs(path: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The host's KSM daemon (/sys/kernel/mm/ksm/run), for `serve --ksm`.
+pub mod ksm {
+    const RUN: &str = "/sys/kernel/mm/ksm/run";
+
+    /// Turns KSM on if it is off; returns whether this call turned it on.
+    pub fn start() -> std::io::Result<bool> {
+        if std::fs::read_to_string(RUN)?.trim() == "0" {
+            std::fs::write(RUN, "1")?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Turns KSM off again (only after [`start`] turned it on): merged pages stay merged until
+    /// written, nothing new is scanned.
+    pub fn stop() -> std::io::Result<()> {
+        std::fs::write(RUN, "0")
+    }
+
+    /// Pages that KSM's merging saves now, host-wide (`pages_sharing`), in bytes.
+    pub fn saved_bytes() -> Option<u64> {
+        let pages: u64 = std::fs::read_to_string("/sys/kernel/mm/ksm/pages_sharing")
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(pages * 4096)
+    }
 }
