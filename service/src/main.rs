@@ -449,17 +449,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 disk_bytes: sandbox_disk_mib << 20,
                 warm_budget_bytes: warm_budget_mib << 20,
             };
-            serve(
-                socket.clone(),
-                config,
-                storage,
-                verdicts,
-                limits,
-                http,
-                tcp,
-                ksm,
-            )
-            .await?;
+            let extras = ServeExtras { http, tcp, ksm };
+            serve(socket.clone(), config, storage, verdicts, limits, extras).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Create {
@@ -626,17 +617,23 @@ fn instance_tag(data_dir: &std::path::Path) -> String {
     format!("{:012x}", h & 0xffff_ffff_ffff)
 }
 
+/// What `serve` adds beside the unix socket: the web view, the TCP listener, KSM.
+struct ServeExtras {
+    http: Option<std::net::SocketAddr>,
+    tcp: Option<remote::Listener>,
+    ksm: bool,
+}
+
 async fn serve(
     socket: PathBuf,
     mut config: sandtree_engine::Config,
     spec: sandtree_storage::StorageSpec,
     verdicts: sandtree_runtime::inspect::Verdicts,
     limits: sandtree_runtime::cgroup::Limits,
-    http: Option<std::net::SocketAddr>,
-    tcp: Option<remote::Listener>,
-    ksm: bool,
+    extras: ServeExtras,
 ) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
+    let ServeExtras { http, tcp, ksm } = extras;
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("create data dir {}", data_dir.display()))?;
