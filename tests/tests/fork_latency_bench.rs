@@ -41,7 +41,10 @@ fn warm_forks_are_fast_and_ksm_shares_their_pages() {
         "a cold fork costs {}x CRIU's restore",
         f("cold_over_criu")
     );
-    assert!(f("copy_mib_plain") > 0.5, "a python worker's anonymous memory: {r}");
+    assert!(
+        f("copy_mib_plain") > 0.5,
+        "a python worker's anonymous memory: {r}"
+    );
     assert!(
         f("copy_mib_ksm_net") < f("copy_mib_plain"),
         "KSM shared nothing: {r}"
