@@ -127,8 +127,25 @@ pub fn read_pagemap(path: &Path) -> Result<Pagemap> {
         .iter()
         .map(|m| PagemapEntry::decode(*m).map_err(|e| bad(&e.to_string())))
         .collect::<Result<Vec<_>>>()?;
-    if entries.windows(2).any(|w| w[0].vaddr >= w[1].vaddr) {
-        return Err(bad("entries not in address order"));
+    // Each entry is page-aligned and ends inside the address space; entries are in address
+    // order and do not overlap (so every page is named once and `vaddr + n * PAGE` never wraps).
+    let mut end = 0u64;
+    for e in &entries {
+        if e.vaddr % PAGE as u64 != 0 {
+            return Err(bad(&format!("entry at {:#x} is not page-aligned", e.vaddr)));
+        }
+        if e.vaddr < end {
+            return Err(bad("entries not in address order, or overlapping"));
+        }
+        end = e
+            .vaddr
+            .checked_add(u64::from(e.nr_pages) * PAGE as u64)
+            .ok_or_else(|| {
+                bad(&format!(
+                    "entry at {:#x} runs past the address space",
+                    e.vaddr
+                ))
+            })?;
     }
     Ok(Pagemap {
         pages_id: head.pages_id,
@@ -198,7 +215,12 @@ impl PageSource {
         for e in &map.entries {
             offsets.push(off);
             if flags(e) & PE_PRESENT != 0 {
-                off += u64::from(e.nr_pages) * PAGE as u64;
+                off = off
+                    .checked_add(u64::from(e.nr_pages) * PAGE as u64)
+                    .ok_or_else(|| PagesError::Format {
+                        path: dir.join(format!("pagemap of pages-{}.img", map.pages_id)),
+                        msg: "present pages add up past 2^64 bytes".into(),
+                    })?;
             }
         }
         let pages = if off > 0 {
@@ -515,6 +537,18 @@ fn verify(dir: &Path, link: &Path, rw: &Rewrite) -> Result<()> {
     let old = PageSource::from_parts(dir, rw.old_map.clone(), None)?;
     let (mut a, mut b) = ([0u8; PAGE], [0u8; PAGE]);
     for e in &rw.old_map.entries {
+        if flags(e) & PE_PRESENT == 0 {
+            // A hole (or lazy range) holds no page to compare, and may span 2^32 pages: the
+            // rewrite copies it as it is, so the new map must hold the same entry.
+            if !rw.map.entries.iter().any(|n| n == e) {
+                return Err(PagesError::Verify {
+                    dir: dir.to_path_buf(),
+                    pid: rw.pid,
+                    vaddr: e.vaddr,
+                });
+            }
+            continue;
+        }
         for p in 0..u64::from(e.nr_pages) {
             let va = e.vaddr + p * PAGE as u64;
             let had = old.read(va, &mut a)?;
@@ -567,6 +601,72 @@ mod tests {
 
     fn page(b: u8) -> [u8; PAGE] {
         [b; PAGE]
+    }
+
+    fn write_map(dir: &Path, entries: Vec<PagemapEntry>) -> PathBuf {
+        let path = dir.join("pagemap-9.img");
+        let pm = Pagemap {
+            pages_id: 9,
+            entries,
+        };
+        std::fs::write(&path, encode_pagemap(&pm)).unwrap();
+        path
+    }
+
+    fn entry(vaddr: u64, nr_pages: u32, flags: u32) -> PagemapEntry {
+        PagemapEntry {
+            vaddr,
+            nr_pages,
+            in_parent: None,
+            flags: Some(flags),
+        }
+    }
+
+    #[test]
+    fn maps_that_wrap_overlap_or_are_unaligned_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let top = u64::MAX - (PAGE as u64 - 1); // the last page
+        for (entries, why) in [
+            (vec![entry(top, 2, PE_PRESENT)], "past the address space"),
+            (
+                vec![entry(top - 4096 * 3, u32::MAX, 0)],
+                "past the address space",
+            ),
+            (
+                vec![entry(0x1000, 4, PE_PRESENT), entry(0x2000, 1, PE_PRESENT)],
+                "overlapping",
+            ),
+            (vec![entry(0x1001, 1, PE_PRESENT)], "not page-aligned"),
+        ] {
+            let p = write_map(t.path(), entries);
+            let e = read_pagemap(&p).unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+        }
+        // An entry may end at the last page (its end, exclusive, is the last page's start).
+        let p = write_map(t.path(), vec![entry(top - 4096, 1, 0)]);
+        assert_eq!(read_pagemap(&p).unwrap().entries.len(), 1);
+    }
+
+    #[test]
+    fn a_hole_of_2_to_the_32_pages_is_verified_without_walking_it() {
+        let (_t, p, c) = parent_and_child();
+        write_task(&p, 1, 1, &[(A, vec![page(1)])]);
+        write_task(&c, 1, 2, &[(A, vec![page(1)])]);
+        // Add a huge hole after the present page in the child's map.
+        let path = c.join("pagemap-1.img");
+        let mut pm = read_pagemap(&path).unwrap();
+        pm.entries.push(entry(A + 0x1000_0000, u32::MAX, 0));
+        std::fs::write(&path, encode_pagemap(&pm)).unwrap();
+        let t = std::time::Instant::now();
+        let s = dedup_against(&c, &p, 4).unwrap();
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(s.kept_bytes, 0, "the one page equals the parent's");
+        let after = read_pagemap(&path).unwrap();
+        assert!(after.entries.contains(&entry(A + 0x1000_0000, u32::MAX, 0)));
     }
 
     /// Reads every page of a task through the chain, as a restore would.
