@@ -1416,6 +1416,7 @@ pub(crate) fn pump(s: &Arc<Shared>) {
         let s2 = s.clone();
         tokio::task::spawn_blocking(move || {
             let promoted = batch[0].promoted;
+            let past_cap = batch[0].past_cap;
             let kind = batch[0].job.kind;
             let n = batch.len();
             let t = Instant::now();
@@ -1430,7 +1431,7 @@ pub(crate) fn pump(s: &Arc<Shared>) {
             }
             run_batch(&s2, batch);
             s2.sched
-                .finished(promoted, kind, t.elapsed().as_secs_f64() * 1e3 / n as f64);
+                .finished(past_cap, kind, t.elapsed().as_secs_f64() * 1e3 / n as f64);
             pump(&s2);
         });
     }

@@ -9,7 +9,10 @@
 //! **Concurrency.** At most `cap` jobs run at once (the host's CPUs by default: a dump and a
 //! snapshot are CPU-bound in CRIU and the file system). A step that arrives before its own
 //! checkpoint has started *promotes* it under `edf`: the job starts at once, past the cap, so a
-//! step never waits for another episode's checkpoint (only for its own).
+//! step never waits for another episode's checkpoint (only for its own), as long as fewer than
+//! `cap` promoted jobs already run past it; beyond that (an overloaded host, where every step
+//! finds its checkpoint queued) promoted jobs wait at the head of the queue, so that
+//! concurrency stays bounded at twice the cap.
 //!
 //! **Batches.** When an `edf` job of kind fs starts, every other queued fs job whose latest start
 //! falls within [`BATCH_WINDOW`] of it starts with it, up to [`MAX_BATCH`]: their snapshots go to
@@ -95,6 +98,9 @@ pub struct Started<P> {
     pub payload: P,
     pub queued: Duration,
     pub promoted: bool,
+    /// It runs past the cap (a promoted job when the cap was full): give this to
+    /// [`Scheduler::finished`].
+    pub past_cap: bool,
 }
 
 struct Queued<P> {
@@ -126,6 +132,8 @@ pub struct Counts {
     pub promoted: u64,
     pub batches: u64,
     pub batched_jobs: u64,
+    /// Most batches that ran at once.
+    pub peak_running: usize,
 }
 
 /// The scheduler. See the module docs.
@@ -225,7 +233,7 @@ impl<P> Scheduler<P> {
     }
 
     /// The next batch to start, if one may start now. The caller runs it and then calls
-    /// [`Scheduler::finished`] with the `promoted` flag of its first job.
+    /// [`Scheduler::finished`] with the `past_cap` flag of its first job.
     pub fn next(&self) -> Option<Vec<Started<P>>> {
         let mut s = self.state();
         if s.queue.is_empty() {
@@ -244,6 +252,7 @@ impl<P> Scheduler<P> {
                     .map(|(i, _)| i)?
             }
             Discipline::Edf => {
+                // Promoted jobs first, past the cap while fewer than `cap` others run past it.
                 let promoted = s
                     .queue
                     .iter()
@@ -251,10 +260,12 @@ impl<P> Scheduler<P> {
                     .filter(|(_, q)| q.promoted)
                     .min_by_key(|(_, q)| q.seq)
                     .map(|(i, _)| i);
+                let room = s.running < self.cap || s.running_promoted < self.cap;
                 match promoted {
-                    Some(i) => i,
-                    None if s.running >= self.cap => return None,
-                    None => {
+                    Some(i) if room => i,
+                    _ if s.running >= self.cap => return None,
+                    // (A promoted job always has room when the cap has: it took the arm above.)
+                    _ => {
                         let key = |q: &Queued<P>| (self.latest_start(&s, q), q.seq);
                         s.queue
                             .iter()
@@ -266,12 +277,14 @@ impl<P> Scheduler<P> {
             }
         };
         let first = s.queue.swap_remove(head);
-        let promoted = first.promoted;
-        if promoted {
+        // A job takes a place under the cap if there is one, else (promoted) one past it.
+        let past_cap = s.running >= self.cap;
+        if past_cap {
             s.running_promoted += 1;
         } else {
             s.running += 1;
         }
+        let running_now = s.running + s.running_promoted;
         let mut batch = vec![first];
         if self.discipline == Discipline::Edf && batch[0].job.kind == JobKind::Fs {
             let limit = self.latest_start(&s, &batch[0]) + BATCH_WINDOW;
@@ -290,10 +303,13 @@ impl<P> Scheduler<P> {
             }
         }
         drop(s);
-        if batch.len() > 1 {
+        {
             let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-            c.batches += 1;
-            c.batched_jobs += batch.len() as u64;
+            c.peak_running = c.peak_running.max(running_now);
+            if batch.len() > 1 {
+                c.batches += 1;
+                c.batched_jobs += batch.len() as u64;
+            }
         }
         Some(
             batch
@@ -301,6 +317,7 @@ impl<P> Scheduler<P> {
                 .map(|q| Started {
                     queued: now.saturating_duration_since(q.at),
                     promoted: q.promoted,
+                    past_cap,
                     job: q.job,
                     payload: q.payload,
                 })
@@ -309,9 +326,9 @@ impl<P> Scheduler<P> {
     }
 
     /// A batch handed out by [`Scheduler::next`] ended; `ms` is what each of its jobs took.
-    pub fn finished(&self, promoted: bool, kind: JobKind, ms: f64) {
+    pub fn finished(&self, past_cap: bool, kind: JobKind, ms: f64) {
         let mut s = self.state();
-        if promoted {
+        if past_cap {
             s.running_promoted = s.running_promoted.saturating_sub(1);
         } else {
             s.running = s.running.saturating_sub(1);
@@ -352,7 +369,7 @@ mod tests {
     fn order(s: &Scheduler<u64>) -> Vec<u64> {
         let mut out = Vec::new();
         while let Some(b) = s.next() {
-            let (p, k) = (b[0].promoted, b[0].job.kind);
+            let (p, k) = (b[0].past_cap, b[0].job.kind);
             out.extend(b.iter().map(|x| x.payload));
             s.finished(p, k, 1.0);
         }
@@ -386,9 +403,11 @@ mod tests {
         assert!(s.promote(NodeId(2)));
         let second = s.next().expect("a promoted job starts past the cap");
         assert_eq!((second[0].payload, second[0].promoted), (2, true));
+        assert!(second[0].past_cap);
         assert_eq!(s.counts().running, 2);
         s.finished(true, JobKind::Full, 5.0);
         s.finished(false, JobKind::Full, 5.0);
+        assert_eq!(s.counts().peak_running, 2);
         assert_eq!(s.counts().running, 0);
         assert!(!s.promote(NodeId(2)), "no longer queued");
         // fifo has no promotion: it is the baseline.
@@ -398,6 +417,33 @@ mod tests {
         let _one = f.next();
         assert!(!f.promote(NodeId(2)));
         assert!(f.next().is_none());
+    }
+
+    #[test]
+    fn promoted_jobs_past_the_cap_are_bounded_by_the_cap() {
+        let t0 = Instant::now();
+        let s = Scheduler::new(Discipline::Edf, 2);
+        for n in 0..6 {
+            s.push(job("e", n, JobKind::Full, 10 * n, t0), n);
+        }
+        let (a, b) = (s.next().unwrap(), s.next().unwrap());
+        assert!(!a[0].past_cap && !b[0].past_cap);
+        for n in 2..6 {
+            assert!(s.promote(NodeId(n)));
+        }
+        let (c, d) = (s.next().unwrap(), s.next().unwrap());
+        assert!(c[0].past_cap && d[0].past_cap);
+        assert!(
+            s.next().is_none(),
+            "2 under the cap and 2 past it run: the rest wait"
+        );
+        s.finished(false, JobKind::Full, 1.0);
+        let e = s.next().expect("a place under the cap freed");
+        assert!(
+            e[0].promoted && !e[0].past_cap,
+            "the promoted job goes first"
+        );
+        assert_eq!(s.counts().peak_running, 4);
     }
 
     #[test]
