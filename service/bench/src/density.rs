@@ -27,6 +27,10 @@ pub struct DensityRun {
     pub turns: usize,
     pub step_ms_p50: f64,
     pub step_ms_p99: f64,
+    /// What sandtree added to each step: the trainer's wall time less the command's own run
+    /// time in the sandbox (StepResponse.duration_ms).
+    pub added_ms_p50: f64,
+    pub added_ms_p99: f64,
     pub wait_ms_p50: f64,
     pub wait_ms_p99: f64,
     pub wait_ms_max: f64,
@@ -58,8 +62,9 @@ pub struct DensityReport {
     pub runs: Vec<DensityRun>,
     /// RSS of one idle busybox sandbox (after `true`), KiB.
     pub idle_busybox_rss_kib: f64,
-    /// edf step p99 / fifo step p99.
+    /// edf step p99 / fifo step p99, and the same of what sandtree added to each step.
     pub step_p99_edf_over_fifo: f64,
+    pub added_p99_edf_over_fifo: f64,
     /// Median episode wall time of each scheduler against none, minus 1.
     pub overhead_edf: f64,
     pub overhead_fifo: f64,
@@ -77,6 +82,14 @@ fn rss_of(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+struct Samples {
+    steps: Vec<f64>,
+    waits: Vec<f64>,
+    added: Vec<f64>,
+    walls: Vec<f64>,
+    ids: Vec<String>,
+}
+
 /// Runs N copies of `turns` at once; returns the samples.
 async fn one_run(
     c: &Client,
@@ -86,7 +99,7 @@ async fn one_run(
     policy: &str,
     think_ms: u64,
     seed: u64,
-) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>, Vec<String>)> {
+) -> Result<Samples> {
     let mut ids = Vec::new();
     for i in 0..n {
         let mut c = c.clone();
@@ -109,7 +122,7 @@ async fn one_run(
             let (mut c, id, turns) = (c.clone(), id.clone(), turns.to_vec());
             tokio::spawn(async move {
                 let mut rng = seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                let (mut steps, mut waits) = (Vec::new(), Vec::new());
+                let (mut steps, mut waits, mut added) = (Vec::new(), Vec::new(), Vec::new());
                 let started = Instant::now();
                 for cmd in &turns {
                     // The LLM's turn: think_ms ± 25%.
@@ -118,21 +131,31 @@ async fn one_run(
                     tokio::time::sleep(Duration::from_secs_f64(think / 1e3)).await;
                     let t = Instant::now();
                     let r = step(&mut c, &id, cmd).await?;
-                    steps.push(t.elapsed().as_secs_f64() * 1e3);
+                    let wall = t.elapsed().as_secs_f64() * 1e3;
+                    steps.push(wall);
+                    added.push((wall - r.duration_ms as f64).max(0.0));
                     waits.push(r.accepted_us as f64 / 1e3);
                 }
-                anyhow::Ok((steps, waits, started.elapsed().as_secs_f64()))
+                anyhow::Ok((steps, waits, added, started.elapsed().as_secs_f64()))
             })
         })
         .collect();
-    let (mut steps, mut waits, mut walls) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut steps, mut waits, mut added, mut walls) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for t in tasks {
-        let (s, w, wall) = t.await.context("episode task")??;
+        let (s, w, a, wall) = t.await.context("episode task")??;
         steps.extend(s);
         waits.extend(w);
+        added.extend(a);
         walls.push(wall);
     }
-    Ok((steps, waits, walls, ids))
+    Ok(Samples {
+        steps,
+        waits,
+        added,
+        walls,
+        ids,
+    })
 }
 
 pub async fn run(args: &BenchArgs, n: usize, sandtree: &Path) -> Result<std::process::ExitCode> {
@@ -213,8 +236,13 @@ pub async fn run(args: &BenchArgs, n: usize, sandtree: &Path) -> Result<std::pro
                 .await
                 .map_err(rpc_err)?;
         }
-        let (steps, waits, walls, ids) =
-            one_run(&c, &t.image, &turns, n, policy, think_ms, args.seed).await?;
+        let Samples {
+            steps,
+            waits,
+            added,
+            walls,
+            ids,
+        } = one_run(&c, &t.image, &turns, n, policy, think_ms, args.seed).await?;
         // Settle: a Stats call returns once every pending checkpoint has committed or failed.
         let s = c
             .stats(pb::StatsRequest::default())
@@ -251,6 +279,8 @@ pub async fn run(args: &BenchArgs, n: usize, sandtree: &Path) -> Result<std::pro
             turns: steps.len(),
             step_ms_p50: pct(&steps, 0.5),
             step_ms_p99: pct(&steps, 0.99),
+            added_ms_p50: pct(&added, 0.5),
+            added_ms_p99: pct(&added, 0.99),
             wait_ms_p50: pct(&waits, 0.5),
             wait_ms_p99: pct(&waits, 0.99),
             wait_ms_max: pct(&waits, 1.0),
@@ -296,6 +326,7 @@ pub async fn run(args: &BenchArgs, n: usize, sandtree: &Path) -> Result<std::pro
     report.overhead_fifo = over(find("fifo", "auto"));
     if let (Some(e), Some(f)) = (find("edf", "auto"), find("fifo", "auto")) {
         report.step_p99_edf_over_fifo = e.step_ms_p99 / f.step_ms_p99.max(1e-9);
+        report.added_p99_edf_over_fifo = e.added_ms_p99 / f.added_ms_p99.max(1e-9);
     }
     let md = markdown(&report);
     print!("{md}");
@@ -321,19 +352,20 @@ fn markdown(r: &DensityReport) -> String {
         "# density: {} episodes of {} at once, think {} ms ± 25%, {}\n\n",
         r.episodes, r.trajectory, r.think_ms, r.storage
     );
-    md += "| scheduler | policy | step p50/p99 ms | own-checkpoint wait p50/p99/max ms | waits > 100 ms | queued p50/p99/max ms | promoted | fs batches (checkpoints) | fs/full nodes | episode wall p50 s | sandbox RSS p50 MiB | service RSS MiB | complete |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    md += "| scheduler | policy | step p50/p99 ms | added by sandtree p50/p99 ms | own-checkpoint wait p50/p99/max ms | waits > 100 ms | queued p50/p99/max ms | promoted | fs batches (checkpoints) | fs/full nodes | episode wall p50 s | sandbox RSS p50 MiB | service RSS MiB | complete |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for x in &r.runs {
         md += &format!(
-            "| {} | {} | {:.0}/{:.0} | {:.1}/{:.1}/{:.1} | {} of {} | {:.0}/{:.0}/{:.0} | {} | {} ({}) | {}/{} | {:.2} | {:.1} | {:.1} | {} |\n",
-            x.scheduler, x.policy, x.step_ms_p50, x.step_ms_p99, x.wait_ms_p50, x.wait_ms_p99,
+            "| {} | {} | {:.0}/{:.0} | {:.0}/{:.0} | {:.1}/{:.1}/{:.1} | {} of {} | {:.0}/{:.0}/{:.0} | {} | {} ({}) | {}/{} | {:.2} | {:.1} | {:.1} | {} |\n",
+            x.scheduler, x.policy, x.step_ms_p50, x.step_ms_p99, x.added_ms_p50, x.added_ms_p99, x.wait_ms_p50, x.wait_ms_p99,
             x.wait_ms_max, x.waits_over_100ms, x.turns, x.queue_wait_ms_p50, x.queue_wait_ms_p99,
             x.queue_wait_ms_max, x.promoted, x.batches, x.batched, x.nodes_fs, x.nodes_full,
             x.episode_s_p50, x.sandbox_rss_mib_p50, x.service_rss_mib, x.complete
         );
     }
     md += &format!(
-        "\nstep p99 edf / fifo = {:.2}; trainer-side overhead against none (median episode wall time): edf {:+.2}%, fifo {:+.2}%; idle busybox sandbox RSS {:.0} KiB\n",
+        "\nstep p99 edf / fifo = {:.2} (what sandtree added: {:.2}); trainer-side overhead against none (median episode wall time): edf {:+.2}%, fifo {:+.2}%; idle busybox sandbox RSS {:.0} KiB\n",
         r.step_p99_edf_over_fifo,
+        r.added_p99_edf_over_fifo,
         r.overhead_edf * 100.0,
         r.overhead_fifo * 100.0,
         r.idle_busybox_rss_kib
