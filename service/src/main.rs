@@ -69,6 +69,11 @@ enum Cmd {
         /// the order queued; the baseline).
         #[arg(long, default_value = "edf")]
         scheduler: sandtree_engine::Discipline,
+        /// Checkpoints that a step waiting for its own may start past --checkpoint-slots (edf;
+        /// default: as many as --checkpoint-slots). 0: a waiting step's checkpoint only goes to
+        /// the head of the queue.
+        #[arg(long)]
+        checkpoint_express: Option<usize>,
         /// Do not load the eBPF inspector: auto uses the conservative verdict.
         #[arg(long)]
         no_inspector: bool,
@@ -404,6 +409,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             step_timeout,
             checkpoint_slots,
             scheduler,
+            checkpoint_express,
             no_inspector,
             verify_verdicts,
             max_image_chain,
@@ -436,13 +442,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     as u64,
             };
             let verdicts = sandtree_runtime::inspect::Verdicts::new(!no_inspector, verify_verdicts);
+            let slots = checkpoint_slots
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
             let config = sandtree_engine::Config {
                 data_dir: data_dir.clone(),
                 default_timeout_ms: step_timeout * 1000,
                 out_cap: 1 << 20,
-                checkpoint_slots: checkpoint_slots
-                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                checkpoint_slots: slots,
                 scheduler,
+                checkpoint_express: checkpoint_express.unwrap_or(slots),
                 max_image_chain,
                 restore_slots,
                 max_episodes,

@@ -70,6 +70,26 @@ pub struct DensityReport {
     pub overhead_fifo: f64,
 }
 
+/// `serve` flags for a scheduler spec: `edf`, `fifo`, or `edf/express=N`.
+fn serve_args(spec: &str, max_episodes: &str) -> Result<Vec<String>> {
+    let mut parts = spec.split('/');
+    let mut out = vec![
+        "--scheduler".to_string(),
+        parts.next().unwrap_or_default().to_string(),
+        "--max-episodes".to_string(),
+        max_episodes.to_string(),
+    ];
+    for p in parts {
+        match p.split_once('=') {
+            Some(("express", n)) => {
+                out.extend(["--checkpoint-express".to_string(), n.to_string()]);
+            }
+            _ => bail!("scheduler spec {spec:?}: expected edf, fifo or edf/express=N"),
+        }
+    }
+    Ok(out)
+}
+
 fn rss_of(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -204,7 +224,10 @@ pub async fn run(args: &BenchArgs, n: usize, sandtree: &Path) -> Result<std::pro
             &base.join(format!("run{k}")),
             &args.storage,
             true,
-            &["--scheduler", sched, "--max-episodes", &max],
+            &serve_args(sched, &max)?
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
         )
         .await?;
         let mut c = connect(&svc.socket).await?;

@@ -85,6 +85,7 @@ pub struct BenchArgs {
     density: Option<usize>,
     #[arg(long, default_value = "repair-background-worker")]
     density_trajectory: String,
+    /// Schedulers for --density: edf, fifo, or edf/express=N (serve --checkpoint-express N).
     #[arg(long, default_value = "edf,fifo")]
     schedulers: String,
     /// Fork latency instead of the suite: N cold and N warm forks of the python worker node of

@@ -53,6 +53,8 @@ pub struct Config {
     pub checkpoint_slots: usize,
     /// How the host-wide checkpoint queue is ordered.
     pub scheduler: Discipline,
+    /// Checkpoints that a waiting step may start past `checkpoint_slots` (edf).
+    pub checkpoint_express: usize,
     /// Longest parent-image chain behind an auto full node; 0: no page dedup.
     pub max_image_chain: usize,
     /// Sandboxes restored (or started) at once on this host: `fork --count N` queues the rest.
@@ -201,7 +203,11 @@ impl Engine {
                 tree: Arc::new(tree),
                 storage,
                 parts,
-                sched: sched::Scheduler::new(config.scheduler, config.checkpoint_slots.max(1)),
+                sched: sched::Scheduler::new(
+                    config.scheduler,
+                    config.checkpoint_slots.max(1),
+                    config.checkpoint_express,
+                ),
                 restores: Arc::new(Semaphore::new(config.restore_slots.max(1))),
                 config,
                 timings: Arc::default(),

@@ -10,9 +10,10 @@
 //! snapshot are CPU-bound in CRIU and the file system). A step that arrives before its own
 //! checkpoint has started *promotes* it under `edf`: the job starts at once, past the cap, so a
 //! step never waits for another episode's checkpoint (only for its own), as long as fewer than
-//! `cap` promoted jobs already run past it; beyond that (an overloaded host, where every step
-//! finds its checkpoint queued) promoted jobs wait at the head of the queue, so that
-//! concurrency stays bounded at twice the cap.
+//! `express` promoted jobs already run past it; beyond that (an overloaded host, where every
+//! step finds its checkpoint queued) promoted jobs wait at the head of the queue, so that
+//! concurrency stays bounded at `cap + express`. With `express` 0 a promoted job only goes to
+//! the head of the queue.
 //!
 //! **Batches.** When an `edf` job of kind fs starts, every other queued fs job whose latest start
 //! falls within [`BATCH_WINDOW`] of it starts with it, up to [`MAX_BATCH`]: their snapshots go to
@@ -140,6 +141,8 @@ pub struct Counts {
 pub struct Scheduler<P> {
     discipline: Discipline,
     cap: usize,
+    /// Promoted batches that may run past the cap at once.
+    express: usize,
     state: Mutex<State<P>>,
     counts: Mutex<Counts>,
 }
@@ -153,10 +156,12 @@ pub fn ewma(old: Option<f64>, sample: f64) -> f64 {
 }
 
 impl<P> Scheduler<P> {
-    pub fn new(discipline: Discipline, cap: usize) -> Scheduler<P> {
+    /// `cap` batches at once, and `express` more for promoted jobs (edf).
+    pub fn new(discipline: Discipline, cap: usize, express: usize) -> Scheduler<P> {
         Scheduler {
             discipline,
             cap: cap.max(1),
+            express,
             state: Mutex::new(State {
                 queue: Vec::new(),
                 running: 0,
@@ -260,7 +265,7 @@ impl<P> Scheduler<P> {
                     .filter(|(_, q)| q.promoted)
                     .min_by_key(|(_, q)| q.seq)
                     .map(|(i, _)| i);
-                let room = s.running < self.cap || s.running_promoted < self.cap;
+                let room = s.running < self.cap || s.running_promoted < self.express;
                 match promoted {
                     Some(i) if room => i,
                     _ if s.running >= self.cap => return None,
@@ -383,7 +388,7 @@ mod tests {
             (Discipline::Edf, vec![2, 3, 1]),
             (Discipline::Fifo, vec![1, 2, 3]),
         ] {
-            let s = Scheduler::new(d, 1);
+            let s = Scheduler::new(d, 1, 1);
             s.push(job("a", 1, JobKind::Full, 3000, t0), 1);
             s.push(job("b", 2, JobKind::Full, 1000, t0), 2);
             s.push(job("c", 3, JobKind::Full, 2000, t0), 3);
@@ -394,7 +399,7 @@ mod tests {
     #[test]
     fn the_cap_holds_but_a_promoted_job_starts_past_it() {
         let t0 = Instant::now();
-        let s = Scheduler::new(Discipline::Edf, 1);
+        let s = Scheduler::new(Discipline::Edf, 1, 1);
         s.push(job("a", 1, JobKind::Full, 10, t0), 1);
         s.push(job("b", 2, JobKind::Full, 20, t0), 2);
         let first = s.next().expect("one may start");
@@ -411,7 +416,7 @@ mod tests {
         assert_eq!(s.counts().running, 0);
         assert!(!s.promote(NodeId(2)), "no longer queued");
         // fifo has no promotion: it is the baseline.
-        let f = Scheduler::new(Discipline::Fifo, 1);
+        let f = Scheduler::new(Discipline::Fifo, 1, 1);
         f.push(job("a", 1, JobKind::Full, 10, t0), 1);
         f.push(job("b", 2, JobKind::Full, 20, t0), 2);
         let _one = f.next();
@@ -422,7 +427,7 @@ mod tests {
     #[test]
     fn promoted_jobs_past_the_cap_are_bounded_by_the_cap() {
         let t0 = Instant::now();
-        let s = Scheduler::new(Discipline::Edf, 2);
+        let s = Scheduler::new(Discipline::Edf, 2, 2);
         for n in 0..6 {
             s.push(job("e", n, JobKind::Full, 10 * n, t0), n);
         }
@@ -449,7 +454,7 @@ mod tests {
     #[test]
     fn fs_jobs_due_together_start_as_one_batch() {
         let t0 = Instant::now();
-        let s = Scheduler::new(Discipline::Edf, 1);
+        let s = Scheduler::new(Discipline::Edf, 1, 1);
         s.push(job("a", 1, JobKind::Fs, 1000, t0), 1);
         s.push(job("b", 2, JobKind::Full, 1100, t0), 2);
         s.push(job("c", 3, JobKind::Fs, 1200, t0), 3);
@@ -465,7 +470,7 @@ mod tests {
         assert_eq!(s.counts().batches, 1);
         assert_eq!(s.counts().running, 1, "a batch takes one place");
         // fifo never batches.
-        let f = Scheduler::new(Discipline::Fifo, 1);
+        let f = Scheduler::new(Discipline::Fifo, 1, 1);
         f.push(job("a", 1, JobKind::Fs, 1000, t0), 1);
         f.push(job("c", 3, JobKind::Fs, 1000, t0), 3);
         assert_eq!(f.next().expect("one").len(), 1);
@@ -474,7 +479,7 @@ mod tests {
     #[test]
     fn measured_cost_moves_the_latest_start() {
         let t0 = Instant::now();
-        let s = Scheduler::new(Discipline::Edf, 1);
+        let s = Scheduler::new(Discipline::Edf, 1, 1);
         // Full jobs have been measured at 2 s, fs at 1 ms: a full job due 1.5 s after an fs
         // job must start first.
         s.finished(false, JobKind::Full, 2000.0);
@@ -489,7 +494,7 @@ mod tests {
         // One episode thinks for 60 s, 8 others for 10 ms and keep queueing: the slow one's job
         // starts once the jobs queued before its deadline have started.
         let t0 = Instant::now();
-        let s = Scheduler::new(Discipline::Edf, 1);
+        let s = Scheduler::new(Discipline::Edf, 1, 1);
         s.push(job("slow", 0, JobKind::Full, 60_000, t0), 0);
         let mut started_slow_at = None;
         let mut node = 1;
@@ -520,7 +525,7 @@ mod tests {
 
     #[test]
     fn think_time_is_the_episodes_else_the_hosts() {
-        let s: Scheduler<()> = Scheduler::new(Discipline::Edf, 2);
+        let s: Scheduler<()> = Scheduler::new(Discipline::Edf, 2, 2);
         assert_eq!(s.think_for(None), DEFAULT_THINK);
         s.observe_think(Duration::from_millis(200));
         assert_eq!(s.think_for(None), Duration::from_millis(200));

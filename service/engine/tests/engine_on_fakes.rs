@@ -40,6 +40,7 @@ fn rig_with(tune: impl FnOnce(&mut Config)) -> Rig {
         out_cap: 1 << 20,
         checkpoint_slots: 2,
         scheduler: sandtree_engine::Discipline::Edf,
+        checkpoint_express: 2,
         max_image_chain: 4,
         restore_slots: 4,
         max_episodes: 64,
