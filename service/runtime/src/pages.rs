@@ -129,14 +129,16 @@ pub fn read_pagemap(path: &Path) -> Result<Pagemap> {
         .collect::<Result<Vec<_>>>()?;
     // Each entry is page-aligned and ends inside the address space; entries are in address
     // order and do not overlap (so every page is named once and `vaddr + n * PAGE` never wraps).
-    let mut end = 0u64;
+    let (mut end, mut prev) = (0u64, None);
     for e in &entries {
         if e.vaddr % PAGE as u64 != 0 {
             return Err(bad(&format!("entry at {:#x} is not page-aligned", e.vaddr)));
         }
-        if e.vaddr < end {
+        // Strictly increasing (an empty entry ends where it starts) and not overlapping.
+        if e.vaddr < end || prev.is_some_and(|p| e.vaddr <= p) {
             return Err(bad("entries not in address order, or overlapping"));
         }
+        prev = Some(e.vaddr);
         end = e
             .vaddr
             .checked_add(u64::from(e.nr_pages) * PAGE as u64)
@@ -637,6 +639,10 @@ mod tests {
                 "overlapping",
             ),
             (vec![entry(0x1001, 1, PE_PRESENT)], "not page-aligned"),
+            (
+                vec![entry(0x1000, 0, PE_PRESENT), entry(0x1000, 1, PE_PRESENT)],
+                "overlapping",
+            ),
         ] {
             let p = write_map(t.path(), entries);
             let e = read_pagemap(&p).unwrap_err().to_string();
