@@ -1384,22 +1384,23 @@ pub(crate) fn fs_batch(
     timings: &Timings,
     items: &[FsItem<'_>],
 ) -> Vec<anyhow::Result<Taken>> {
+    // Unfrozen: a write after this check lands in the next turn's epoch (it began when the
+    // command ended) and so in a later checkpoint; a write before it shows here.
+    let mut out: Vec<Option<anyhow::Result<Taken>>> = items
+        .iter()
+        .map(|it| {
+            (it.refutable && unchanged(storage, &it.sb, it.node)).then_some(Ok(Taken::Refuted))
+        })
+        .collect();
     let started = Instant::now();
-    let mut out: Vec<Option<anyhow::Result<Taken>>> = Vec::with_capacity(items.len());
     let mut frozen = Vec::new();
     for (i, it) in items.iter().enumerate() {
-        // Unfrozen: a write after this check lands in the next turn's epoch (it began when the
-        // command ended) and so in a later checkpoint; a write before it shows here.
-        if it.refutable && unchanged(storage, &it.sb, it.node) {
-            out.push(Some(Ok(Taken::Refuted)));
+        if out[i].is_some() {
             continue;
         }
         match parts.runtime.freeze(&it.sb, true) {
-            Ok(()) => {
-                frozen.push(i);
-                out.push(None);
-            }
-            Err(e) => out.push(Some(Err(e))),
+            Ok(()) => frozen.push(i),
+            Err(e) => out[i] = Some(Err(e)),
         }
     }
     let freeze_ms = started.elapsed().as_millis() as u64;
