@@ -861,6 +861,89 @@ impl Tree {
         })
     }
 
+    /// Refutes a Pending fs node whose checkpoint turned out to hold nothing new: the storage
+    /// layer saw no change since the state of its parent node. In one transaction, every turn
+    /// record that refers to the node is re-pointed to the parent node (so the turn that made it
+    /// now shares its parent turn's node, as a verdict-none turn does, and restores it), the
+    /// turn that made it gets `reason` appended to its verdict's reasons, nodes made on top of
+    /// it get the parent node as their parent, and the node's row is deleted (it has no
+    /// artifacts). Returns the parent node and the re-pointed turn records.
+    ///
+    /// Refused, changing nothing: a node that is not Pending ([`TreeError::NodeNotPending`]),
+    /// not fs or pinned ([`TreeError::InvalidArgument`]: a full node also holds processes), or
+    /// whose parent cannot be restored ([`TreeError::NodeNotCommitted`],
+    /// [`TreeError::NodeCollected`]): a turn is re-pointed only to a Committed node.
+    pub fn refute_node(&self, id: NodeId, reason: &str) -> Result<(Node, Vec<TurnId>)> {
+        self.write(|t| {
+            let node = get_node(&t.nodes, id)?;
+            if node.state != NodeState::Pending {
+                return Err(TreeError::NodeNotPending {
+                    node: id,
+                    state: node.state,
+                });
+            }
+            if node.kind != NodeKind::Fs {
+                return Err(TreeError::InvalidArgument(format!(
+                    "checkpoint node {id} is {}, and only fs nodes can be refuted",
+                    node.kind.as_str()
+                )));
+            }
+            if node.pinned {
+                return Err(TreeError::InvalidArgument(format!(
+                    "checkpoint node {id} is pinned and cannot be refuted"
+                )));
+            }
+            let parent_id = node.parent.ok_or_else(|| {
+                TreeError::Corrupt(format!("fs checkpoint node {id} has no parent"))
+            })?;
+            let parent = restorable(&t.nodes, parent_id)?;
+            // Every record that refers to the node descends from the one that made it, so it
+            // has a larger id: walk back from the newest record until that one.
+            let mut refs = Vec::new();
+            for row in t.turns.iter()?.rev() {
+                let (_, v) = row?;
+                let rec: TurnRecord = decode(v.value(), "turn record")?;
+                if rec.node != id {
+                    continue;
+                }
+                let made_it = match rec.parent {
+                    Some(p) => get_turn(&t.turns, p)?.node != id,
+                    None => true,
+                };
+                refs.push((rec, made_it));
+                if made_it {
+                    break;
+                }
+            }
+            let mut turns = Vec::with_capacity(refs.len());
+            for (mut rec, made_it) in refs {
+                rec.node = parent_id;
+                if made_it {
+                    rec.verdict.reasons.push(reason.to_owned());
+                }
+                put_turn(&mut t.turns, &rec)?;
+                turns.push(rec.id);
+            }
+            // Nodes made on top of it (ids are handed out in order).
+            let mut children = Vec::new();
+            for row in t.nodes.range(id.0 + 1..)? {
+                let (_, v) = row?;
+                let n: Node = decode(v.value(), "node")?;
+                if n.parent == Some(id) {
+                    children.push(n);
+                }
+            }
+            for mut n in children {
+                n.parent = Some(parent_id);
+                put_node(&mut t.nodes, &n)?;
+            }
+            t.nodes.remove(id.0)?;
+            turns.sort();
+            debug!(node = %id, parent = %parent_id, turns = turns.len(), "refuted checkpoint node");
+            Ok((parent, turns))
+        })
+    }
+
     // -- fork / rewind ---------------------------------------------------------
 
     /// Forks `count` new Running episodes off turn `turn` of `src` (Running or

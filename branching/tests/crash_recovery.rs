@@ -1,7 +1,7 @@
 //! After a crash (the tree dropped mid-sequence, or the whole process killed
 //! with SIGKILL), reopening and reconciling loses no committed node, abandons
 //! every pending node, stops every episode and leaves every head on a
-//! committed node.
+//! committed node; no turn is left pointing to a refuted (deleted) node.
 
 mod common;
 
@@ -36,6 +36,12 @@ fn check_reconciled(tree: &Tree, committed: &BTreeSet<NodeId>) {
             ep.id
         );
         assert_eq!(tree.turns(&ep.id).unwrap().len() as u32, ep.turn + 1);
+        // No turn on a live path points to a missing node (a refuted node's row is deleted
+        // in the same transaction that re-points its turns).
+        for rec in tree.turns(&ep.id).unwrap() {
+            tree.node(rec.node)
+                .unwrap_or_else(|e| panic!("turn {} of {}: {e}", rec.turn, ep.id));
+        }
     }
     // A second reconcile has nothing left to do.
     let again = tree.reconcile().unwrap();
@@ -164,6 +170,17 @@ fn crash_child() {
             // Left pending (a checkpoint still in flight), with a later turn.
             tree.append_turn(&ep, step("shared", VerdictKind::None, None))
                 .unwrap();
+            continue;
+        }
+        if i % 3 == 1 {
+            // An fs node whose volume did not change: its turn moves to the parent node. The
+            // parent is committed unless it was left pending just before.
+            match tree.refute_node(node, "refuted") {
+                Ok(_) => println!("refuted {}", node.0),
+                Err(_) => {
+                    tree.fail_node(node, "refute refused").unwrap();
+                }
+            }
             continue;
         }
         tree.commit_node(node, artifacts(node, i)).unwrap();

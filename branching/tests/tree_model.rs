@@ -4,7 +4,8 @@
 //!
 //! Protects: live paths, turn numbering after fork/rewind, error kinds, GC
 //! safety (no live node is ever garbage) and completeness (every unreachable
-//! node is garbage), refcounts, checkpoint-byte accounting and reconcile.
+//! node is garbage), refcounts, checkpoint-byte accounting, reconcile, and refuting a pending
+//! fs node (its turns re-pointed to its parent node, its row gone).
 
 mod common;
 
@@ -22,6 +23,7 @@ enum Op {
     Step { ep: Sel, verdict: u8, ckpt: u8 },
     Commit { node: Sel },
     Fail { node: Sel },
+    Refute { node: Sel },
     Fork { ep: Sel, t: Sel, count: usize },
     Rewind { ep: Sel, t: Sel },
     Stop { ep: Sel },
@@ -72,6 +74,7 @@ fn op() -> impl Strategy<Value = Op> {
         14 => (sel.clone(), 0u8..3, 0u8..3).prop_map(|(ep, verdict, ckpt)| Op::Step { ep, verdict, ckpt }),
         6 => sel.clone().prop_map(|node| Op::Commit { node }),
         1 => sel.clone().prop_map(|node| Op::Fail { node }),
+        3 => sel.clone().prop_map(|node| Op::Refute { node }),
         3 => (sel.clone(), sel.clone(), 1usize..4).prop_map(|(ep, t, count)| Op::Fork { ep, t, count }),
         3 => (sel.clone(), sel.clone()).prop_map(|(ep, t)| Op::Rewind { ep, t }),
         1 => sel.clone().prop_map(|ep| Op::Stop { ep }),
@@ -89,11 +92,16 @@ enum MState {
     Committed,
     Failed,
     Collected,
+    /// Refuted: the row is gone.
+    Gone,
 }
 
 #[derive(Debug)]
 struct MNode {
     id: NodeId,
+    /// Fs, Full or Base.
+    kind: &'static str,
+    parent: Option<usize>,
     state: MState,
     pinned: bool,
     created_by: usize,
@@ -133,6 +141,8 @@ enum Expect {
     Collected,
     NotCommitted,
     NotPending,
+    Invalid,
+    Unknown,
 }
 
 fn kind<T>(r: &Result<T, TreeError>) -> Expect {
@@ -144,6 +154,8 @@ fn kind<T>(r: &Result<T, TreeError>) -> Expect {
         Err(TreeError::NodeCollected { .. }) => Expect::Collected,
         Err(TreeError::NodeNotCommitted { .. }) => Expect::NotCommitted,
         Err(TreeError::NodeNotPending { .. }) => Expect::NotPending,
+        Err(TreeError::InvalidArgument(_)) => Expect::Invalid,
+        Err(TreeError::UnknownNode(_)) => Expect::Unknown,
         Err(e) => panic!("unexpected error kind: {e}"),
     }
 }
@@ -168,7 +180,10 @@ impl Model {
 
     fn garbage(&self) -> BTreeSet<NodeId> {
         (0..self.nodes.len())
-            .filter(|&n| self.nodes[n].state != MState::Collected && self.refcount(n) == 0)
+            .filter(|&n| {
+                !matches!(self.nodes[n].state, MState::Collected | MState::Gone)
+                    && self.refcount(n) == 0
+            })
             .map(|n| self.nodes[n].id)
             .collect()
     }
@@ -186,6 +201,26 @@ impl Model {
             MState::Committed => Expect::Ok,
             MState::Pending => Expect::NotCommitted,
             MState::Failed | MState::Collected => Expect::Collected,
+            MState::Gone => panic!("a turn refers to a refuted node"),
+        }
+    }
+
+    /// Expected outcome of refuting node `n`, in the order the tree checks.
+    fn refute_check(&self, n: usize) -> Expect {
+        let node = &self.nodes[n];
+        match node.state {
+            MState::Gone => return Expect::Unknown,
+            MState::Pending => {}
+            _ => return Expect::NotPending,
+        }
+        if node.kind != "fs" || node.pinned {
+            return Expect::Invalid;
+        }
+        match self.nodes[node.parent.expect("an fs node has a parent")].state {
+            MState::Committed => Expect::Ok,
+            MState::Pending => Expect::NotCommitted,
+            MState::Failed | MState::Collected => Expect::Collected,
+            MState::Gone => panic!("a node's parent was refuted"),
         }
     }
 
@@ -247,6 +282,8 @@ impl Harness {
                 let e = self.m.eps.len();
                 self.m.nodes.push(MNode {
                     id: base.id,
+                    kind: "base",
+                    parent: None,
                     state: MState::Committed,
                     pinned: false,
                     created_by: e,
@@ -299,6 +336,8 @@ impl Harness {
                             assert_eq!(rec.node, n.id);
                             self.m.nodes.push(MNode {
                                 id: n.id,
+                                kind: n.kind.as_str(),
+                                parent: Some(head_node),
                                 state: MState::Pending,
                                 pinned: false,
                                 created_by: e,
@@ -324,10 +363,10 @@ impl Harness {
                     self.m.nodes[n].id,
                     common::artifacts(self.m.nodes[n].id, bytes),
                 );
-                let expect = if self.m.nodes[n].state == MState::Pending {
-                    Expect::Ok
-                } else {
-                    Expect::NotPending
+                let expect = match self.m.nodes[n].state {
+                    MState::Pending => Expect::Ok,
+                    MState::Gone => Expect::Unknown,
+                    _ => Expect::NotPending,
                 };
                 assert_eq!(kind(&r), expect, "{op:?}");
                 if r.is_ok() {
@@ -338,14 +377,42 @@ impl Harness {
             Op::Fail { node } if nnodes > 0 => {
                 let n = node.pick(nnodes, &self.m.pending());
                 let r = self.tree().fail_node(self.m.nodes[n].id, "dump failed");
-                let expect = if self.m.nodes[n].state == MState::Pending {
-                    Expect::Ok
-                } else {
-                    Expect::NotPending
+                let expect = match self.m.nodes[n].state {
+                    MState::Pending => Expect::Ok,
+                    MState::Gone => Expect::Unknown,
+                    _ => Expect::NotPending,
                 };
                 assert_eq!(kind(&r), expect, "{op:?}");
                 if r.is_ok() {
                     self.m.nodes[n].state = MState::Failed;
+                }
+            }
+            Op::Refute { node } if nnodes > 0 => {
+                let n = node.pick(nnodes, &self.m.pending());
+                let id = self.m.nodes[n].id;
+                let r = self.tree().refute_node(id, "refuted: no change");
+                assert_eq!(kind(&r), self.m.refute_check(n), "{op:?}");
+                if let Ok((parent, turns)) = r {
+                    let p = self.m.nodes[n].parent.unwrap();
+                    assert_eq!(parent.id, self.m.nodes[p].id);
+                    let mut want = Vec::new();
+                    for t in &mut self.m.turns {
+                        if t.node == n {
+                            t.node = p;
+                            want.push(t.id);
+                        }
+                    }
+                    want.sort();
+                    assert_eq!(
+                        turns, want,
+                        "every turn on the refuted node, and only those"
+                    );
+                    for m in &mut self.m.nodes {
+                        if m.parent == Some(n) {
+                            m.parent = Some(p);
+                        }
+                    }
+                    self.m.nodes[n].state = MState::Gone;
                 }
             }
             Op::Fork { ep, t, count } if neps > 0 => {
@@ -413,6 +480,7 @@ impl Harness {
                 let n = node % nnodes;
                 let r = self.tree().pin(self.m.nodes[n].id, on);
                 let expect = match self.m.nodes[n].state {
+                    MState::Gone => Expect::Unknown,
                     MState::Failed | MState::Collected if on => Expect::Collected,
                     _ => Expect::Ok,
                 };
@@ -424,6 +492,13 @@ impl Harness {
             Op::Evict { node } if nnodes > 0 => {
                 let n = node % nnodes;
                 let id = self.m.nodes[n].id;
+                if self.m.nodes[n].state == MState::Gone {
+                    assert!(matches!(
+                        self.tree().forget_nodes(&[id]),
+                        Err(TreeError::UnknownNode(_))
+                    ));
+                    return;
+                }
                 let was_live = self.m.refcount(n) > 0;
                 let report = self.tree().forget_nodes(&[id]).unwrap();
                 if self.m.nodes[n].state == MState::Collected {
@@ -581,9 +656,23 @@ impl Harness {
         assert_eq!(tree.list_episodes(true).unwrap().len(), m.eps.len());
 
         let all = tree.all_nodes().unwrap();
-        assert_eq!(all.len(), m.nodes.len());
+        assert_eq!(
+            all.len(),
+            m.nodes.iter().filter(|n| n.state != MState::Gone).count()
+        );
         for (i, n) in m.nodes.iter().enumerate() {
+            if n.state == MState::Gone {
+                assert!(matches!(tree.node(n.id), Err(TreeError::UnknownNode(_))));
+                continue;
+            }
             let got = tree.node(n.id).unwrap();
+            assert_eq!(got.kind.as_str(), n.kind);
+            assert_eq!(
+                got.parent,
+                n.parent.map(|p| m.nodes[p].id),
+                "parent of node {}",
+                n.id
+            );
             let state = match got.state {
                 NodeState::Pending => MState::Pending,
                 NodeState::Committed => MState::Committed,
@@ -631,6 +720,9 @@ fn run(ops: &[Op]) {
         h.m.eps[e].status = EpisodeStatus::Deleted;
     }
     for n in 0..h.m.nodes.len() {
+        if h.m.nodes[n].state == MState::Gone {
+            continue;
+        }
         h.tree().pin(h.m.nodes[n].id, false).unwrap();
         h.m.nodes[n].pinned = false;
     }

@@ -345,8 +345,8 @@ pub async fn stats(target: &Target, json: bool) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "episodes {}  checkpoint_bytes {}  fs nodes {}  full nodes {}  shared turns {}",
-        r.episodes, r.checkpoint_bytes, r.nodes_fs, r.nodes_full, r.turns_shared
+        "episodes {}  checkpoint_bytes {}  fs nodes {}  full nodes {}  shared turns {}  fs verdicts refuted {}",
+        r.episodes, r.checkpoint_bytes, r.nodes_fs, r.nodes_full, r.turns_shared, r.fs_verdicts_refuted
     );
     println!(
         "dump p50/p99 {:.1}/{:.1} ms  snapshot {:.1}/{:.1} ms  restore {:.1}/{:.1} ms  checkpoint {:.1}/{:.1} ms",
@@ -381,7 +381,7 @@ pub async fn stats(target: &Target, json: bool) -> Result<ExitCode> {
     }
     for e in r.per_episode {
         println!(
-            "  {}  {:<4}  {:<7}  turn {:>3}  bytes {:>10}  fs {:>3}  full {:>3}  shared {:>3}",
+            "  {}  {:<4}  {:<7}  turn {:>3}  bytes {:>10}  fs {:>3}  full {:>3}  shared {:>3}  refuted {:>3}",
             e.id,
             e.policy,
             e.status,
@@ -389,7 +389,8 @@ pub async fn stats(target: &Target, json: bool) -> Result<ExitCode> {
             e.checkpoint_bytes,
             e.nodes_fs,
             e.nodes_full,
-            e.turns_shared
+            e.turns_shared,
+            e.fs_verdicts_refuted
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -594,6 +594,7 @@ impl pb::sandtree_server::Sandtree for Api {
                 turns_shared: c.turns_shared,
                 page_dedup_saved_bytes: 0,
                 memory_bytes: memory.get(&ep.id).copied().unwrap_or(0),
+                fs_verdicts_refuted: c.fs_verdicts_refuted,
             };
             resp.sandbox_memory_bytes += s.memory_bytes;
             resp.checkpoint_bytes += s.checkpoint_bytes;
@@ -623,6 +624,7 @@ impl pb::sandtree_server::Sandtree for Api {
         resp.verdicts_checked = v.verdicts_checked;
         resp.verdicts_unsafe = v.verdicts_unsafe;
         resp.verdicts_fs_without_change = v.verdicts_fs_without_change;
+        resp.fs_verdicts_refuted = e.fs_verdicts_refuted();
         let t = e.timings();
         resp.dump_ms_p50 = percentile(&t.dump, 0.5);
         resp.dump_ms_p99 = percentile(&t.dump, 0.99);

@@ -195,3 +195,57 @@ fn destroying_the_latest_snapshot_folds_its_bytes_into_the_next() {
         assert_about(b, f.bytes, MIB, "e's data, counted again");
     });
 }
+
+/// What refuting an fs verdict relies on: a fresh clone (a fork or rewind) compares with its
+/// origin until it has a snapshot of its own. Opening a file for writing without writing is no
+/// change; a write or a `touch` (new times) is; the origin's later changes are not the clone's.
+#[test]
+fn a_fresh_clone_counts_from_its_origin() {
+    for_each_backend(|b| {
+        make_base(&**b, "img");
+        let v = b.create_volume("v", "img").unwrap();
+        write(&v.join("f"), b"one\n");
+        b.snapshot("v", "s").unwrap();
+        let c = b.clone_snapshot("v", "s", "c").unwrap();
+        // The origin moves on; the clone does not see it.
+        write(&v.join("g"), b"origin only");
+        b.snapshot("v", "s2").unwrap();
+        assert!(!b.changed_since_last_snapshot("c").unwrap(), "fresh clone");
+        drop(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(c.join("f"))
+                .unwrap(),
+        );
+        assert!(
+            !b.changed_since_last_snapshot("c").unwrap(),
+            "opened for writing, nothing written"
+        );
+        let f = std::fs::File::options()
+            .write(true)
+            .open(c.join("f"))
+            .unwrap();
+        f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+            .unwrap();
+        drop(f);
+        assert!(
+            b.changed_since_last_snapshot("c").unwrap(),
+            "{}: new times are a change",
+            b.kind()
+        );
+        b.snapshot("c", "cs").unwrap();
+        assert!(!b.changed_since_last_snapshot("c").unwrap());
+        // A clone of the clone, then a real write in it.
+        let cc = b.clone_snapshot("c", "cs", "cc").unwrap();
+        assert!(
+            !b.changed_since_last_snapshot("cc").unwrap(),
+            "clone of a clone"
+        );
+        write(&cc.join("f"), b"two\n");
+        assert!(b.changed_since_last_snapshot("cc").unwrap());
+        assert!(
+            !b.changed_since_last_snapshot("c").unwrap(),
+            "its origin did not change"
+        );
+    });
+}

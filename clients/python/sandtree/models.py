@@ -246,6 +246,7 @@ class EpisodeStats:
     image_bytes: int
     image_dumped_bytes: int
     memory_bytes: int  # anonymous memory (RSS) of its running sandbox; 0 when stopped
+    fs_verdicts_refuted: int  # fs turns on its live path that share their parent's node: no change
 
 
 @dataclass(frozen=True)
@@ -309,6 +310,8 @@ class Stats:
     warm_hits: int
     warm_misses: int
     warm_evicted: int
+    # Fs snapshots not taken since the service started: the storage layer saw no change.
+    fs_verdicts_refuted: int
 
     @staticmethod
     def from_pb(m: pb.StatsResponse) -> Stats:

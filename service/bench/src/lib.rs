@@ -357,6 +357,8 @@ struct PolicyResult {
     nodes_fs: u32,
     nodes_full: u32,
     turns_shared: u32,
+    /// Of the shared turns, those whose fs verdict was refuted (no storage change).
+    fs_verdicts_refuted: u32,
     step_ms: Vec<f64>,
     step_wait_ms: Vec<f64>,
     /// Wall time of the original runs as the trainer sees it: every step plus the think time
@@ -470,6 +472,7 @@ async fn run_one(
     res.nodes_fs += e.nodes_fs;
     res.nodes_full += e.nodes_full;
     res.turns_shared += e.turns_shared;
+    res.fs_verdicts_refuted += e.fs_verdicts_refuted;
     res.per_trajectory
         .insert(t.name.clone(), (e.checkpoint_bytes, e.image_bytes));
     res.image_dumped_bytes += e.image_dumped_bytes;
@@ -1002,11 +1005,11 @@ fn report(
             ""
         }
     );
-    md += "| policy | recovery correctness | forks of forks | checkpoint bytes | fs nodes | full nodes | shared turns | step p50 ms | step wait p99 ms | checkpoint p50/p99 ms | fork p50/p99 ms | rewind p50/p99 ms |\n";
+    md += "| policy | recovery correctness | forks of forks | checkpoint bytes | fs nodes | full nodes | shared turns (fs refuted) | step p50 ms | step wait p99 ms | checkpoint p50/p99 ms | fork p50/p99 ms | rewind p50/p99 ms |\n";
     md += "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for r in results {
         md += &format!(
-            "| {} | {}/{} = {:.1}% | {}/{} chains, depth {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.0}/{:.0} | {:.0}/{:.0} | {:.0}/{:.0} |\n",
+            "| {} | {}/{} = {:.1}% | {}/{} chains, depth {} | {} | {} | {} | {} ({}) | {:.1} | {:.1} | {:.0}/{:.0} | {:.0}/{:.0} | {:.0}/{:.0} |\n",
             r.policy,
             r.fork_points_correct,
             r.fork_points,
@@ -1018,6 +1021,7 @@ fn report(
             r.nodes_fs,
             r.nodes_full,
             r.turns_shared,
+            r.fs_verdicts_refuted,
             pct(&r.step_ms, 0.5),
             pct(&r.step_wait_ms, 0.99),
             r.checkpoint_ms_p50,
@@ -1212,7 +1216,7 @@ fn report(
             "correctness": r.fork_points_correct as f64 / r.fork_points.max(1) as f64,
             "nested_chains": r.nested_chains, "nested_chains_correct": r.nested_chains_correct, "nested_depth": r.nested_depth,
             "checkpoint_bytes": r.checkpoint_bytes, "nodes_fs": r.nodes_fs, "nodes_full": r.nodes_full,
-            "turns_shared": r.turns_shared, "episode_ms": r.episode_ms, "step_ms_sum": r.step_ms.iter().sum::<f64>(), "step_ms_p50": pct(&r.step_ms, 0.5), "step_wait_ms_p99": pct(&r.step_wait_ms, 0.99),
+            "turns_shared": r.turns_shared, "fs_verdicts_refuted": r.fs_verdicts_refuted, "episode_ms": r.episode_ms, "step_ms_sum": r.step_ms.iter().sum::<f64>(), "step_ms_p50": pct(&r.step_ms, 0.5), "step_wait_ms_p99": pct(&r.step_wait_ms, 0.99),
             "fork_ms_p50": pct(&r.fork_ms, 0.5), "fork_ms_p99": pct(&r.fork_ms, 0.99),
             "fork_image_n": r.fork_image_ms.len(), "fork_image_ms_p50": pct(&r.fork_image_ms, 0.5), "fork_image_ms_p99": pct(&r.fork_image_ms, 0.99),
             "fork_fs_n": r.fork_fs_ms.len(), "fork_fs_ms_p50": pct(&r.fork_fs_ms, 0.5), "fork_fs_ms_p99": pct(&r.fork_fs_ms, 0.99),

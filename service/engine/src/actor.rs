@@ -16,13 +16,14 @@ use sandtree_branching::{
     Session, TreeError, Verdict, VerdictKind, VolumeName,
 };
 use tokio::sync::{mpsc, oneshot};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::ports::{Chunk, ExecRequest, FileOp, FileOutcome};
 use crate::sched::{ewma, Job, JobKind};
 use crate::{
     blocking, cleanup_in_background, image_parent, materialize, preflight, pump, CheckpointWork,
-    EngineError, Result, Shared, MAX_COMMAND_BYTES, MAX_CWD_BYTES, MAX_ENV_BYTES, MAX_FILE_BYTES,
+    EngineError, Result, Shared, Taken, MAX_COMMAND_BYTES, MAX_CWD_BYTES, MAX_ENV_BYTES,
+    MAX_FILE_BYTES, REFUTED,
 };
 
 type Reply<T> = oneshot::Sender<Result<T>>;
@@ -631,6 +632,7 @@ impl Actor {
             CheckpointWork {
                 sb,
                 kind: node.kind.clone(),
+                parent: node.parent,
                 images,
                 image_parent: image_parent.map(|(n, d): (NodeId, PathBuf)| (n, d, max_chain)),
                 thaw_failed,
@@ -658,7 +660,7 @@ impl Actor {
                 .and_then(|r| r);
             let kind = if kind == JobKind::Fs { "fs" } else { "full" };
             match r {
-                Ok(art) => {
+                Ok(Taken::Node(art)) => {
                     metrics::counter!(crate::stats::CHECKPOINT_BYTES).increment(art.bytes);
                     metrics::counter!(crate::stats::CHECKPOINTS, "kind" => kind, "result" => "committed")
                         .increment(1);
@@ -666,6 +668,27 @@ impl Actor {
                         warn!(%episode, node = %node_id, error = %e, "commit failed");
                     }
                 }
+                // Nothing was taken: the turn moves to the parent node, in one transaction. A
+                // crash before it leaves the node pending, which a restart abandons as any.
+                Ok(Taken::Refuted) => match s.tree.refute_node(node_id, REFUTED) {
+                    Ok((parent, _)) => {
+                        s.refuted.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!(crate::stats::CHECKPOINTS, "kind" => kind, "result" => "refuted")
+                            .increment(1);
+                        metrics::counter!(crate::stats::FS_VERDICTS_REFUTED).increment(1);
+                        debug!(%episode, node = %node_id, parent = %parent.id, "fs verdict refuted: no storage change");
+                    }
+                    Err(e) => {
+                        // Its parent went away meanwhile (evicted): no snapshot exists for it.
+                        metrics::counter!(crate::stats::CHECKPOINTS, "kind" => kind, "result" => "failed")
+                            .increment(1);
+                        warn!(%episode, node = %node_id, error = %e, "cannot refute the node");
+                        let _ = s.tree.fail_node(
+                            node_id,
+                            &format!("no snapshot taken (no change), and the refute failed: {e}"),
+                        );
+                    }
+                },
                 Err(e) => {
                     metrics::counter!(crate::stats::CHECKPOINTS, "kind" => kind, "result" => "failed")
                         .increment(1);

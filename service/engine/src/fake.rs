@@ -3,7 +3,10 @@
 //!
 //! Commands are a tiny language so tests can say what a turn does:
 //! - `echo X` prints `X`;
-//! - a command with `>` or `touch` changes files (verdict fs);
+//! - a command with `>` or `touch` changes files (verdict fs; the storage fake attached with
+//!   [`FakeParts::with_storage`] sees the volume change, as does a file write);
+//! - `openw PATH` opens a file for writing and writes nothing (verdict fs, no storage change:
+//!   an fs verdict that the checkpoint refutes);
 //! - a command ending in `&` starts a background process (verdict proc; it stays alive);
 //! - `kill` ends the background processes (verdict proc);
 //! - `sleep MS` takes MS milliseconds;
@@ -18,11 +21,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 use sandtree_branching::{Verdict, VerdictKind, VolumeName};
+use sandtree_storage::fake::FakeBackend;
 use sandtree_storage::SnapshotBackend;
 
 use crate::ports::{
@@ -62,11 +66,14 @@ struct State {
 pub struct FakeParts {
     state: Mutex<State>,
     limits: Limits,
+    /// The storage fake whose volumes the sandboxes' writes change.
+    storage: Option<Arc<FakeBackend>>,
 }
 
 impl Default for FakeParts {
     fn default() -> Self {
         FakeParts {
+            storage: None,
             state: Mutex::default(),
             limits: Limits {
                 memory_bytes: 2 << 30,
@@ -80,6 +87,22 @@ impl Default for FakeParts {
 impl FakeParts {
     pub fn new() -> FakeParts {
         FakeParts::default()
+    }
+
+    /// A fake whose file changes (`>`, `touch`, file writes) mark the sandbox's volume changed
+    /// in `storage` ([`FakeBackend::write`]), as real writes would.
+    pub fn with_storage(storage: Arc<FakeBackend>) -> FakeParts {
+        FakeParts {
+            storage: Some(storage),
+            ..FakeParts::default()
+        }
+    }
+
+    /// Tells the storage fake that `sb`'s volume changed.
+    fn wrote(&self, sb: &VolumeName, bytes: u64) {
+        if let Some(st) = &self.storage {
+            let _ = st.write(&sb.to_string(), bytes);
+        }
     }
 
     /// Every call so far, one line each.
@@ -201,6 +224,7 @@ impl SandboxRuntime for FakeParts {
         // Destroyed while the command ran: the engine let a teardown overlap a step.
         let box_ = Self::running_mut(&mut s, "exec (end)", sb)?;
         let mut stdout = Vec::new();
+        let mut wrote = false;
         let effect = if cmd.ends_with('&') {
             box_.procs = true;
             VerdictKind::Proc
@@ -209,6 +233,9 @@ impl SandboxRuntime for FakeParts {
             VerdictKind::Proc
         } else if cmd.contains('>') || cmd.starts_with("touch") {
             box_.files.insert(cmd.clone(), Vec::new());
+            wrote = true;
+            VerdictKind::Fs
+        } else if cmd.starts_with("openw") {
             VerdictKind::Fs
         } else {
             if let Some(x) = cmd.strip_prefix("echo ") {
@@ -222,6 +249,9 @@ impl SandboxRuntime for FakeParts {
             _ => VerdictKind::None,
         });
         drop(s);
+        if wrote {
+            self.wrote(sb, 4096);
+        }
         if req.stream && !stdout.is_empty() {
             on_output(Chunk::Stdout(stdout.clone()));
         }
@@ -238,8 +268,11 @@ impl SandboxRuntime for FakeParts {
         let box_ = Self::running_mut(&mut s, "file", sb)?;
         Ok(match op {
             FileOp::Write { data, .. } => {
+                let n = data.len() as u64;
                 box_.files.insert(path.to_string(), data);
                 box_.effect = Some(VerdictKind::Fs);
+                drop(s);
+                self.wrote(sb, n);
                 FileOutcome::Written
             }
             FileOp::Read { max_bytes } => match box_.files.get(path) {

@@ -155,6 +155,8 @@ pub(crate) struct Shared {
     pub warm: StdMutex<warm::WarmPool>,
     /// Cleanup left to run after an answer: replaced volumes and garbage.
     pub background: StdMutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Fs verdicts refuted since start: no snapshot taken, the turn shares its parent's node.
+    pub refuted: std::sync::atomic::AtomicU64,
 }
 
 /// The engine. Cheap to share: `Arc<Engine>`.
@@ -216,6 +218,7 @@ impl Engine {
                 in_flight: StdMutex::default(),
                 warm: StdMutex::default(),
                 background: StdMutex::default(),
+                refuted: Default::default(),
             }),
         })
     }
@@ -861,6 +864,12 @@ impl Engine {
         }
     }
 
+    /// Fs verdicts refuted since start: turns whose fs node was dropped because the storage
+    /// layer saw no change (each a snapshot not taken).
+    pub fn fs_verdicts_refuted(&self) -> u64 {
+        self.shared.refuted.load(Ordering::Relaxed)
+    }
+
     /// The checkpoint scheduler's discipline, cap and counters.
     pub fn scheduler(&self) -> (Discipline, usize, sched::Counts) {
         let s = &self.shared.sched;
@@ -1202,8 +1211,25 @@ pub(crate) struct Checkpoint<'a> {
     pub thaw_failed: &'a std::sync::atomic::AtomicBool,
 }
 
+/// What a checkpoint task produced.
+#[derive(Debug)]
+pub(crate) enum Taken {
+    /// The node's artifacts, durable.
+    Node(NodeArtifacts),
+    /// An fs node that is not needed: the storage layer saw no change in the volume since its
+    /// latest snapshot (or its creation), which holds the parent node's state. Nothing was
+    /// taken; the committing task re-points the turn to the parent node
+    /// ([`Tree::refute_node`]).
+    Refuted,
+}
+
+/// The reason a refuted turn's verdict gets.
+pub(crate) const REFUTED: &str =
+    "fs verdict refuted: the storage layer saw no change since the parent node; the turn shares it";
+
 impl Checkpoint<'_> {
-    /// Takes one node's checkpoint. fs: freeze, snapshot, thaw. full: CRIU dump with the snapshot
+    /// Takes one node's checkpoint. fs: freeze, snapshot, thaw (or, when `refutable` and the
+    /// volume did not change, nothing: [`Taken::Refuted`]). full: CRIU dump with the snapshot
     /// inside the post-dump notification, then (with `image_parent`) the pages equal to that
     /// image's are left out. Artifacts are durable before this returns.
     pub fn take(
@@ -1212,7 +1238,8 @@ impl Checkpoint<'_> {
         node: NodeId,
         images: &Path,
         image_parent: Option<(NodeId, PathBuf, usize)>,
-    ) -> anyhow::Result<NodeArtifacts> {
+        refutable: bool,
+    ) -> anyhow::Result<Taken> {
         let Checkpoint {
             storage,
             parts,
@@ -1239,6 +1266,7 @@ impl Checkpoint<'_> {
                     sb: sb.clone(),
                     node,
                     thaw_failed,
+                    refutable,
                 };
                 return fs_batch(storage, parts, timings, &[item])
                     .pop()
@@ -1318,7 +1346,7 @@ impl Checkpoint<'_> {
         parts.runtime.sync_rootfs(sb)?;
         t.total_ms = started.elapsed().as_millis() as u64;
         timings.record_checkpoint(started.elapsed().as_secs_f64() * 1e3);
-        Ok(NodeArtifacts {
+        Ok(Taken::Node(NodeArtifacts {
             snapshot: Some(SnapshotRef { volume: vol, snap }),
             images: images_path,
             bytes: snap_bytes + image_bytes,
@@ -1326,7 +1354,7 @@ impl Checkpoint<'_> {
             image_dumped_bytes,
             image_parent: image_parent_id,
             timings: Some(t),
-        })
+        }))
     }
 }
 
@@ -1335,26 +1363,50 @@ pub(crate) struct FsItem<'a> {
     pub sb: VolumeName,
     pub node: NodeId,
     pub thaw_failed: &'a std::sync::atomic::AtomicBool,
+    /// The node may be refuted: an fs node whose parent node is committed, so that the volume's
+    /// latest snapshot (or, for a volume without one, its origin) holds the parent's state.
+    pub refutable: bool,
 }
 
-/// Fs checkpoints of several sandboxes at one frozen instant each: freeze them all, take their
-/// snapshots in one storage call, thaw them all, then make each durable. Results are in order.
+/// Whether `vol` is unchanged since its latest snapshot, as far as the storage layer can say.
+/// An error counts as changed: the snapshot is taken as before.
+fn unchanged(storage: &dyn SnapshotBackend, vol: &VolumeName, node: NodeId) -> bool {
+    match storage.changed_since_last_snapshot(&vol.to_string()) {
+        Ok(changed) => !changed,
+        Err(e) => {
+            warn!(volume = %vol, node = %node, error = %e, "cannot tell whether the volume changed; taking the snapshot");
+            false
+        }
+    }
+}
+
+/// Fs checkpoints of several sandboxes at one frozen instant each: first each refutable item
+/// whose volume did not change is answered [`Taken::Refuted`] (no freeze, no snapshot); then
+/// freeze the others, take their snapshots in one storage call, thaw them all, then make each
+/// durable. Results are in order.
 pub(crate) fn fs_batch(
     storage: &dyn SnapshotBackend,
     parts: &Parts,
     timings: &Timings,
     items: &[FsItem<'_>],
-) -> Vec<anyhow::Result<NodeArtifacts>> {
+) -> Vec<anyhow::Result<Taken>> {
+    // Unfrozen: a write after this check lands in the next turn's epoch (it began when the
+    // command ended) and so in a later checkpoint; a write before it shows here.
+    let mut out: Vec<Option<anyhow::Result<Taken>>> = items
+        .iter()
+        .map(|it| {
+            (it.refutable && unchanged(storage, &it.sb, it.node)).then_some(Ok(Taken::Refuted))
+        })
+        .collect();
     let started = Instant::now();
-    let mut out: Vec<Option<anyhow::Result<NodeArtifacts>>> = Vec::with_capacity(items.len());
     let mut frozen = Vec::new();
     for (i, it) in items.iter().enumerate() {
+        if out[i].is_some() {
+            continue;
+        }
         match parts.runtime.freeze(&it.sb, true) {
-            Ok(()) => {
-                frozen.push(i);
-                out.push(None);
-            }
-            Err(e) => out.push(Some(Err(e))),
+            Ok(()) => frozen.push(i),
+            Err(e) => out[i] = Some(Err(e)),
         }
     }
     let freeze_ms = started.elapsed().as_millis() as u64;
@@ -1384,7 +1436,7 @@ pub(crate) fn fs_batch(
             // The snapshot is made durable before the node is committed.
             parts.runtime.sync_rootfs(&it.sb)?;
             timings.record_checkpoint(started.elapsed().as_secs_f64() * 1e3);
-            Ok(NodeArtifacts {
+            Ok(Taken::Node(NodeArtifacts {
                 snapshot: Some(SnapshotRef { volume: vol, snap }),
                 images: None,
                 bytes: info.bytes,
@@ -1397,7 +1449,7 @@ pub(crate) fn fs_batch(
                     total_ms: started.elapsed().as_millis() as u64,
                     ..Default::default()
                 }),
-            })
+            }))
         })());
     }
     out.into_iter()
@@ -1409,10 +1461,12 @@ pub(crate) fn fs_batch(
 pub(crate) struct CheckpointWork {
     pub sb: VolumeName,
     pub kind: NodeKind,
+    /// The node's parent node (what the sandbox's volume held before the turn).
+    pub parent: Option<NodeId>,
     pub images: PathBuf,
     pub image_parent: Option<(NodeId, PathBuf, usize)>,
     pub thaw_failed: Arc<std::sync::atomic::AtomicBool>,
-    pub reply: tokio::sync::oneshot::Sender<anyhow::Result<NodeArtifacts>>,
+    pub reply: tokio::sync::oneshot::Sender<anyhow::Result<Taken>>,
 }
 
 /// Starts every checkpoint batch the scheduler hands out now, each on a blocking thread; each
@@ -1443,6 +1497,18 @@ pub(crate) fn pump(s: &Arc<Shared>) {
     }
 }
 
+/// Whether an fs node may be refuted: only fs nodes (a full node also holds processes, which
+/// may have changed), and only on a committed parent (the state the volume's latest snapshot or
+/// its origin holds; a failed or collected parent's turn could not be restored).
+fn refutable(s: &Shared, w: &CheckpointWork) -> bool {
+    w.kind == NodeKind::Fs
+        && w.parent.is_some_and(|p| {
+            s.tree
+                .node(p)
+                .is_ok_and(|n| n.state == NodeState::Committed)
+        })
+}
+
 fn run_batch(s: &Shared, batch: Vec<sched::Started<CheckpointWork>>) {
     let works: Vec<(NodeId, CheckpointWork)> =
         batch.into_iter().map(|b| (b.job.node, b.payload)).collect();
@@ -1453,6 +1519,7 @@ fn run_batch(s: &Shared, batch: Vec<sched::Started<CheckpointWork>>) {
                 sb: w.sb.clone(),
                 node: *node,
                 thaw_failed: &w.thaw_failed,
+                refutable: refutable(s, w),
             })
             .collect();
         let results = fs_batch(s.storage.as_ref(), &s.parts, &s.timings, &items);
@@ -1463,6 +1530,7 @@ fn run_batch(s: &Shared, batch: Vec<sched::Started<CheckpointWork>>) {
         return;
     }
     for (node, w) in works {
+        let refutable = refutable(s, &w);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             Checkpoint {
                 storage: s.storage.as_ref(),
@@ -1471,7 +1539,7 @@ fn run_batch(s: &Shared, batch: Vec<sched::Started<CheckpointWork>>) {
                 sb: &w.sb,
                 thaw_failed: &w.thaw_failed,
             }
-            .take(&w.kind, node, &w.images, w.image_parent.clone())
+            .take(&w.kind, node, &w.images, w.image_parent.clone(), refutable)
         }))
         .unwrap_or_else(|_| Err(anyhow!("checkpoint panicked")));
         let _ = w.reply.send(r);

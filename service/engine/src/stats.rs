@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use sandtree_branching::{Episode, Node, NodeKind, Tree};
+use sandtree_branching::{Episode, Node, NodeKind, Tree, VerdictKind};
 
 /// Metric names (Prometheus, through the `metrics` facade: whatever recorder the process
 /// installed gets them; `serve --http` renders them at /metrics). Latencies are in seconds.
@@ -20,6 +20,8 @@ pub const DEDUP: &str = "sandtree_dedup_seconds";
 pub const QUEUE_WAIT: &str = "sandtree_checkpoint_queue_wait_seconds";
 pub const CHECKPOINT_BYTES: &str = "sandtree_checkpoint_bytes_total";
 pub const CHECKPOINTS: &str = "sandtree_checkpoints_total";
+/// Fs verdicts whose node was dropped because the storage layer saw no change.
+pub const FS_VERDICTS_REFUTED: &str = "sandtree_fs_verdicts_refuted_total";
 pub const VERDICTS: &str = "sandtree_verdicts_total";
 pub const BATCHES: &str = "sandtree_checkpoint_batches_total";
 pub const PROMOTED: &str = "sandtree_checkpoints_promoted_total";
@@ -137,6 +139,10 @@ pub struct EpisodeCharges {
     pub nodes_full: u32,
     /// Turns that shared their parent turn's node (nothing checkpointed).
     pub turns_shared: u32,
+    /// Of those, turns with an fs verdict whose node was refuted (the storage layer saw no
+    /// change), on the live path: under auto an fs verdict always asks for a node, so an fs turn
+    /// that shares its parent's node is one whose node was refuted.
+    pub fs_verdicts_refuted: u32,
 }
 
 impl EpisodeCharges {
@@ -150,6 +156,10 @@ impl EpisodeCharges {
             nodes_fs: mine.iter().filter(|n| n.kind == NodeKind::Fs).count() as u32,
             nodes_full: mine.iter().filter(|n| n.kind == NodeKind::Full).count() as u32,
             turns_shared: turns.windows(2).filter(|w| w[0].node == w[1].node).count() as u32,
+            fs_verdicts_refuted: turns
+                .windows(2)
+                .filter(|w| w[0].node == w[1].node && w[1].verdict.kind == VerdictKind::Fs)
+                .count() as u32,
         }
     }
 }

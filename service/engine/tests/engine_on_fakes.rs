@@ -32,7 +32,7 @@ fn rig_with(tune: impl FnOnce(&mut Config)) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let storage = Arc::new(FakeBackend::with_root(dir.path().join("storage")));
     storage.create_base("img", &mut |_| Ok(())).unwrap();
-    let parts = Arc::new(FakeParts::new());
+    let parts = Arc::new(FakeParts::with_storage(storage.clone()));
     let tree = Tree::open(dir.path().join("sandtree.redb")).unwrap();
     let mut config = Config {
         data_dir: dir.path().to_path_buf(),
@@ -454,8 +454,9 @@ async fn random_interleavings_never_touch_a_torn_down_sandbox() {
                 let turn = engine.tree().episode(&id).map(|e| e.turn).unwrap_or(0);
                 let r: Result<(), EngineError> = match next(10) {
                     0..=2 => {
-                        let cmd = ["touch /f", "daemon &", "kill", "echo hi", "sleep 5"]
-                            [next(5) as usize];
+                        let cmd = [
+                            "touch /f", "daemon &", "kill", "echo hi", "sleep 5", "openw /f",
+                        ][next(6) as usize];
                         engine
                             .step(&id, cmd.into(), StepOptions::default(), None)
                             .await
@@ -604,4 +605,204 @@ async fn fs_checkpoints_due_together_are_one_storage_batch() {
             .count();
         assert!(frozen >= 2, "{ep}: freeze and thaw: {calls:?}");
     }
+}
+
+/// Whether the storage fake was ever asked for a snapshot named after `node`.
+fn snapshot_taken(r: &Rig, node: sandtree_branching::NodeId) -> bool {
+    r.storage
+        .calls()
+        .iter()
+        .any(|c| c.contains(&format!("@n{}", node.0)) || c.ends_with(&format!(" n{}", node.0)))
+}
+
+/// An fs verdict whose volume did not change (a file opened for writing, nothing written) gets
+/// no snapshot: the turn shares its parent turn's node, which fork and rewind then restore; a
+/// turn that wrote keeps its node. Counted per episode and since start.
+#[tokio::test]
+async fn an_fs_verdict_without_a_storage_change_is_refuted() {
+    let r = rig();
+    let ep = create(&r, Policy::Auto).await;
+    // Right after creation: the volume is the base's clone, unchanged.
+    step(&r, &ep, "openw /etc/hostname").await.unwrap();
+    let t2 = step(&r, &ep, "touch /a").await.unwrap();
+    let out = r
+        .engine
+        .step(&ep, "openw /a".into(), StepOptions::default(), None)
+        .await
+        .unwrap();
+    let (t3, asked) = (out.turn, out.node);
+    step(&r, &ep, "touch /b").await.unwrap();
+    r.engine.settle_checkpoints().await;
+    assert_eq!(
+        kinds(&r, &ep),
+        vec![
+            TurnKind::Base,
+            TurnKind::Shared,
+            TurnKind::Fs,
+            TurnKind::Shared,
+            TurnKind::Fs
+        ]
+    );
+    let n2 = node_at(&r, &ep, t2);
+    assert_eq!(
+        node_at(&r, &ep, t3).id,
+        n2.id,
+        "shares its parent turn's node"
+    );
+    assert!(
+        !snapshot_taken(&r, asked),
+        "no snapshot for the refuted node"
+    );
+    assert!(matches!(
+        r.engine.tree().node(asked),
+        Err(TreeError::UnknownNode(_))
+    ));
+    let rec = r.engine.tree().turn(&ep, t3).unwrap();
+    assert_eq!(rec.verdict.kind, sandtree_branching::VerdictKind::Fs);
+    assert!(
+        rec.verdict.reasons.iter().any(|w| w.contains("refuted")),
+        "{:?}",
+        rec.verdict.reasons
+    );
+    assert_eq!(node_at(&r, &ep, 4).parent, Some(n2.id));
+    assert_eq!(r.engine.fs_verdicts_refuted(), 2);
+    let charges = r.engine.charges().await.unwrap();
+    let c = charges.iter().find(|(e, _)| e.id == ep).unwrap().1;
+    assert_eq!(
+        (c.nodes_fs, c.turns_shared, c.fs_verdicts_refuted),
+        (2, 2, 2)
+    );
+
+    // Fork and rewind to the refuted turn restore the parent node's snapshot.
+    let f = r.engine.fork(&ep, t3, 1).await.unwrap();
+    let want = format!("clone_snapshot {ep}-0 n{} {}-0", n2.id.0, f[0]);
+    assert!(r.storage.calls().contains(&want), "{want}");
+    r.engine.rewind(&ep, t3).await.unwrap();
+    let want = format!("clone_snapshot {ep}-0 n{} {ep}-1", n2.id.0);
+    assert!(r.storage.calls().contains(&want), "{want}");
+    assert_consistent(&r).await;
+}
+
+/// A fresh clone has no snapshot of its own: right after a fork (or rewind), a turn that wrote
+/// nothing is refuted onto the fork point's node, and one that wrote is not.
+#[tokio::test]
+async fn right_after_a_fork_only_a_turn_that_wrote_nothing_is_refuted() {
+    let r = rig();
+    let ep = create(&r, Policy::Auto).await;
+    step(&r, &ep, "touch /a").await.unwrap();
+    let n1 = node_at(&r, &ep, 1);
+    let f = r.engine.fork(&ep, 1, 2).await.unwrap();
+    step(&r, &f[0], "openw /a").await.unwrap();
+    step(&r, &f[1], "echo x > /a").await.unwrap();
+    r.engine.rewind(&ep, 1).await.unwrap();
+    step(&r, &ep, "openw /a").await.unwrap();
+    r.engine.settle_checkpoints().await;
+    assert_eq!(node_at(&r, &f[0], 2).id, n1.id, "unchanged clone: refuted");
+    assert_eq!(
+        node_at(&r, &ep, 2).id,
+        n1.id,
+        "unchanged after a rewind: refuted"
+    );
+    let wrote = node_at(&r, &f[1], 2);
+    assert_eq!(
+        (wrote.kind, wrote.state),
+        (NodeKind::Fs, NodeState::Committed)
+    );
+    assert_eq!(wrote.parent, Some(n1.id));
+    assert_consistent(&r).await;
+}
+
+/// Only fs nodes on a committed parent, and only on a definite answer: a full node (processes
+/// may have changed), a turn whose parent node failed, and a storage layer that cannot answer
+/// all get their checkpoint as before.
+#[tokio::test]
+async fn full_nodes_failed_parents_and_storage_errors_are_never_refuted() {
+    let r = rig();
+    let ep = create(&r, Policy::Auto).await;
+    step(&r, &ep, "daemon &").await.unwrap();
+    // Beside a living process an fs verdict asks for a full node.
+    step(&r, &ep, "openw /a").await.unwrap();
+    step(&r, &ep, "kill").await.unwrap();
+    // (Each fault is set once the checkpoints in flight are done, so it hits the next one.)
+    r.engine.settle_checkpoints().await;
+    r.storage.fail_next("changed_since_last_snapshot");
+    step(&r, &ep, "openw /a").await.unwrap();
+    r.engine.settle_checkpoints().await;
+    r.storage.fail_next("snapshot_many");
+    step(&r, &ep, "touch /b").await.unwrap();
+    step(&r, &ep, "openw /b").await.unwrap();
+    r.engine.settle_checkpoints().await;
+    let full = rig();
+    let e2 = create(&full, Policy::Full).await;
+    step(&full, &e2, "openw /a").await.unwrap();
+    full.engine.settle_checkpoints().await;
+    assert_eq!(kinds(&full, &e2), vec![TurnKind::Base, TurnKind::Full]);
+    assert_eq!(
+        kinds(&r, &ep),
+        vec![
+            TurnKind::Base,
+            TurnKind::Full,
+            TurnKind::Full,
+            TurnKind::Full,
+            TurnKind::Fs,
+            TurnKind::Fs,
+            TurnKind::Fs
+        ]
+    );
+    assert_eq!(node_at(&r, &ep, 4).state, NodeState::Committed);
+    assert!(matches!(
+        node_at(&r, &ep, 5).state,
+        NodeState::Failed { .. }
+    ));
+    assert_eq!(node_at(&r, &ep, 6).state, NodeState::Committed);
+    assert_eq!(r.engine.fs_verdicts_refuted(), 0);
+    assert_consistent(&r).await;
+    assert_consistent(&full).await;
+}
+
+/// In a batch only the volumes that changed are frozen and snapshotted; the others are
+/// refuted without being frozen.
+#[tokio::test]
+async fn a_batch_snapshots_only_the_volumes_that_changed() {
+    let r = rig_with(|c| c.checkpoint_slots = 1);
+    r.parts.slow_dumps(500);
+    let x = create(&r, Policy::Auto).await;
+    let mut eps = Vec::new();
+    for _ in 0..4 {
+        eps.push(create(&r, Policy::Auto).await);
+    }
+    step(&r, &x, "sleep 1 &").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for (i, ep) in eps.iter().enumerate() {
+        let cmd = if i % 2 == 0 { "touch f" } else { "openw f" };
+        step(&r, ep, cmd).await.unwrap();
+    }
+    assert_consistent(&r).await;
+    let batches: Vec<String> = r
+        .storage
+        .calls()
+        .into_iter()
+        .filter(|c| c.starts_with("snapshot_many "))
+        .collect();
+    assert_eq!(batches.len(), 1, "one batch: {batches:?}");
+    assert_eq!(
+        batches[0].split(' ').count(),
+        3,
+        "two snapshots: {batches:?}"
+    );
+    let calls = r.parts.calls();
+    for (i, ep) in eps.iter().enumerate() {
+        let n = node_at(&r, ep, 1);
+        let frozen = calls
+            .iter()
+            .any(|c| c.starts_with("freeze") && c.contains(&ep.0));
+        if i % 2 == 0 {
+            assert_eq!((n.kind, n.state), (NodeKind::Fs, NodeState::Committed));
+            assert!(frozen, "{ep} was snapshotted frozen");
+        } else {
+            assert!(matches!(n.kind, NodeKind::Base { .. }), "{ep}: {n:?}");
+            assert!(!frozen, "{ep} was frozen for nothing");
+        }
+    }
+    assert_eq!(r.engine.fs_verdicts_refuted(), 2);
 }

@@ -323,7 +323,7 @@ class StatsRequest(_message.Message):
     def __init__(self, reset_timings: bool = ..., price_page_dedup: bool = ...) -> None: ...
 
 class EpisodeStats(_message.Message):
-    __slots__ = ("id", "policy", "status", "turn", "checkpoint_bytes", "nodes_fs", "nodes_full", "turns_shared", "image_bytes", "image_dumped_bytes", "page_dedup_saved_bytes", "memory_bytes")
+    __slots__ = ("id", "policy", "status", "turn", "checkpoint_bytes", "nodes_fs", "nodes_full", "turns_shared", "image_bytes", "image_dumped_bytes", "page_dedup_saved_bytes", "memory_bytes", "fs_verdicts_refuted")
     ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -336,6 +336,7 @@ class EpisodeStats(_message.Message):
     IMAGE_DUMPED_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAGE_DEDUP_SAVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FS_VERDICTS_REFUTED_FIELD_NUMBER: _ClassVar[int]
     id: str
     policy: str
     status: str
@@ -348,10 +349,11 @@ class EpisodeStats(_message.Message):
     image_dumped_bytes: int
     page_dedup_saved_bytes: int
     memory_bytes: int
-    def __init__(self, id: _Optional[str] = ..., policy: _Optional[str] = ..., status: _Optional[str] = ..., turn: _Optional[int] = ..., checkpoint_bytes: _Optional[int] = ..., nodes_fs: _Optional[int] = ..., nodes_full: _Optional[int] = ..., turns_shared: _Optional[int] = ..., image_bytes: _Optional[int] = ..., image_dumped_bytes: _Optional[int] = ..., page_dedup_saved_bytes: _Optional[int] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
+    fs_verdicts_refuted: int
+    def __init__(self, id: _Optional[str] = ..., policy: _Optional[str] = ..., status: _Optional[str] = ..., turn: _Optional[int] = ..., checkpoint_bytes: _Optional[int] = ..., nodes_fs: _Optional[int] = ..., nodes_full: _Optional[int] = ..., turns_shared: _Optional[int] = ..., image_bytes: _Optional[int] = ..., image_dumped_bytes: _Optional[int] = ..., page_dedup_saved_bytes: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., fs_verdicts_refuted: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("checkpoint_bytes", "episodes", "nodes_fs", "nodes_full", "turns_shared", "per_episode", "dump_ms_p50", "dump_ms_p99", "snapshot_ms_p50", "snapshot_ms_p99", "restore_ms_p50", "restore_ms_p99", "checkpoint_ms_p50", "checkpoint_ms_p99", "inspector", "inspector_loaded", "bpf_map_bytes", "verdicts_checked", "verdicts_unsafe", "verdicts_fs_without_change", "watched_sandboxes", "sandbox_map_bytes", "dedup_ms_p50", "dedup_ms_p99", "image_bytes", "image_dumped_bytes", "scheduler", "checkpoint_slots", "checkpoints_promoted", "checkpoint_batches", "checkpoints_batched", "queue_wait_ms_p50", "queue_wait_ms_p99", "queue_wait_ms_max", "sandbox_memory_bytes", "warm_copies", "warm_memory_bytes", "warm_hits", "warm_misses", "warm_evicted", "criu_restore_ms_p50", "criu_restore_ms_p99", "ksm_saved_bytes")
+    __slots__ = ("checkpoint_bytes", "episodes", "nodes_fs", "nodes_full", "turns_shared", "per_episode", "dump_ms_p50", "dump_ms_p99", "snapshot_ms_p50", "snapshot_ms_p99", "restore_ms_p50", "restore_ms_p99", "checkpoint_ms_p50", "checkpoint_ms_p99", "inspector", "inspector_loaded", "bpf_map_bytes", "verdicts_checked", "verdicts_unsafe", "verdicts_fs_without_change", "watched_sandboxes", "sandbox_map_bytes", "dedup_ms_p50", "dedup_ms_p99", "image_bytes", "image_dumped_bytes", "scheduler", "checkpoint_slots", "checkpoints_promoted", "checkpoint_batches", "checkpoints_batched", "queue_wait_ms_p50", "queue_wait_ms_p99", "queue_wait_ms_max", "sandbox_memory_bytes", "warm_copies", "warm_memory_bytes", "warm_hits", "warm_misses", "warm_evicted", "criu_restore_ms_p50", "criu_restore_ms_p99", "ksm_saved_bytes", "fs_verdicts_refuted")
     CHECKPOINT_BYTES_FIELD_NUMBER: _ClassVar[int]
     EPISODES_FIELD_NUMBER: _ClassVar[int]
     NODES_FS_FIELD_NUMBER: _ClassVar[int]
@@ -395,6 +397,7 @@ class StatsResponse(_message.Message):
     CRIU_RESTORE_MS_P50_FIELD_NUMBER: _ClassVar[int]
     CRIU_RESTORE_MS_P99_FIELD_NUMBER: _ClassVar[int]
     KSM_SAVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FS_VERDICTS_REFUTED_FIELD_NUMBER: _ClassVar[int]
     checkpoint_bytes: int
     episodes: int
     nodes_fs: int
@@ -438,7 +441,8 @@ class StatsResponse(_message.Message):
     criu_restore_ms_p50: float
     criu_restore_ms_p99: float
     ksm_saved_bytes: int
-    def __init__(self, checkpoint_bytes: _Optional[int] = ..., episodes: _Optional[int] = ..., nodes_fs: _Optional[int] = ..., nodes_full: _Optional[int] = ..., turns_shared: _Optional[int] = ..., per_episode: _Optional[_Iterable[_Union[EpisodeStats, _Mapping]]] = ..., dump_ms_p50: _Optional[float] = ..., dump_ms_p99: _Optional[float] = ..., snapshot_ms_p50: _Optional[float] = ..., snapshot_ms_p99: _Optional[float] = ..., restore_ms_p50: _Optional[float] = ..., restore_ms_p99: _Optional[float] = ..., checkpoint_ms_p50: _Optional[float] = ..., checkpoint_ms_p99: _Optional[float] = ..., inspector: _Optional[str] = ..., inspector_loaded: bool = ..., bpf_map_bytes: _Optional[int] = ..., verdicts_checked: _Optional[int] = ..., verdicts_unsafe: _Optional[int] = ..., verdicts_fs_without_change: _Optional[int] = ..., watched_sandboxes: _Optional[int] = ..., sandbox_map_bytes: _Optional[int] = ..., dedup_ms_p50: _Optional[float] = ..., dedup_ms_p99: _Optional[float] = ..., image_bytes: _Optional[int] = ..., image_dumped_bytes: _Optional[int] = ..., scheduler: _Optional[str] = ..., checkpoint_slots: _Optional[int] = ..., checkpoints_promoted: _Optional[int] = ..., checkpoint_batches: _Optional[int] = ..., checkpoints_batched: _Optional[int] = ..., queue_wait_ms_p50: _Optional[float] = ..., queue_wait_ms_p99: _Optional[float] = ..., queue_wait_ms_max: _Optional[float] = ..., sandbox_memory_bytes: _Optional[int] = ..., warm_copies: _Optional[int] = ..., warm_memory_bytes: _Optional[int] = ..., warm_hits: _Optional[int] = ..., warm_misses: _Optional[int] = ..., warm_evicted: _Optional[int] = ..., criu_restore_ms_p50: _Optional[float] = ..., criu_restore_ms_p99: _Optional[float] = ..., ksm_saved_bytes: _Optional[int] = ...) -> None: ...
+    fs_verdicts_refuted: int
+    def __init__(self, checkpoint_bytes: _Optional[int] = ..., episodes: _Optional[int] = ..., nodes_fs: _Optional[int] = ..., nodes_full: _Optional[int] = ..., turns_shared: _Optional[int] = ..., per_episode: _Optional[_Iterable[_Union[EpisodeStats, _Mapping]]] = ..., dump_ms_p50: _Optional[float] = ..., dump_ms_p99: _Optional[float] = ..., snapshot_ms_p50: _Optional[float] = ..., snapshot_ms_p99: _Optional[float] = ..., restore_ms_p50: _Optional[float] = ..., restore_ms_p99: _Optional[float] = ..., checkpoint_ms_p50: _Optional[float] = ..., checkpoint_ms_p99: _Optional[float] = ..., inspector: _Optional[str] = ..., inspector_loaded: bool = ..., bpf_map_bytes: _Optional[int] = ..., verdicts_checked: _Optional[int] = ..., verdicts_unsafe: _Optional[int] = ..., verdicts_fs_without_change: _Optional[int] = ..., watched_sandboxes: _Optional[int] = ..., sandbox_map_bytes: _Optional[int] = ..., dedup_ms_p50: _Optional[float] = ..., dedup_ms_p99: _Optional[float] = ..., image_bytes: _Optional[int] = ..., image_dumped_bytes: _Optional[int] = ..., scheduler: _Optional[str] = ..., checkpoint_slots: _Optional[int] = ..., checkpoints_promoted: _Optional[int] = ..., checkpoint_batches: _Optional[int] = ..., checkpoints_batched: _Optional[int] = ..., queue_wait_ms_p50: _Optional[float] = ..., queue_wait_ms_p99: _Optional[float] = ..., queue_wait_ms_max: _Optional[float] = ..., sandbox_memory_bytes: _Optional[int] = ..., warm_copies: _Optional[int] = ..., warm_memory_bytes: _Optional[int] = ..., warm_hits: _Optional[int] = ..., warm_misses: _Optional[int] = ..., warm_evicted: _Optional[int] = ..., criu_restore_ms_p50: _Optional[float] = ..., criu_restore_ms_p99: _Optional[float] = ..., ksm_saved_bytes: _Optional[int] = ..., fs_verdicts_refuted: _Optional[int] = ...) -> None: ...
 
 class ListEpisodesRequest(_message.Message):
     __slots__ = ("labels", "status")
