@@ -280,6 +280,12 @@ enum Cmd {
         #[arg(long)]
         status: Option<String>,
     },
+    /// Move a committed node between hosts: `node export` writes it as a bundle, `node import`
+    /// makes a new episode from one (docs/design.md, "Node bundles, format 1").
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
     /// Build, import or list images.
     Image {
         #[command(subcommand)]
@@ -304,6 +310,26 @@ enum Cmd {
     /// Internal: the sandbox helper process.
     #[command(name = "__shim", hide = true)]
     Shim { mode: String },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Write the node at a turn of an episode as a bundle, to stdout or --output.
+    Export {
+        episode: String,
+        #[arg(long)]
+        turn: u32,
+        /// Write to FILE instead of stdout.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Read a bundle from stdin (or FILE) and make a new live episode whose turn 1 stands on its
+    /// node; prints the episode's id.
+    Import {
+        file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -578,6 +604,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             };
             client::list(&target()?, req, json).await
         }
+        Cmd::Node { cmd } => match cmd {
+            NodeCmd::Export {
+                episode,
+                turn,
+                output,
+            } => client::export_node(&target()?, episode, turn, output).await,
+            NodeCmd::Import { file, json } => client::import_node(&target()?, file, json).await,
+        },
         Cmd::Image { cmd } => match cmd {
             ImageCmd::Build { kind } => client::build_image(&target()?, kind).await,
             ImageCmd::Import {
