@@ -700,7 +700,9 @@ impl pb::sandtree_server::Sandtree for Api {
         let engine = self.engine.clone();
         Ok(Response::new(self.image_job(move |p| {
             sandtree_runtime::images::build(engine.storage().as_ref(), &name, p)?;
-            engine.save_image_config(&name, &Default::default())
+            engine.save_image_config(&name, &Default::default())?;
+            record_digest(&engine, &name, p);
+            Ok(())
         })))
     }
 
@@ -729,6 +731,7 @@ impl pb::sandtree_server::Sandtree for Api {
                 let _ = storage.destroy_base(&r.name);
                 return Err(e);
             }
+            record_digest(&engine, &r.name, p);
             if config != Default::default() {
                 p(format!(
                     "image config: {} env vars, working dir {}, user {}",
@@ -871,6 +874,17 @@ impl pb::sandtree_server::Sandtree for Api {
             build_ms: imp.build_ms,
             restore_ms: imp.restore_ms,
         }))
+    }
+}
+
+/// Computes a new image's content digest (node bundles name it) so that the first export or
+/// import does not; a failure only means that one will.
+fn record_digest(engine: &Engine, image: &str, p: &(dyn Fn(String) + Sync + Send)) {
+    match engine.image_digest_blocking(image) {
+        Ok(d) => p(format!("content digest {d}")),
+        Err(e) => {
+            tracing::warn!(image, error = %format!("{e:#}"), "cannot compute the image's digest")
+        }
     }
 }
 

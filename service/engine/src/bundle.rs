@@ -209,26 +209,30 @@ impl Engine {
     /// image's config once computed (a rebuilt image's new config has none), else computed from
     /// a scratch volume of the image.
     pub async fn image_digest(&self, image: &str) -> Result<String> {
-        let cfg = self.image_config(image)?;
+        if let Some(d) = self.image_config(image)?.digest {
+            return Ok(d);
+        }
+        let (e, img) = (self.clone_handle(), image.to_string());
+        blocking(move || e.image_digest_blocking(&img)).await
+    }
+
+    /// [`Engine::image_digest`], blocking: image builds and imports compute it as they end.
+    pub fn image_digest_blocking(&self, image: &str) -> anyhow::Result<String> {
+        let mut cfg = self.image_config(image)?;
         if let Some(d) = cfg.digest {
             return Ok(d);
         }
-        let s = self.shared.clone();
-        let img = image.to_string();
-        let d = blocking(move || {
-            let t = Instant::now();
-            let vol = scratch_name("digest");
-            let root = s.storage.create_volume(&vol, &img)?;
-            let _scratch = Scratch {
-                storage: s.storage.as_ref(),
-                volumes: vec![vol],
-            };
-            let d = s.parts.files.digest(&root)?;
-            info!(image = %img, digest = %d, ms = t.elapsed().as_millis() as u64, "image digest computed");
-            Ok(d)
-        })
-        .await?;
-        let mut cfg = cfg;
+        let s = &self.shared;
+        let t = Instant::now();
+        let vol = scratch_name("digest");
+        let root = s.storage.create_volume(&vol, image)?;
+        let scratch = Scratch {
+            storage: s.storage.as_ref(),
+            volumes: vec![vol],
+        };
+        let d = s.parts.files.digest(&root)?;
+        drop(scratch);
+        info!(image, digest = %d, ms = t.elapsed().as_millis() as u64, "image digest computed");
         cfg.digest = Some(d.clone());
         self.save_image_config(image, &cfg)?;
         Ok(d)
