@@ -310,19 +310,6 @@ impl Inspector for Host {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    /// The engine checks requests against the same limits the shim enforces.
-    #[test]
-    fn engine_limits_match_the_shim() {
-        use sandtree_runtime::{cgroup, shim};
-        assert_eq!(sandtree_engine::MAX_FILE_BYTES, shim::MAX_FILE_BYTES);
-        assert_eq!(sandtree_engine::MAX_ENV_BYTES, shim::MAX_ENV_BYTES);
-        assert_eq!(sandtree_engine::MAX_CWD_BYTES, shim::MAX_CWD_BYTES);
-        assert_eq!(sandtree_engine::ports::CPU_PERIOD_US, cgroup::CPU_PERIOD_US);
-    }
-}
-
 /// Node bundles' file trees: `sandtree_runtime::bundle`, whose writes go through the image
 /// importer's confined writer.
 impl NodeFiles for Host {
@@ -358,5 +345,18 @@ impl NodeFiles for Host {
     }
     fn read_images(&self, images: &Path, tar: &mut dyn std::io::Read) -> anyhow::Result<()> {
         sandtree_runtime::bundle::read_images(images, Box::new(tar))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The engine checks requests against the same limits the shim enforces.
+    #[test]
+    fn engine_limits_match_the_shim() {
+        use sandtree_runtime::{cgroup, shim};
+        assert_eq!(sandtree_engine::MAX_FILE_BYTES, shim::MAX_FILE_BYTES);
+        assert_eq!(sandtree_engine::MAX_ENV_BYTES, shim::MAX_ENV_BYTES);
+        assert_eq!(sandtree_engine::MAX_CWD_BYTES, shim::MAX_CWD_BYTES);
+        assert_eq!(sandtree_engine::ports::CPU_PERIOD_US, cgroup::CPU_PERIOD_US);
     }
 }

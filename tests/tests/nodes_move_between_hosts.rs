@@ -110,9 +110,7 @@ fn moves(a: &Service, b: &Service, ep: &str, turn: u32, worker: bool, dir: &Path
         imp["restore_ms"],
         export_ms + import_ms + remote_fork_ms,
     );
-    for e in [&near] {
-        a.ok(&["delete", e]);
-    }
+    a.ok(&["delete", &near]);
     for e in [&far, &imported] {
         b.ok(&["delete", e]);
     }
