@@ -1296,3 +1296,79 @@ pub async fn import_node(target: &Target, file: Option<PathBuf>, json: bool) -> 
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `fork --to`: the node at `turn` of `episode` exported from `here`, streamed straight into an
+/// import on `there`, and forked there to `count` copies (the imported episode is the first).
+/// Prints the copies' ids on `there`, one a line (`--json`: the ids and the time each part
+/// took).
+pub async fn fork_to(
+    here: &Target,
+    there: &Target,
+    episode: String,
+    turn: u32,
+    count: u32,
+    json: bool,
+) -> Result<ExitCode> {
+    use tokio_stream::StreamExt;
+    if count == 0 {
+        anyhow::bail!("--count must be at least 1");
+    }
+    let t = std::time::Instant::now();
+    let mut from = connect_to(here).await?;
+    let mut to = connect_to(there).await?;
+    let chunks = from
+        .export_node(pb::ExportNodeRequest { episode, turn })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    // An export error ends the stream early: the import then sees a truncated bundle and
+    // refuses it, and the export's own error is reported.
+    let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let f2 = failed.clone();
+    let stream = chunks.map_while(move |r| match r {
+        Ok(c) => Some(c),
+        Err(e) => {
+            *f2.lock().expect("lock") = Some(e);
+            None
+        }
+    });
+    let imported = to.import_node(stream).await;
+    if let Some(e) = failed.lock().expect("lock").take() {
+        return Err(rpc_err(e).context("export"));
+    }
+    let imported = imported.map_err(rpc_err).context("import")?.into_inner();
+    let moved_ms = t.elapsed().as_millis() as u64;
+    let first = imported.episode.map(|e| e.id).unwrap_or_default();
+    let mut ids = vec![first.clone()];
+    if count > 1 {
+        let r = to
+            .fork(pb::ForkRequest {
+                episode: first,
+                turn: imported.turn,
+                count: count - 1,
+                keep_warm: 0,
+            })
+            .await
+            .map_err(rpc_err)
+            .context("fork")?
+            .into_inner();
+        ids.extend(r.episodes);
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "episodes": ids,
+                "turn": imported.turn,
+                "bundle_bytes": imported.bundle_bytes,
+                "moved_ms": moved_ms,
+                "total_ms": t.elapsed().as_millis() as u64,
+            })
+        );
+    } else {
+        for id in ids {
+            println!("{id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

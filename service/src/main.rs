@@ -211,6 +211,17 @@ enum Cmd {
         keep_warm: u32,
         #[arg(long)]
         json: bool,
+        /// Make the copies on another service, `tcp://HOST:PORT` (its `serve --listen`): the
+        /// node is exported here, streamed to it and imported there (`node export` + `node
+        /// import`), then forked there to `--count` copies. Prints their ids on that service.
+        #[arg(long, value_name = "ADDR", conflicts_with = "keep_warm")]
+        to: Option<String>,
+        /// The token file of the `--to` service.
+        #[arg(long, value_name = "FILE", requires = "to")]
+        to_token_file: Option<PathBuf>,
+        /// The CA certificate (PEM) of the `--to` service's TLS listener.
+        #[arg(long, value_name = "FILE", requires = "to")]
+        to_tls_ca: Option<PathBuf>,
     },
     /// Keep N warm copies of the node at a turn ready (restored, frozen): a fork then takes one
     /// and thaws it instead of restoring. 0 drops them.
@@ -560,7 +571,28 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             count,
             keep_warm,
             json,
+            to: None,
+            ..
         } => client::fork(&target()?, episode, turn, count, keep_warm, json).await,
+        Cmd::Fork {
+            episode,
+            turn,
+            count,
+            json,
+            to: Some(to),
+            to_token_file,
+            to_tls_ca,
+            ..
+        } => {
+            let there = client_target(
+                &socket,
+                Some(&to),
+                to_token_file.as_deref(),
+                to_tls_ca.as_deref(),
+            )
+            .context("--to")?;
+            client::fork_to(&target()?, &there, episode, turn, count, json).await
+        }
         Cmd::Prepare {
             episode,
             turn,

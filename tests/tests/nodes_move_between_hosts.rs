@@ -221,15 +221,83 @@ fn refusals(a: &Service, b: &Service, ep: &str, dir: &Path) {
     a.ok(&["delete", &ep2]);
 }
 
+/// `fork --to tcp://B`: export, import and fork in one command, straight from A's stream into
+/// B's import over B's TCP listener (with its token). The copies on B match a fork on A.
+fn fork_to(a: &Service, b: &Service, ep: &str, addr: &str, token: &Path) {
+    let t = Instant::now();
+    let out = json(&a.ok(&[
+        "fork",
+        ep,
+        "--turn",
+        "4",
+        "--count",
+        "2",
+        "--to",
+        addr,
+        "--to-token-file",
+        token.to_str().unwrap(),
+        "--json",
+    ]));
+    let cross_ms = ms(t);
+    let ids: Vec<String> = out["episodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 2, "{out}");
+    let t = Instant::now();
+    let near = a.ok(&["fork", ep, "--turn", "4"]).trim().to_string();
+    let local_ms = ms(t);
+    let here = observe(a, &near, true);
+    for id in &ids {
+        assert_eq!(
+            observe(b, id, true),
+            here,
+            "copy {id} made by fork --to differs"
+        );
+    }
+    println!(
+        "bundle[fork --to] full node (turn 4), 2 copies on B: {cross_ms:.0} ms in one command \
+         (bundle moved in {} ms) vs a local cold fork {local_ms:.0} ms",
+        out["moved_ms"]
+    );
+    a.ok(&["delete", &near]);
+    for id in &ids {
+        b.ok(&["delete", id]);
+    }
+}
+
 #[test]
 fn nodes_move_btrfs_to_btrfs() {
+    use std::os::unix::fs::PermissionsExt;
     if !require_sandbox_host() {
         return;
     }
     let _pair = ONE_PAIR.lock().unwrap_or_else(|e| e.into_inner());
+    let keys = TempDir::new("sandtree-bundle-token-");
+    let token = keys.0.join("token");
+    let mut raw = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut raw).unwrap();
+    std::fs::write(
+        &token,
+        raw.iter().map(|x| format!("{x:02x}")).collect::<String>(),
+    )
+    .unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("tcp://127.0.0.1:{port}");
     let a = Service::start(Storage::Btrfs);
-    let b = Service::start(Storage::Btrfs);
+    let b = Service::start_with(
+        Storage::Btrfs,
+        &["--listen", &addr, "--token-file", token.to_str().unwrap()],
+    );
     let (ep, dir) = worker_moves(&a, &b, "btrfs->btrfs");
+    fork_to(&a, &b, &ep, &addr, &token);
     refusals(&a, &b, &ep, &dir.0);
 }
 
