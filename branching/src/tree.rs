@@ -1017,6 +1017,79 @@ impl Tree {
         })
     }
 
+    /// Creates a Running episode that starts at a node brought from elsewhere (a node bundle):
+    /// turn 0 on `image`'s committed Base node with `base_session`, as [`Tree::create_episode`]
+    /// makes it, and turn 1 (`turn`: its action, observation, session and verdict) on a new
+    /// Pending node of kind `turn.new_node` (fs or full) whose parent is that Base node. The
+    /// head is turn 1. The caller makes the node's artifacts durable, then commits the node (or
+    /// fails it and deletes the episode). One transaction: all of it or nothing.
+    pub fn import_episode(
+        &self,
+        image: &str,
+        policy: Policy,
+        base_session: Session,
+        meta: EpisodeMeta,
+        turn: NewTurn,
+    ) -> Result<(Episode, Node)> {
+        let kind = match turn.new_node {
+            Some(k @ (NodeKind::Fs | NodeKind::Full)) => k,
+            _ => {
+                return Err(TreeError::InvalidArgument(
+                    "an imported node must be fs or full".into(),
+                ))
+            }
+        };
+        self.write(|t| {
+            let id = t.fresh_episode_id()?;
+            let base = t.new_node(
+                None,
+                NodeKind::Base {
+                    image: image.to_owned(),
+                },
+                NodeState::Committed,
+                &id,
+            )?;
+            let root = TurnRecord {
+                id: TurnId(next_id(&mut t.meta, KEY_NEXT_TURN)?),
+                parent: None,
+                turn: 0,
+                action: String::new(),
+                observation: Observation::default(),
+                session: base_session,
+                verdict: Verdict::default(),
+                node: base.id,
+            };
+            put_turn(&mut t.turns, &root)?;
+            let node = t.new_node(Some(base.id), kind, NodeState::Pending, &id)?;
+            let rec = TurnRecord {
+                id: TurnId(next_id(&mut t.meta, KEY_NEXT_TURN)?),
+                parent: Some(root.id),
+                turn: 1,
+                action: turn.action,
+                observation: turn.observation,
+                session: turn.session,
+                verdict: turn.verdict,
+                node: node.id,
+            };
+            put_turn(&mut t.turns, &rec)?;
+            let ep = Episode {
+                id,
+                image: image.to_owned(),
+                policy,
+                status: EpisodeStatus::Running,
+                head: rec.id,
+                turn: 1,
+                volume: None,
+                forked_from: None,
+                created_unix_ms: now_unix_ms(),
+                meta,
+            };
+            put_episode(&mut t.eps, &ep)?;
+            debug!(episode = %ep.id, image, node = %node.id, "imported episode");
+            Ok((ep, node))
+        })
+    }
+
     // -- garbage collection ------------------------------------------------------
 
     /// Pins or unpins a node. Pinned nodes are GC roots. Only a Pending or

@@ -1221,3 +1221,155 @@ pub async fn tree_html_file(target: &Target, episode: String, file: &Path) -> Re
     );
     Ok(ExitCode::SUCCESS)
 }
+
+/// `node export`: the bundle's chunks to stdout or FILE (a file is removed if the export fails).
+pub async fn export_node(
+    target: &Target,
+    episode: String,
+    turn: u32,
+    output: Option<PathBuf>,
+) -> Result<ExitCode> {
+    use std::io::Write;
+    if output.is_none() && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        anyhow::bail!("a bundle is binary: redirect stdout to a file or give --output FILE");
+    }
+    let mut stream = connect_to(target)
+        .await?
+        .export_node(pb::ExportNodeRequest { episode, turn })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    let mut out: Box<dyn Write> = match &output {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("create {}", p.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let r: Result<()> = async {
+        while let Some(chunk) = stream.message().await.map_err(rpc_err)? {
+            out.write_all(&chunk.data).context("write the bundle")?;
+        }
+        out.flush().context("write the bundle")?;
+        Ok(())
+    }
+    .await;
+    if let (Err(_), Some(p)) = (&r, &output) {
+        drop(out);
+        let _ = std::fs::remove_file(p);
+    }
+    r?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `node import`: sends stdin (or FILE) in 1 MiB chunks; prints the new episode's id.
+pub async fn import_node(target: &Target, file: Option<PathBuf>, json: bool) -> Result<ExitCode> {
+    use std::io::Read;
+    let mut input: Box<dyn Read + Send> = match &file {
+        Some(p) => {
+            Box::new(std::fs::File::open(p).with_context(|| format!("open {}", p.display()))?)
+        }
+        None => Box::new(std::io::stdin()),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::NodeChunk>(4);
+    let reader = tokio::task::spawn_blocking(move || -> Result<()> {
+        loop {
+            let mut buf = vec![0u8; 1 << 20];
+            let n = input.read(&mut buf).context("read the bundle")?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.truncate(n);
+            if tx.blocking_send(pb::NodeChunk { data: buf }).is_err() {
+                return Ok(());
+            }
+        }
+    });
+    let r = connect_to(target)
+        .await?
+        .import_node(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    reader.await.context("reader task")??;
+    let r = r.map_err(rpc_err)?.into_inner();
+    if json {
+        println!("{}", to_json(&r));
+    } else {
+        println!("{}", r.episode.map(|e| e.id).unwrap_or_default());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `fork --to`: the node at `turn` of `episode` exported from `here`, streamed straight into an
+/// import on `there`, and forked there to `count` copies (the imported episode is the first).
+/// Prints the copies' ids on `there`, one a line (`--json`: the ids and the time each part
+/// took).
+pub async fn fork_to(
+    here: &Target,
+    there: &Target,
+    episode: String,
+    turn: u32,
+    count: u32,
+    json: bool,
+) -> Result<ExitCode> {
+    use tokio_stream::StreamExt;
+    if count == 0 {
+        anyhow::bail!("--count must be at least 1");
+    }
+    let t = std::time::Instant::now();
+    let mut from = connect_to(here).await?;
+    let mut to = connect_to(there).await?;
+    let chunks = from
+        .export_node(pb::ExportNodeRequest { episode, turn })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    // An export error ends the stream early: the import then sees a truncated bundle and
+    // refuses it, and the export's own error is reported.
+    let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let f2 = failed.clone();
+    let stream = chunks.map_while(move |r| match r {
+        Ok(c) => Some(c),
+        Err(e) => {
+            *f2.lock().expect("lock") = Some(e);
+            None
+        }
+    });
+    let imported = to.import_node(stream).await;
+    if let Some(e) = failed.lock().expect("lock").take() {
+        return Err(rpc_err(e).context("export"));
+    }
+    let imported = imported.map_err(rpc_err).context("import")?.into_inner();
+    let moved_ms = t.elapsed().as_millis() as u64;
+    let first = imported.episode.map(|e| e.id).unwrap_or_default();
+    let mut ids = vec![first.clone()];
+    if count > 1 {
+        let r = to
+            .fork(pb::ForkRequest {
+                episode: first,
+                turn: imported.turn,
+                count: count - 1,
+                keep_warm: 0,
+            })
+            .await
+            .map_err(rpc_err)
+            .context("fork")?
+            .into_inner();
+        ids.extend(r.episodes);
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "episodes": ids,
+                "turn": imported.turn,
+                "bundle_bytes": imported.bundle_bytes,
+                "moved_ms": moved_ms,
+                "total_ms": t.elapsed().as_millis() as u64,
+            })
+        );
+    } else {
+        for id in ids {
+            println!("{id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -10,7 +10,7 @@ use anyhow::anyhow;
 use sandtree_branching::{Verdict, VolumeName};
 use sandtree_engine::ports::{
     Checkpointer, Chunk, DedupError, DumpStats, ExecOutcome, ExecRequest, FileOp, FileOutcome,
-    Inspector, InspectorStatus, Limits, RestoreStats, SandboxRuntime,
+    Inspector, InspectorStatus, Limits, NodeFiles, RestoreStats, SandboxRuntime,
 };
 use sandtree_runtime::inspect::{Verdicts, Watch};
 use sandtree_runtime::{cgroup, pages, shim, Runtime, Sandbox};
@@ -40,6 +40,7 @@ impl Host {
             runtime: self.clone(),
             checkpointer: self.clone(),
             inspector: self.clone(),
+            files: self.clone(),
         }
     }
 
@@ -306,6 +307,44 @@ impl Inspector for Host {
             verdicts_unsafe: c.unsafe_disagreements,
             verdicts_fs_without_change: c.fs_without_change,
         }
+    }
+}
+
+/// Node bundles' file trees: `sandtree_runtime::bundle`, whose writes go through the image
+/// importer's confined writer.
+impl NodeFiles for Host {
+    fn digest(&self, root: &Path) -> anyhow::Result<String> {
+        sandtree_runtime::bundle::digest(root)
+    }
+    fn write_delta(
+        &self,
+        base: &Path,
+        root: &Path,
+        tar: &mut dyn std::io::Write,
+        whiteouts: &mut dyn std::io::Write,
+    ) -> anyhow::Result<u64> {
+        let c = sandtree_runtime::bundle::write_delta(base, root, tar, whiteouts)?;
+        if c.skipped > 0 {
+            tracing::info!(
+                skipped = c.skipped,
+                "sockets and device nodes left out of a delta"
+            );
+        }
+        Ok(c.entries)
+    }
+    fn apply_delta(
+        &self,
+        root: &Path,
+        whiteouts: &[u8],
+        tar: &mut dyn std::io::Read,
+    ) -> anyhow::Result<()> {
+        sandtree_runtime::bundle::apply_delta(root, whiteouts, Box::new(tar))
+    }
+    fn write_images(&self, images: &Path, tar: &mut dyn std::io::Write) -> anyhow::Result<u64> {
+        sandtree_runtime::bundle::write_images(images, tar)
+    }
+    fn read_images(&self, images: &Path, tar: &mut dyn std::io::Read) -> anyhow::Result<()> {
+        sandtree_runtime::bundle::read_images(images, Box::new(tar))
     }
 }
 

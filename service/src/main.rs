@@ -211,6 +211,17 @@ enum Cmd {
         keep_warm: u32,
         #[arg(long)]
         json: bool,
+        /// Make the copies on another service, `tcp://HOST:PORT` (its `serve --listen`): the
+        /// node is exported here, streamed to it and imported there (`node export` + `node
+        /// import`), then forked there to `--count` copies. Prints their ids on that service.
+        #[arg(long, value_name = "ADDR", conflicts_with = "keep_warm")]
+        to: Option<String>,
+        /// The token file of the `--to` service.
+        #[arg(long, value_name = "FILE", requires = "to")]
+        to_token_file: Option<PathBuf>,
+        /// The CA certificate (PEM) of the `--to` service's TLS listener.
+        #[arg(long, value_name = "FILE", requires = "to")]
+        to_tls_ca: Option<PathBuf>,
     },
     /// Keep N warm copies of the node at a turn ready (restored, frozen): a fork then takes one
     /// and thaws it instead of restoring. 0 drops them.
@@ -280,6 +291,12 @@ enum Cmd {
         #[arg(long)]
         status: Option<String>,
     },
+    /// Move a committed node between hosts: `node export` writes it as a bundle, `node import`
+    /// makes a new episode from one (docs/design.md, "Node bundles, format 1").
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
     /// Build, import or list images.
     Image {
         #[command(subcommand)]
@@ -304,6 +321,26 @@ enum Cmd {
     /// Internal: the sandbox helper process.
     #[command(name = "__shim", hide = true)]
     Shim { mode: String },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Write the node at a turn of an episode as a bundle, to stdout or --output.
+    Export {
+        episode: String,
+        #[arg(long)]
+        turn: u32,
+        /// Write to FILE instead of stdout.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Read a bundle from stdin (or FILE) and make a new live episode whose turn 1 stands on its
+    /// node; prints the episode's id.
+    Import {
+        file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -534,7 +571,28 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             count,
             keep_warm,
             json,
+            to: None,
+            ..
         } => client::fork(&target()?, episode, turn, count, keep_warm, json).await,
+        Cmd::Fork {
+            episode,
+            turn,
+            count,
+            json,
+            to: Some(to),
+            to_token_file,
+            to_tls_ca,
+            ..
+        } => {
+            let there = client_target(
+                &socket,
+                Some(&to),
+                to_token_file.as_deref(),
+                to_tls_ca.as_deref(),
+            )
+            .context("--to")?;
+            client::fork_to(&target()?, &there, episode, turn, count, json).await
+        }
         Cmd::Prepare {
             episode,
             turn,
@@ -578,6 +636,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             };
             client::list(&target()?, req, json).await
         }
+        Cmd::Node { cmd } => match cmd {
+            NodeCmd::Export {
+                episode,
+                turn,
+                output,
+            } => client::export_node(&target()?, episode, turn, output).await,
+            NodeCmd::Import { file, json } => client::import_node(&target()?, file, json).await,
+        },
         Cmd::Image { cmd } => match cmd {
             ImageCmd::Build { kind } => client::build_image(&target()?, kind).await,
             ImageCmd::Import {

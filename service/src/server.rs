@@ -702,7 +702,9 @@ impl pb::sandtree_server::Sandtree for Api {
         let engine = self.engine.clone();
         Ok(Response::new(self.image_job(move |p| {
             sandtree_runtime::images::build(engine.storage().as_ref(), &name, p)?;
-            engine.save_image_config(&name, &Default::default())
+            engine.save_image_config(&name, &Default::default())?;
+            record_digest(&engine, &name, p);
+            Ok(())
         })))
     }
 
@@ -725,11 +727,13 @@ impl pb::sandtree_server::Sandtree for Api {
                 env: config.env.clone(),
                 working_dir: config.working_dir.clone(),
                 user: config.user,
+                digest: None,
             };
             if let Err(e) = engine.save_image_config(&r.name, &saved) {
                 let _ = storage.destroy_base(&r.name);
                 return Err(e);
             }
+            record_digest(&engine, &r.name, p);
             if config != Default::default() {
                 p(format!(
                     "image config: {} env vars, working dir {}, user {}",
@@ -763,7 +767,133 @@ impl pb::sandtree_server::Sandtree for Api {
             .collect();
         Ok(Response::new(pb::ListImagesResponse { images }))
     }
+
+    type ExportNodeStream = NodeChunkStream;
+    async fn export_node(
+        &self,
+        req: Request<pb::ExportNodeRequest>,
+    ) -> Result<Response<NodeChunkStream>, Status> {
+        let r = req.into_inner();
+        let id = episode_id(&r.episode)?;
+        let bundle = self.engine.export_node(&id, r.turn).await.map_err(status)?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::NodeChunk, Status>>(4);
+        // The parts are read on a blocking thread; the files go when the bundle is dropped.
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut rd = match bundle.reader() {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(edge_status(
+                        Code::Internal,
+                        format!("read the bundle: {e}"),
+                    )));
+                    return;
+                }
+            };
+            loop {
+                let mut buf = vec![0u8; EXPORT_CHUNK];
+                let mut n = 0;
+                while n < buf.len() {
+                    match rd.read(&mut buf[n..]) {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
+                        Err(e) => {
+                            let _ = tx.blocking_send(Err(edge_status(
+                                Code::Internal,
+                                format!("read the bundle: {e}"),
+                            )));
+                            return;
+                        }
+                    }
+                }
+                if n == 0 {
+                    return;
+                }
+                buf.truncate(n);
+                if tx.blocking_send(Ok(pb::NodeChunk { data: buf })).is_err() {
+                    // The client went away.
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn import_node(
+        &self,
+        req: Request<tonic::Streaming<pb::NodeChunk>>,
+    ) -> Result<Response<pb::ImportNodeResponse>, Status> {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = req.into_inner();
+        let dir = sandtree_engine::bundle::staging_dir(&self.engine.config().data_dir);
+        let path = dir.join(format!(
+            "{}.incoming",
+            sandtree_engine::bundle::scratch_name("import")
+        ));
+        let received = async {
+            tokio::fs::create_dir_all(&dir).await?;
+            let mut f = tokio::fs::File::create(&path).await?;
+            let mut bytes = 0u64;
+            while let Some(chunk) = stream.message().await.map_err(std::io::Error::other)? {
+                bytes += chunk.data.len() as u64;
+                if bytes > sandtree_engine::bundle::MAX_BUNDLE_BYTES {
+                    return Err(std::io::Error::other(format!(
+                        "the bundle is over {} bytes",
+                        sandtree_engine::bundle::MAX_BUNDLE_BYTES
+                    )));
+                }
+                f.write_all(&chunk.data).await?;
+            }
+            f.flush().await?;
+            Ok::<u64, std::io::Error>(bytes)
+        }
+        .await;
+        let bytes = match received {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&path).await;
+                return Err(edge_status(
+                    Code::InvalidArgument,
+                    format!("receive the bundle: {e}"),
+                ));
+            }
+        };
+        // The engine removes the file whatever happens.
+        let imp = self.engine.import_node(path).await.map_err(status)?;
+        let ep = self
+            .engine
+            .tree()
+            .episode(&imp.episode)
+            .map_err(|e| status(e.into()))?;
+        Ok(Response::new(pb::ImportNodeResponse {
+            episode: Some(info(&ep)),
+            turn: imp.turn,
+            kind: imp.kind,
+            bundle_bytes: bytes,
+            verify_ms: imp.verify_ms,
+            build_ms: imp.build_ms,
+            restore_ms: imp.restore_ms,
+        }))
+    }
 }
+
+/// Computes a new image's content digest (node bundles name it) so that the first export or
+/// import does not; a failure only means that one will.
+fn record_digest(engine: &Engine, image: &str, p: &(dyn Fn(String) + Sync + Send)) {
+    match engine.image_digest_blocking(image) {
+        Ok(d) => p(format!("content digest {d}")),
+        Err(e) => {
+            tracing::warn!(image, error = %format!("{e:#}"), "cannot compute the image's digest")
+        }
+    }
+}
+
+/// Chunks of an exported bundle.
+const EXPORT_CHUNK: usize = 1 << 20;
+
+type NodeChunkStream = Pin<Box<dyn Stream<Item = Result<pb::NodeChunk, Status>> + Send>>;
 
 pub fn verdict_str(k: sandtree_branching::VerdictKind) -> &'static str {
     match k {

@@ -226,6 +226,47 @@ impl Service {
             .to_string()
     }
 
+    /// Every volume and snapshot the service's storage holds, every CRIU image directory and
+    /// every staged bundle file in its data dir, sorted: what a refused call must not change.
+    pub fn storage_objects(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        let data = self.dir.join("data");
+        let list = |d: &Path, tag: &str, v: &mut Vec<String>| {
+            if let Ok(rd) = std::fs::read_dir(d) {
+                for e in rd.flatten() {
+                    v.push(format!("{tag}:{}", e.file_name().to_string_lossy()));
+                }
+            }
+        };
+        match self.storage.strip_prefix("zfs:") {
+            Some(ds) => {
+                let out = sandtree_storage::cmd::run(
+                    "zfs",
+                    ["list", "-H", "-r", "-t", "all", "-o", "name", ds],
+                )
+                .unwrap_or_else(|e| panic!("zfs list {ds}: {e}"));
+                v.extend(
+                    out.lines()
+                        .filter(|l| !l.contains("/images/") && !l.contains("/images@"))
+                        .map(|l| format!("zfs:{l}")),
+                );
+            }
+            None => {
+                let top = data.join("storage/mnt/sandtree");
+                list(&top.join("volumes"), "volume", &mut v);
+                if let Ok(rd) = std::fs::read_dir(top.join("snapshots")) {
+                    for e in rd.flatten() {
+                        list(&e.path(), "snapshot", &mut v);
+                    }
+                }
+            }
+        }
+        list(&data.join("images"), "criu-image", &mut v);
+        list(&data.join("bundles"), "bundle", &mut v);
+        v.sort();
+        v
+    }
+
     pub fn step(&self, ep: &str, cmd: &str) -> serde_json::Value {
         let out = self.ok(&["step", ep, "--json", "--", cmd]);
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad step json {out:?}: {e}"))

@@ -7,8 +7,9 @@ from __future__ import annotations
 import math
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from sandtree._pb.v1 import sandtree_pb2 as pb
 from sandtree.errors import InvalidArgument, StepTimeout
@@ -272,3 +273,28 @@ def checked(r: StepResult, check_timeout: bool, timeout: float | None) -> StepRe
         after = f"{timeout:g}s" if timeout is not None else "the service's default timeout"
         raise StepTimeout(f"turn {r.turn}: the step timed out after {after}", r)
     return r
+
+
+#: Bytes per chunk of a node bundle sent to the service (ImportNode).
+BUNDLE_CHUNK = 1 << 20
+
+
+def bundle_chunks(data: Any) -> Iterator[pb.NodeChunk]:
+    """A node bundle as `NodeChunk`s: `data` is the bundle's bytes, a path to a file holding it,
+    or a binary file object to read it from."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        view = memoryview(data)
+        for i in range(0, len(view), BUNDLE_CHUNK):
+            yield pb.NodeChunk(data=bytes(view[i : i + BUNDLE_CHUNK]))
+        return
+    if isinstance(data, (str, os.PathLike)):
+        with open(data, "rb") as f:
+            yield from bundle_chunks(f)
+        return
+    if not hasattr(data, "read"):
+        raise InvalidArgument(f"a node bundle is bytes, a path or a binary file, not {type(data).__name__}")
+    while True:
+        b = data.read(BUNDLE_CHUNK)
+        if not b:
+            return
+        yield pb.NodeChunk(data=bytes(b))

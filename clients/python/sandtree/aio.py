@@ -18,12 +18,13 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 import grpc
 import grpc.aio
 
 from sandtree._common import (
+    bundle_chunks,
     check_count,
     check_warm,
     checked,
@@ -140,6 +141,11 @@ class AsyncClient:
         req = pb.ImportImageRequest(name=name, path=os.path.abspath(os.fspath(path)))
         await self._follow(self._stub.ImportImage(req, metadata=self._metadata), progress)
         return name
+
+    async def import_node(self, bundle: bytes | str | os.PathLike[str] | BinaryIO) -> AsyncEpisode:
+        """A new live episode from a node bundle (see `Client.import_node`)."""
+        r = await self._call("ImportNode", bundle_chunks(bundle))
+        return AsyncEpisode(self, r.episode.id)
 
     async def _follow(self, stream: AsyncIterator[pb.ImageProgress], progress: Progress | None) -> None:
         try:
@@ -274,6 +280,21 @@ class AsyncEpisode:
         req = pb.ForkRequest(episode=self.id, turn=turn, count=n, keep_warm=keep_warm)
         r = await self.client._call("Fork", req)
         return [AsyncEpisode(self.client, e) for e in r.episodes]
+
+    async def export_node(self, turn: int | None = None) -> bytes:
+        """The node after `turn` as a bundle (see `Episode.export_node`)."""
+        if turn is None:
+            turn = await self.turn
+        call = self.client._stub.ExportNode(
+            pb.ExportNodeRequest(episode=self.id, turn=turn), metadata=self.client._metadata
+        )
+        parts = []
+        try:
+            async for chunk in call:
+                parts.append(chunk.data)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, self.client.endpoint.where) from None
+        return b"".join(parts)
 
     async def prepare(self, turn: int | None = None, n: int = 1) -> Prepared:
         """Keeps `n` warm copies of the node after `turn` ready (see `Episode.prepare`)."""

@@ -17,11 +17,12 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import grpc
 
 from sandtree._common import (
+    bundle_chunks,
     check_count,
     check_warm,
     checked,
@@ -160,6 +161,19 @@ class Client:
         req = pb.ImportImageRequest(name=name, path=os.path.abspath(os.fspath(path)))
         self._follow(self._call("ImportImage", req), progress)
         return name
+
+    def import_node(self, bundle: bytes | str | os.PathLike[str] | BinaryIO) -> Episode:
+        """A new live episode from a node bundle (`Episode.export_node` of this or another
+        service): its turn 1 stands on the bundle's node, forkable like any other. `bundle`: the
+        bundle's bytes, a path to it, or a binary file. Raises `InvalidArgument` for a corrupt,
+        truncated or other-version bundle and `FailedPrecondition` when this service lacks the
+        bundle's image (or has another one by that name); either leaves nothing behind::
+
+            data = a.episode(ep_id).export_node(turn=4)
+            copy = b.import_node(data).fork(turn=1)[0]
+        """
+        r = self._call("ImportNode", bundle_chunks(bundle))
+        return Episode(self, r.episode.id)
 
     def _follow(self, stream: Iterator[pb.ImageProgress], progress: Progress | None) -> None:
         with self._errors():
@@ -343,6 +357,34 @@ class Episode:
         req = pb.ForkRequest(episode=self.id, turn=turn, count=n, keep_warm=keep_warm)
         r = self.client._call("Fork", req)
         return [Episode(self.client, e) for e in r.episodes]
+
+    def export_node(self, turn: int | None = None) -> bytes:
+        """The node after `turn` (None: the current turn) as a bundle (docs/design.md, "Node
+        bundles, format 1"): its files as a delta against the image, its shell session and, for a
+        full node, its CRIU image. `Client.import_node` on another service makes an episode of
+        it. Raises `NotRestorable` for a turn without a committed checkpoint and
+        `InvalidArgument` for turn 0 (the image itself)::
+
+            open("node.bundle", "wb").write(ep.export_node(turn=4))
+        """
+        return b"".join(self._export_chunks(turn))
+
+    def export_node_to(self, path: str | os.PathLike[str], turn: int | None = None) -> int:
+        """`export_node` written to the file at `path`, chunk by chunk; returns its size."""
+        n = 0
+        with open(path, "wb") as f:
+            for chunk in self._export_chunks(turn):
+                f.write(chunk)
+                n += len(chunk)
+        return n
+
+    def _export_chunks(self, turn: int | None) -> Iterator[bytes]:
+        if turn is None:
+            turn = self.turn
+        call = self.client._call("ExportNode", pb.ExportNodeRequest(episode=self.id, turn=turn))
+        with self.client._errors():
+            for chunk in call:
+                yield chunk.data
 
     def prepare(self, turn: int | None = None, n: int = 1) -> Prepared:
         """Keeps `n` (0..=64) warm copies of the node after `turn` ready: restored and frozen,

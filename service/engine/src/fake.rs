@@ -31,7 +31,7 @@ use sandtree_storage::SnapshotBackend;
 
 use crate::ports::{
     Checkpointer, Chunk, DedupError, DumpStats, ExecOutcome, ExecRequest, FileOp, FileOutcome,
-    Inspector, InspectorStatus, Limits, RestoreStats, SandboxRuntime,
+    Inspector, InspectorStatus, Limits, NodeFiles, RestoreStats, SandboxRuntime,
 };
 
 /// What an injected failure says.
@@ -494,5 +494,35 @@ impl Inspector for FakeParts {
             description: "fake".into(),
             ..Default::default()
         }
+    }
+}
+
+/// The fake keeps no file trees: node bundles are not supported on it.
+impl NodeFiles for FakeParts {
+    fn digest(&self, _root: &Path) -> anyhow::Result<String> {
+        bail!("the fake has no file trees to bundle")
+    }
+    fn write_delta(
+        &self,
+        _base: &Path,
+        _root: &Path,
+        _tar: &mut dyn std::io::Write,
+        _whiteouts: &mut dyn std::io::Write,
+    ) -> anyhow::Result<u64> {
+        bail!("the fake has no file trees to bundle")
+    }
+    fn apply_delta(
+        &self,
+        _root: &Path,
+        _whiteouts: &[u8],
+        _tar: &mut dyn std::io::Read,
+    ) -> anyhow::Result<()> {
+        bail!("the fake has no file trees to bundle")
+    }
+    fn write_images(&self, _images: &Path, _tar: &mut dyn std::io::Write) -> anyhow::Result<u64> {
+        bail!("the fake has no file trees to bundle")
+    }
+    fn read_images(&self, _images: &Path, _tar: &mut dyn std::io::Read) -> anyhow::Result<()> {
+        bail!("the fake has no file trees to bundle")
     }
 }

@@ -14,6 +14,7 @@
 //! actor, so it never waits behind a step.
 
 pub mod actor;
+pub mod bundle;
 mod error;
 pub mod fake;
 pub mod ports;
@@ -38,8 +39,9 @@ use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 pub use actor::{StepOptions, StepOutcome};
+pub use bundle::{BundleFile, Imported};
 pub use error::{EngineError, Result};
-pub use ports::{Checkpointer, Chunk, Inspector, Limits, SandboxRuntime};
+pub use ports::{Checkpointer, Chunk, Inspector, Limits, NodeFiles, SandboxRuntime};
 pub use sched::Discipline;
 pub use stats::{dumped, percentile, EpisodeCharges, Timings};
 
@@ -125,6 +127,10 @@ pub struct ImageConfig {
     pub working_dir: Option<String>,
     #[serde(default)]
     pub user: Option<(u32, u32)>,
+    /// The image's content digest (node bundles), once computed; a rebuilt image's config has
+    /// none until the next export or import computes it.
+    #[serde(default)]
+    pub digest: Option<String>,
 }
 
 /// The parts the engine drives.
@@ -133,6 +139,7 @@ pub struct Parts {
     pub runtime: Arc<dyn SandboxRuntime>,
     pub checkpointer: Arc<dyn Checkpointer>,
     pub inspector: Arc<dyn Inspector>,
+    pub files: Arc<dyn NodeFiles>,
 }
 
 /// What every actor and checkpoint task shares.
@@ -315,6 +322,7 @@ impl Engine {
                 }
             }
         }
+        removed += bundle::clear_staging(&s.config.data_dir);
         s.storage.gc()?;
         Ok(format!(
             "reconciled: {} sandboxes reaped, {unborn} unborn episodes dropped, {} episodes stopped, {} pending nodes abandoned, {} orphans removed",
@@ -352,7 +360,7 @@ impl Engine {
     }
 
     /// The image's config, or the default (root in /, no extra env) for images without one.
-    fn image_config(&self, image: &str) -> Result<ImageConfig> {
+    pub(crate) fn image_config(&self, image: &str) -> Result<ImageConfig> {
         match std::fs::read(self.image_config_path(image)) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| {
                 EngineError::Internal(anyhow!("image {image}: its config is unreadable: {e}"))

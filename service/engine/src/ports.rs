@@ -214,3 +214,31 @@ pub trait Inspector: Send + Sync {
     ) -> anyhow::Result<DumpStats>;
     fn status(&self) -> InspectorStatus;
 }
+
+/// What a node bundle holds of file trees (docs/design.md, "Node bundles, format 1"). The
+/// service's is `sandtree_runtime::bundle`; every write goes through the image importer's
+/// confined writer.
+pub trait NodeFiles: Send + Sync {
+    /// The content digest of an image's tree at `root` (`sha256:<hex>`; no times).
+    fn digest(&self, root: &Path) -> anyhow::Result<String>;
+    /// Writes the entries of `root` that differ from `base` as a tar to `tar`, and the paths of
+    /// `base` that `root` lacks to `whiteouts` (NUL-terminated). Returns the number of entries.
+    fn write_delta(
+        &self,
+        base: &Path,
+        root: &Path,
+        tar: &mut dyn std::io::Write,
+        whiteouts: &mut dyn std::io::Write,
+    ) -> anyhow::Result<u64>;
+    /// Removes the whiteouts from `root`, then writes the tar's entries into it, confined to it.
+    fn apply_delta(
+        &self,
+        root: &Path,
+        whiteouts: &[u8],
+        tar: &mut dyn std::io::Read,
+    ) -> anyhow::Result<()>;
+    /// Writes CRIU image directory `images` (its `parent/` chain included) as a tar.
+    fn write_images(&self, images: &Path, tar: &mut dyn std::io::Write) -> anyhow::Result<u64>;
+    /// Makes CRIU image directory `images` (absent) from such a tar; removes it on error.
+    fn read_images(&self, images: &Path, tar: &mut dyn std::io::Read) -> anyhow::Result<()>;
+}

@@ -55,6 +55,7 @@ fn rig_with(tune: impl FnOnce(&mut Config)) -> Rig {
             runtime: parts.clone(),
             checkpointer: parts.clone(),
             inspector: parts.clone(),
+            files: parts.clone(),
         },
         config,
     )

@@ -15,7 +15,7 @@
 //! and fsyncs `images/` and its parent; the image's config is then written with its directory
 //! fsynced in the data dir (`Engine::save_image_config`).
 
-mod unpack;
+pub(crate) mod unpack;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read};

@@ -8,6 +8,7 @@
 //! Privileged effects live in three modules: [`shim`] (namespaces, mounts, pivot_root, exec),
 //! [`cgroup`] (cgroup writes) and [`crate::criu`] (CRIU). This module only sequences them.
 
+pub mod bundle;
 pub mod cgroup;
 pub mod confine;
 pub mod criu;

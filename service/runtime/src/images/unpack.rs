@@ -486,13 +486,27 @@ pub fn apply_layer(root: &Root, what: &str, open: Opener, setid: SetId) -> Resul
         };
         r.with_context(|| format!("{what}: whiteout {}", rel.display()))?;
     }
-    let mut ar = tar::Archive::new(open()?);
+    write_entries(root, what, open()?, setid, true)
+}
+
+/// Writes every entry of a tar archive into the root (pass two of [`apply_layer`]). With
+/// `skip_whiteouts`, entries named `.wh.*` (a layer's whiteouts, applied before) are skipped;
+/// without, they are files like any other (a node bundle's delta, whose deletions come apart).
+pub fn write_entries(
+    root: &Root,
+    what: &str,
+    archive: Box<dyn Read + '_>,
+    setid: SetId,
+    skip_whiteouts: bool,
+) -> Result<()> {
+    let mut ar = tar::Archive::new(archive);
     for e in ar.entries().with_context(|| entries_err(what))? {
         let mut e = e.with_context(|| entries_err(what))?;
         let rel = entry_path(&e, what)?;
-        if rel
-            .file_name()
-            .is_some_and(|n| n.as_bytes().starts_with(b".wh."))
+        if skip_whiteouts
+            && rel
+                .file_name()
+                .is_some_and(|n| n.as_bytes().starts_with(b".wh."))
         {
             continue;
         }

@@ -498,3 +498,35 @@ class ListImagesResponse(_message.Message):
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, images: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ExportNodeRequest(_message.Message):
+    __slots__ = ("episode", "turn")
+    EPISODE_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    episode: str
+    turn: int
+    def __init__(self, episode: _Optional[str] = ..., turn: _Optional[int] = ...) -> None: ...
+
+class NodeChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class ImportNodeResponse(_message.Message):
+    __slots__ = ("episode", "turn", "kind", "bundle_bytes", "verify_ms", "build_ms", "restore_ms")
+    EPISODE_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_MS_FIELD_NUMBER: _ClassVar[int]
+    BUILD_MS_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_MS_FIELD_NUMBER: _ClassVar[int]
+    episode: EpisodeInfo
+    turn: int
+    kind: str
+    bundle_bytes: int
+    verify_ms: int
+    build_ms: int
+    restore_ms: int
+    def __init__(self, episode: _Optional[_Union[EpisodeInfo, _Mapping]] = ..., turn: _Optional[int] = ..., kind: _Optional[str] = ..., bundle_bytes: _Optional[int] = ..., verify_ms: _Optional[int] = ..., build_ms: _Optional[int] = ..., restore_ms: _Optional[int] = ...) -> None: ...

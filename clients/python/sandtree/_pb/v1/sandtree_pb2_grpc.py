@@ -114,6 +114,16 @@ class SandtreeStub(object):
                 request_serializer=sandtree_dot_v1_dot_sandtree__pb2.ListImagesRequest.SerializeToString,
                 response_deserializer=sandtree_dot_v1_dot_sandtree__pb2.ListImagesResponse.FromString,
                 _registered_method=True)
+        self.ExportNode = channel.unary_stream(
+                '/sandtree.v1.Sandtree/ExportNode',
+                request_serializer=sandtree_dot_v1_dot_sandtree__pb2.ExportNodeRequest.SerializeToString,
+                response_deserializer=sandtree_dot_v1_dot_sandtree__pb2.NodeChunk.FromString,
+                _registered_method=True)
+        self.ImportNode = channel.stream_unary(
+                '/sandtree.v1.Sandtree/ImportNode',
+                request_serializer=sandtree_dot_v1_dot_sandtree__pb2.NodeChunk.SerializeToString,
+                response_deserializer=sandtree_dot_v1_dot_sandtree__pb2.ImportNodeResponse.FromString,
+                _registered_method=True)
 
 
 class SandtreeServicer(object):
@@ -219,6 +229,20 @@ class SandtreeServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportNode(self, request, context):
+        """A committed node as a versioned bundle (docs/design.md, "Node bundles, format 1"), in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportNode(self, request_iterator, context):
+        """A bundle, in chunks, becomes a new live episode whose turn 1 stands on its node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandtreeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -301,6 +325,16 @@ def add_SandtreeServicer_to_server(servicer, server):
                     servicer.ListImages,
                     request_deserializer=sandtree_dot_v1_dot_sandtree__pb2.ListImagesRequest.FromString,
                     response_serializer=sandtree_dot_v1_dot_sandtree__pb2.ListImagesResponse.SerializeToString,
+            ),
+            'ExportNode': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportNode,
+                    request_deserializer=sandtree_dot_v1_dot_sandtree__pb2.ExportNodeRequest.FromString,
+                    response_serializer=sandtree_dot_v1_dot_sandtree__pb2.NodeChunk.SerializeToString,
+            ),
+            'ImportNode': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportNode,
+                    request_deserializer=sandtree_dot_v1_dot_sandtree__pb2.NodeChunk.FromString,
+                    response_serializer=sandtree_dot_v1_dot_sandtree__pb2.ImportNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -735,6 +769,60 @@ class Sandtree(object):
             '/sandtree.v1.Sandtree/ListImages',
             sandtree_dot_v1_dot_sandtree__pb2.ListImagesRequest.SerializeToString,
             sandtree_dot_v1_dot_sandtree__pb2.ListImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sandtree.v1.Sandtree/ExportNode',
+            sandtree_dot_v1_dot_sandtree__pb2.ExportNodeRequest.SerializeToString,
+            sandtree_dot_v1_dot_sandtree__pb2.NodeChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportNode(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/sandtree.v1.Sandtree/ImportNode',
+            sandtree_dot_v1_dot_sandtree__pb2.NodeChunk.SerializeToString,
+            sandtree_dot_v1_dot_sandtree__pb2.ImportNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
