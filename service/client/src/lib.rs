@@ -274,4 +274,28 @@ mod tests {
         );
         assert!(e.contains("/nonexistent/token"), "{e}");
     }
+
+    /// A Kubernetes Secret volume (deploy/k8s): `token` is a symlink to `..data/token`, `..data`
+    /// a symlink to a timestamped dir holding the file with the volume's `defaultMode`. The
+    /// checks follow the links and judge the file: 0400 is accepted, 0440 (what a pod's
+    /// `fsGroup` makes of it) is refused.
+    #[test]
+    fn secret_volume_token_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let ts = dir.path().join("..2026_01_01_00_00_00.000000000");
+        std::fs::create_dir(&ts).unwrap();
+        std::fs::write(ts.join("token"), "s3cret-from-a-secret\n").unwrap();
+        std::os::unix::fs::symlink(ts.file_name().unwrap(), dir.path().join("..data")).unwrap();
+        let p = dir.path().join("token");
+        std::os::unix::fs::symlink("..data/token", &p).unwrap();
+        let set = |mode| {
+            std::fs::set_permissions(ts.join("token"), std::fs::Permissions::from_mode(mode))
+                .unwrap()
+        };
+        set(0o400);
+        assert_eq!(read_token_file(&p).unwrap(), "s3cret-from-a-secret");
+        set(0o440);
+        let e = format!("{:#}", read_token_file(&p).unwrap_err());
+        assert!(e.contains("mode 0440"), "{e}");
+    }
 }
