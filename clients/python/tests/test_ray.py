@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
+import signal
 import tempfile
 import time
 from collections import Counter
@@ -47,6 +49,31 @@ def _gone(pid: int, timeout: float = 30) -> bool:
         # A zombie of ours would still answer: our children are reaped by the actor's thread.
         time.sleep(0.1)
     return False
+
+
+def _reap(session: str, timeout: float = 10) -> None:
+    """Ray 2.40's per-node dashboard agent can outlive its raylet after `Cluster.shutdown()` (it
+    retries a report to the GCS, which is gone): kill what is left of this cluster's processes,
+    those whose command line names its own session dir, then remove that dir."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for p in Path("/proc").iterdir():
+            if p.name.isdigit() and int(p.name) != os.getpid():
+                try:
+                    if session.encode() in (p / "cmdline").read_bytes():
+                        left.append(int(p.name))
+                except OSError:
+                    pass
+        if not left:
+            break
+        if time.monotonic() > deadline:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + timeout
+        time.sleep(0.5)
+    shutil.rmtree(session, ignore_errors=True)
 
 
 def scenario(pool: SandtreePool) -> dict[str, object]:
@@ -204,7 +231,11 @@ def test_ray_cluster_of_two_nodes(base_dir: Path) -> None:
         assert killed.data_dir is not None
         SandtreeService._cleanup(Path(killed.data_dir))
     finally:
+        worker = ray._private.worker.global_worker
+        session = worker.node.get_session_dir_path() if ray.is_initialized() else None
         ray.shutdown()
         cluster.shutdown()  # type: ignore[no-untyped-call]
+        if session is not None:
+            _reap(session)
     figures["wall_s"] = round(time.monotonic() - started, 1)
     print(f"\nsandtree.ray on a Ray cluster of two nodes: {figures}")
