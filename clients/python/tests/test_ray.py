@@ -27,6 +27,7 @@ from sandtree.ray import ACTOR_PREFIX, SandtreePool, SandtreeService, alive_node
 
 from .conftest import Service, _have, require, sandtree_bin
 
+COUNTER = "sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/c; sleep 0.1; done' >/dev/null 2>&1 &"
 MAX = 6  # places per service: 8 episodes take 4 + 4, and leave 2 + 2 for the forks
 
 
@@ -92,7 +93,9 @@ def scenario(pool: SandtreePool) -> dict[str, object]:
     a0 = eps[0]
     home = pool.node_of(a0)
     other = nodes[1] if home == nodes[0] else nodes[0]
-    assert a0.step("echo before > /workspace/before; cd /workspace; export K=v").turn == 3
+    # Turn 3 starts a daemon: a full node (CRIU image), whose process must come along.
+    r = a0.step(f"echo before > /workspace/before; cd /workspace; export K=v; {COUNTER}")
+    assert r.turn == 3 and a0.tree().turns[3].kind == "full"
 
     t = time.monotonic()
     local = pool.fork(a0, turn=3, n=1)
@@ -107,11 +110,14 @@ def scenario(pool: SandtreePool) -> dict[str, object]:
     copies = local + split + spilled
     for c in copies:
         assert c.read_file("/workspace/before") == b"before\n"
-        r = c.step("cat id before; pwd; echo $K")
-        assert r.stdout == f"{a0.id}before\n/workspace\nv\n", (c, r)
+        r = c.step("cat id before; pwd; echo $K; a=$(cat /tmp/c); sleep 0.5; echo $a $(cat /tmp/c)")
+        lines = r.stdout.splitlines()
+        assert lines[:3] == [f"{a0.id}before", "/workspace", "v"], (c, r)
+        a, b = map(int, lines[3].split())
+        assert b > a >= 1, f"the counter process came along and runs: {r.stdout}"
     # The spilled copies' turns count from their import: turn 1 is a0's turn 3.
     for c in spilled:
-        assert c.turn == 2 and c.tree().turns[1].kind == "fs"
+        assert c.turn == 2 and c.tree().turns[1].kind == "full"
     caps = {c.node_id: c for c in pool.capacity()}
     assert (caps[home].live, caps[other].live) == (MAX, MAX), caps
 
