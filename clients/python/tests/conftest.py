@@ -8,7 +8,6 @@ fails them instead, so nothing is silently skipped in CI.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import secrets
 import shutil
@@ -52,11 +51,11 @@ def _tail(path: Path, n: int = 40) -> str:
         return "(no log)"
 
 
-def _term_with_parent() -> None:
-    """In the child before exec: SIGTERM when pytest dies, so a killed test run (a CI timeout)
-    does not leave the service and its loop mount behind."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+# SIGTERM to the service when pytest dies, so a killed test run (a CI timeout) does not leave it
+# and its loop mount behind. util-linux's setpriv sets it in the child, not a preexec_fn: Python
+# code between fork and exec is unsafe beside gRPC's threads (a TLS test's service once died of
+# SIGABRT there, from gRPC's fork handler).
+TERM_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM", "--"]
 
 
 def free_port() -> int:
@@ -83,7 +82,8 @@ class Service:
         self.log = self.dir / "serve.log"
         self.addr = f"tcp://127.0.0.1:{free_port()}"
         self.token_file = str(write_token(self.dir / "token"))
-        cmd = [str(binary), "serve", "--storage", storage, "--data-dir", str(self.dir / "data")]
+        cmd = [*TERM_WITH_PARENT, str(binary), "serve", "--storage", storage]
+        cmd += ["--data-dir", str(self.dir / "data")]
         cmd += ["--socket", self.socket, "--listen", self.addr, "--token-file", self.token_file, *extra]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
@@ -92,7 +92,6 @@ class Service:
                 stdout=log,
                 stderr=log,
                 env={**os.environ, "SANDTREE_LOG": os.environ.get("SANDTREE_LOG", "info"), "NO_COLOR": "1"},
-                preexec_fn=_term_with_parent,
             )
 
     def wait_ready(self, timeout: float = 120) -> None:
