@@ -327,6 +327,30 @@ impl<'t> WriteTables<'t> {
         put_node(&mut self.nodes, &node)?;
         Ok(node)
     }
+
+    /// Episode `id`'s base node (image `image`, committed) and its turn 0 on it.
+    fn new_root(&mut self, id: &EpisodeId, image: &str, session: Session) -> Result<TurnRecord> {
+        let base = self.new_node(
+            None,
+            NodeKind::Base {
+                image: image.to_owned(),
+            },
+            NodeState::Committed,
+            id,
+        )?;
+        let root = TurnRecord {
+            id: TurnId(next_id(&mut self.meta, KEY_NEXT_TURN)?),
+            parent: None,
+            turn: 0,
+            action: String::new(),
+            observation: Observation::default(),
+            session,
+            verdict: Verdict::default(),
+            node: base.id,
+        };
+        put_turn(&mut self.turns, &root)?;
+        Ok(root)
+    }
 }
 
 /// Tables opened in a read transaction.
@@ -558,25 +582,7 @@ impl Tree {
     ) -> Result<Episode> {
         self.write(|t| {
             let id = t.fresh_episode_id()?;
-            let node = t.new_node(
-                None,
-                NodeKind::Base {
-                    image: image.to_owned(),
-                },
-                NodeState::Committed,
-                &id,
-            )?;
-            let rec = TurnRecord {
-                id: TurnId(next_id(&mut t.meta, KEY_NEXT_TURN)?),
-                parent: None,
-                turn: 0,
-                action: String::new(),
-                observation: Observation::default(),
-                session: Session { cwd, env },
-                verdict: Verdict::default(),
-                node: node.id,
-            };
-            put_turn(&mut t.turns, &rec)?;
+            let rec = t.new_root(&id, image, Session { cwd, env })?;
             let ep = Episode {
                 id,
                 image: image.to_owned(),
@@ -1041,26 +1047,8 @@ impl Tree {
         };
         self.write(|t| {
             let id = t.fresh_episode_id()?;
-            let base = t.new_node(
-                None,
-                NodeKind::Base {
-                    image: image.to_owned(),
-                },
-                NodeState::Committed,
-                &id,
-            )?;
-            let root = TurnRecord {
-                id: TurnId(next_id(&mut t.meta, KEY_NEXT_TURN)?),
-                parent: None,
-                turn: 0,
-                action: String::new(),
-                observation: Observation::default(),
-                session: base_session,
-                verdict: Verdict::default(),
-                node: base.id,
-            };
-            put_turn(&mut t.turns, &root)?;
-            let node = t.new_node(Some(base.id), kind, NodeState::Pending, &id)?;
+            let root = t.new_root(&id, image, base_session)?;
+            let node = t.new_node(Some(root.node), kind, NodeState::Pending, &id)?;
             let rec = TurnRecord {
                 id: TurnId(next_id(&mut t.meta, KEY_NEXT_TURN)?),
                 parent: Some(root.id),
