@@ -6,7 +6,7 @@ use anyhow::Result;
 use sandtree_client::{connect, rpc_err};
 use sandtree_proto::v1 as pb;
 
-use crate::{ensure_image, step, Managed};
+use crate::{create, ensure_image, step, Managed};
 
 /// The README's demo: embedded btrfs storage, busybox image, an episode with a daemon, a fork and
 /// a rewind, shown step by step.
@@ -19,16 +19,7 @@ pub async fn demo(data_dir: PathBuf, sandtree: &Path) -> Result<std::process::Ex
     let svc = Managed::start(sandtree, &data_dir, "btrfs", false, &[]).await?;
     let mut c = connect(&svc.socket).await?;
     ensure_image(&mut c, "busybox").await?;
-    let ep = c
-        .create_episode(pb::CreateEpisodeRequest {
-            image: "busybox".into(),
-            policy: "auto".into(),
-            ..Default::default()
-        })
-        .await
-        .map_err(rpc_err)?
-        .into_inner()
-        .id;
+    let ep = create(&mut c, "busybox", "auto").await?;
     println!("created episode {ep} (policy auto)");
     let cmds = [
         "mkdir -p /workspace/svc && cd /workspace/svc && mkfifo q",

@@ -16,7 +16,7 @@ use sandtree_client::{connect, rpc_err, Client};
 use sandtree_proto::v1 as pb;
 use serde::Serialize;
 
-use crate::{ensure_image, lcg, load_suite, pct, step, BenchArgs, Managed};
+use crate::{create, ensure_image, lcg, load_suite, pct, step, BenchArgs, Managed};
 
 /// One run: one scheduler, one policy.
 #[derive(Debug, Default, Serialize)]
@@ -234,16 +234,7 @@ pub async fn run(args: &BenchArgs, n: usize, sandtree: &Path) -> Result<std::pro
         ensure_image(&mut c, &t.image).await?;
         if k == 0 {
             ensure_image(&mut c, "busybox").await?;
-            let id = c
-                .create_episode(pb::CreateEpisodeRequest {
-                    image: "busybox".into(),
-                    policy: "none".into(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(rpc_err)?
-                .into_inner()
-                .id;
+            let id = create(&mut c, "busybox", "none").await?;
             step(&mut c, &id, "true").await?;
             let s = c
                 .stats(pb::StatsRequest::default())

@@ -17,7 +17,7 @@ use sandtree_client::{connect, rpc_err, Client};
 use sandtree_proto::v1 as pb;
 use serde::Serialize;
 
-use crate::{ensure_image, load_suite, pct, step, BenchArgs, Managed};
+use crate::{create, ensure_image, load_suite, pct, step, BenchArgs, Managed};
 
 #[derive(Debug, Default, Serialize)]
 pub struct ForksReport {
@@ -46,16 +46,7 @@ pub struct ForksReport {
 }
 
 async fn source(c: &mut Client, image: &str, turns: &[String]) -> Result<String> {
-    let id = c
-        .create_episode(pb::CreateEpisodeRequest {
-            image: image.into(),
-            policy: "auto".into(),
-            ..Default::default()
-        })
-        .await
-        .map_err(rpc_err)?
-        .into_inner()
-        .id;
+    let id = create(c, image, "auto").await?;
     for t in turns {
         step(c, &id, t).await?;
     }

@@ -321,6 +321,20 @@ struct Obs {
     exit_code: i32,
 }
 
+/// A new episode of `image` under `policy`; returns its id.
+pub(crate) async fn create(c: &mut Client, image: &str, policy: &str) -> Result<String> {
+    Ok(c.create_episode(pb::CreateEpisodeRequest {
+        image: image.into(),
+        policy: policy.into(),
+        ..Default::default()
+    })
+    .await
+    .map_err(rpc_err)
+    .with_context(|| format!("create an episode of {image} under {policy}"))?
+    .into_inner()
+    .id)
+}
+
 pub(crate) async fn step(c: &mut Client, ep: &str, cmd: &str) -> Result<pb::StepResponse> {
     c.step(pb::StepRequest {
         episode: ep.into(),
@@ -424,16 +438,7 @@ async fn run_one(
     seed: &mut u64,
     res: &mut PolicyResult,
 ) -> Result<()> {
-    let ep = c
-        .create_episode(pb::CreateEpisodeRequest {
-            image: t.image.clone(),
-            policy: policy.into(),
-            ..Default::default()
-        })
-        .await
-        .map_err(rpc_err)?
-        .into_inner()
-        .id;
+    let ep = create(c, &t.image, policy).await?;
     let think = Duration::from_millis(args.think_ms.unwrap_or(t.think_ms));
     let mut original = Vec::new();
     let episode_start = Instant::now();
@@ -903,16 +908,7 @@ async fn inspector_overhead(
         let mut svc = Managed::start(sandtree, &dir, "btrfs", !with, extra).await?;
         let mut c = connect(&svc.socket).await?;
         ensure_image(&mut c, "debian").await?;
-        let ep = c
-            .create_episode(pb::CreateEpisodeRequest {
-                image: "debian".into(),
-                policy: "none".into(),
-                ..Default::default()
-            })
-            .await
-            .map_err(rpc_err)?
-            .into_inner()
-            .id;
+        let ep = create(&mut c, "debian", "none").await?;
         for oc in &mut out.cmds {
             step(&mut c, &ep, &oc.cmd).await?; // warm the page cache
             for _ in 0..args.overhead_runs {
